@@ -1,0 +1,146 @@
+"""Benchmarks, printed as tables with ratios against a baseline measured in the same process.
+
+    python -m raven.bench train [--steps N] [--device D] [--data-dir DIR]
+
+`train`: training images per second of this package's loop (in-memory tensors, one
+slice per batch) for the plain VAE and for paired RAVEN (two images per training
+example), against the same architecture, optimiser and objective fed the usual way:
+torchvision's MNIST with ToTensor through a DataLoader, batch 128.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from raven.config import TrainConfig
+from raven.data import default_data_dir, load_splits
+from raven.train import build_model, method_loss, resolve_device
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time_steps(config: TrainConfig, batches: Iterator[torch.Tensor], steps: int, warmup: int,
+                device: torch.device) -> float:
+    """Images per second over `steps` optimiser steps after `warmup` untimed ones."""
+    model = build_model(config).to(device)
+    optimizer = torch.optim.RAdam(model.parameters(), lr=config.lr)
+    generator = torch.Generator(device=device).manual_seed(0)
+    images = 0
+    for i in range(warmup + steps):
+        if i == warmup:
+            _sync(device)
+            started = time.perf_counter()
+            images = 0
+        x = next(batches)
+        loss = method_loss(model, config, x, generator)["loss"]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip_norm)
+        optimizer.step()
+        images += len(x)
+    _sync(device)
+    return images / (time.perf_counter() - started)
+
+
+def _tensor_batches(train_x: torch.Tensor, batch_size: int, device: torch.device) -> Iterator[torch.Tensor]:
+    generator = torch.Generator(device=device).manual_seed(0)
+    while True:
+        order = torch.randperm(len(train_x), generator=generator, device=device)
+        for start in range(0, len(order) - batch_size + 1, batch_size):
+            yield train_x[order[start:start + batch_size]]
+
+
+def _dataloader_batches(root: Path, batch_size: int, device: torch.device, workers: int) -> Iterator[torch.Tensor]:
+    from torchvision import datasets, transforms
+
+    dataset = datasets.MNIST(str(root), train=True, download=False, transform=transforms.ToTensor())
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers,
+                                         pin_memory=device.type == "cuda", drop_last=True,
+                                         persistent_workers=workers > 0)
+    while True:
+        for x, _ in loader:
+            yield x.view(len(x), -1).to(device, non_blocking=True)
+
+
+def _unpacked_mnist(data_dir: Path, into: Path) -> Path:
+    """torchvision's MNIST class reads uncompressed files; unpack the (possibly read-only) root."""
+    raw = into / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+                 "t10k-labels-idx1-ubyte"):
+        source = data_dir / "MNIST" / "raw" / name
+        if source.is_file():
+            shutil.copy(source, raw / name)
+        else:
+            with gzip.open(source.with_name(name + ".gz"), "rb") as f_in, open(raw / name, "wb") as f_out:
+                shutil.copyfileobj(f_in, f_out)
+    return into
+
+
+def print_table(title: str, rows: list[tuple[str, float]], unit: str, baseline: str) -> None:
+    base = dict(rows)[baseline]
+    width = max(len(name) for name, _ in rows)
+    print(f"\n{title}")
+    print(f"{'configuration':<{width}}  {unit:>14}  {'vs baseline':>11}")
+    for name, value in rows:
+        print(f"{name:<{width}}  {value:>14,.0f}  {value / base:>10.2f}x")
+
+
+def bench_train(args: argparse.Namespace) -> list[tuple[str, float]]:
+    device = resolve_device(args.device)
+    if device.type == "cpu":
+        torch.set_flush_denormal(True)
+    data_dir = default_data_dir(args.data_dir)
+    splits = load_splits("mnist", data_dir, device)
+    vae = TrainConfig(method="vae", batch_size=args.batch_size)
+    paired = TrainConfig(method="raven", batch_size=args.batch_size)
+    measure: dict[str, Callable[[], float]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = _unpacked_mnist(data_dir, Path(tmp))
+        baseline = f"VAE, torchvision DataLoader+ToTensor, batch {args.batch_size}, {args.workers} workers"
+        measure[baseline] = lambda: _time_steps(
+            vae, _dataloader_batches(root, args.batch_size, device, args.workers), args.steps, args.warmup, device)
+        measure[f"VAE, raven loop, batch {args.batch_size}"] = lambda: _time_steps(
+            vae, _tensor_batches(splits.train_x, args.batch_size, device), args.steps, args.warmup, device)
+        measure[f"RAVEN paired (2 images/example), raven loop, batch {args.batch_size}"] = lambda: _time_steps(
+            paired, _tensor_batches(splits.train_x, args.batch_size, device), args.steps, args.warmup, device)
+        rows = [(name, run()) for name, run in measure.items()]
+    print_table(f"Training throughput on {device} ({torch.get_num_threads()} threads, {args.steps} timed steps, "
+                f"torch {torch.__version__})", rows, "images/s", baseline)
+    return rows
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m raven.bench", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="bench", required=True)
+    p = sub.add_parser("train", help="training images/s against the DataLoader baseline")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--workers", type=int, default=0, help="DataLoader workers for the baseline (default 0)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--data-dir", default=None)
+    p.set_defaults(run=bench_train)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    args.run(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

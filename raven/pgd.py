@@ -1,0 +1,61 @@
+"""Projected sign-gradient ascent in an L-inf ball intersected with the pixel range [0, 1].
+
+Shared by the Smooth Encoder's training partner (raven.train) and the evaluation attacks
+(raven.attacks), so both search the same set with the same steps.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+
+def pgd_linf(
+    objective: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    epsilon: float,
+    steps: int,
+    step_size: float,
+    random_start: bool = True,
+    generator: torch.Generator | None = None,
+    keep_best: bool = True,
+) -> torch.Tensor:
+    """Maximise objective(x_adv) per row subject to ||x_adv - x||_inf <= epsilon, 0 <= x_adv <= 1.
+
+    objective maps (batch, D) inputs to (batch,) values; rows are attacked independently.
+    random_start draws the start uniformly in the ball: dissimilarities such as KL and W2
+    between q(.|x) and q(.|x + e) have zero value and zero gradient at e = 0, so a start
+    there never moves. keep_best returns, per row, the best iterate seen (including the
+    final one) rather than the last, which can only make the attack stronger.
+    Gradients are taken with respect to the input alone; the result is detached.
+    """
+    x = x.detach()
+    if epsilon <= 0:
+        return x.clone()
+    low = (x - epsilon).clamp(min=0.0)
+    high = (x + epsilon).clamp(max=1.0)
+    if random_start:
+        noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        x_adv = low + noise * (high - low)
+    else:
+        x_adv = x.clone()
+    best = x_adv.clone()
+    best_value = torch.full((x.shape[0],), -torch.inf, device=x.device, dtype=x.dtype)
+    for _ in range(steps):
+        x_adv.requires_grad_(True)
+        value = objective(x_adv)
+        (grad,) = torch.autograd.grad(value.sum(), x_adv)
+        with torch.no_grad():
+            if keep_best:
+                improved = value > best_value
+                best_value = torch.where(improved, value, best_value)
+                best[improved] = x_adv[improved]
+            x_adv = torch.minimum(torch.maximum(x_adv + step_size * grad.sign(), low), high)
+    if not keep_best:
+        return x_adv.detach()
+    with torch.no_grad():
+        value = objective(x_adv)
+        improved = value > best_value
+        best[improved] = x_adv[improved]
+    return best

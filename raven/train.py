@@ -1,0 +1,362 @@
+"""The one training loop for every method, its checkpoints, and per-epoch callbacks.
+
+One step: draw the batch (and its noisy partner or adversarial partner), encode, sample
+z, decode, compute the method's objective, backward, RAdam step. Each epoch ends with
+validation metrics, a checkpoint, and the callbacks (Ray Tune and MLflow plug in here).
+
+All randomness (shuffling, pixel noise, reparameterisation, PGD starts) comes from one
+torch.Generator whose state is checkpointed, so a resumed run replays exactly the steps
+an uninterrupted run would have taken.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import torch
+from tqdm.auto import tqdm
+
+from raven.config import ConfigError, TrainConfig
+from raven.data import DataSplits, load_splits, noisy_copy
+from raven.gaussians import (
+    diag_gaussian_kl,
+    diag_gaussian_log_prob,
+    diag_gaussian_w2_squared,
+    reparameterize,
+    standard_normal_kl,
+)
+from raven.models import RavenModel
+from raven.objectives import (
+    Terms,
+    aug_variance,
+    bernoulli_nll,
+    mixture_component_log_prob,
+    raven_gmm_loss,
+    raven_loss,
+    smooth_encoder_loss,
+    vae_loss,
+    vae_noise_loss,
+)
+from raven.pgd import pgd_linf
+
+CHECKPOINT_NAME = "checkpoint.pt"
+METRICS_NAME = "metrics.json"
+CHECKPOINT_FORMAT = 1
+# How often (in steps) the loop looks at the loss for NaN/inf: a look forces a device
+# sync, and the offending step is recorded on the device either way.
+FINITE_CHECK_EVERY = 50
+VALIDATION_BATCH = 1000
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the message names the epoch and step."""
+
+
+@dataclass(frozen=True)
+class EpochReport:
+    """What a callback receives after each epoch (epoch counts from 1)."""
+
+    epoch: int
+    metrics: dict[str, float]
+    config: TrainConfig
+    model: RavenModel
+    checkpoint_path: Path | None
+
+
+class Callback(Protocol):
+    def __call__(self, report: EpochReport) -> None: ...
+
+
+@dataclass
+class TrainResult:
+    model: RavenModel
+    config: TrainConfig
+    history: list[dict[str, float]] = field(default_factory=list)
+    out_dir: Path | None = None
+
+    @property
+    def final_metrics(self) -> dict[str, float]:
+        return self.history[-1] if self.history else {}
+
+
+def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
+    """'auto' picks the GPU when one is visible; anything else is passed to torch.device."""
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} requested but no CUDA GPU is visible")
+    return device
+
+
+def build_model(config: TrainConfig) -> RavenModel:
+    """The model for `config`, initialised from config.seed (CPU RNG, so identical on any device)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        return RavenModel(config.latent_dim, config.n_components if config.method == "raven-gmm" else None)
+
+
+def se_partner(model: RavenModel, x: torch.Tensor, config: TrainConfig, generator: torch.Generator) -> torch.Tensor:
+    """The Smooth Encoder's partner x_b: PGD maximising W2(q(.|x), q(.|x_b)) in the eps_train ball."""
+    with torch.no_grad():
+        mu, logvar = model.encoder(x)
+
+    def w2(x_b: torch.Tensor) -> torch.Tensor:
+        mu_b, logvar_b = model.encoder(x_b)
+        return diag_gaussian_w2_squared(mu, logvar, mu_b, logvar_b)
+
+    # Step size 2.5 eps / steps (Madry et al.'s rule) lets the iterate cross the ball.
+    return pgd_linf(w2, x, config.se_epsilon, config.se_steps, 2.5 * config.se_epsilon / config.se_steps,
+                    random_start=True, generator=generator, keep_best=False)
+
+
+def method_loss(model: RavenModel, config: TrainConfig, x: torch.Tensor, generator: torch.Generator) -> Terms:
+    """The method's objective on a batch of clean images, partners drawn from `generator`."""
+    if config.method == "vae":
+        mu, logvar = model.encoder(x)
+        logits = model.decoder(reparameterize(mu, logvar, generator))
+        return vae_loss(x, logits, mu, logvar, config.beta)
+    if config.method == "se":
+        x_adv = se_partner(model, x, config, generator)
+        mu, logvar = model.encoder(torch.cat([x, x_adv]))
+        mu, mu_adv = mu.chunk(2)
+        logvar, logvar_adv = logvar.chunk(2)
+        logits = model.decoder(reparameterize(mu, logvar, generator))
+        return smooth_encoder_loss(x, logits, mu, logvar, mu_adv, logvar_adv, config.eta, config.beta)
+
+    x_pair = noisy_copy(x, config.noise_std, generator)
+    # One pass over the stacked pair: twice the rows per matrix product, half the kernel launches.
+    both = torch.cat([x, x_pair])
+    mu_both, logvar_both = model.encoder(both)
+    z_both = reparameterize(mu_both, logvar_both, generator)
+    logits, logits_pair = model.decoder(z_both).chunk(2)
+    mu, mu_pair = mu_both.chunk(2)
+    logvar, logvar_pair = logvar_both.chunk(2)
+    if config.method == "vae-noise":
+        return vae_noise_loss(x, x_pair, logits, logits_pair, mu, logvar, mu_pair, logvar_pair, config.beta)
+    if config.method == "raven":
+        return raven_loss(x, x_pair, logits, logits_pair, mu, logvar, mu_pair, logvar_pair, config.sigma_aug, config.beta)
+    z, z_pair = z_both.chunk(2)
+    prior = model.prior
+    return raven_gmm_loss(x, x_pair, logits, logits_pair, mu, logvar, mu_pair, logvar_pair, z, z_pair,
+                          prior.logits, prior.means, prior.logvars, config.sigma_aug, config.beta)
+
+
+def single_image_kl(model: RavenModel, config: TrainConfig, mu: torch.Tensor, logvar: torch.Tensor,
+                    z: torch.Tensor) -> torch.Tensor:
+    """KL[q(z|x) || p(z)] against the model's marginal prior of one latent.
+
+    Integrating z' out of Definition 1 leaves p(z) = N(0, I + Sigma_aug) for RAVEN and
+    sum_c pi_c N(mu_c, Sigma_c + Sigma_aug) for RAVEN-GMM (a one-sample estimate, no closed
+    form); the other methods use N(0, I). This makes val_elbo a bound on log p(x) for
+    every method, comparable across methods.
+    """
+    if config.method == "raven":
+        var = 1.0 + aug_variance(config.sigma_aug, mu)
+        return diag_gaussian_kl(mu, logvar, torch.zeros_like(mu), var.log().expand_as(mu))
+    if config.method == "raven-gmm":
+        prior = model.prior
+        log_p = torch.logsumexp(mixture_component_log_prob(
+            z, prior.logits, prior.means, prior.logvars, aug_variance(config.sigma_aug, mu)), dim=-1)
+        return diag_gaussian_log_prob(z, mu, logvar) - log_p
+    return standard_normal_kl(mu, logvar)
+
+
+def validation_metrics(model: RavenModel, config: TrainConfig, val_x: torch.Tensor) -> dict[str, float]:
+    """val_loss (the method's objective), val_elbo (nats per image), val_mse_255 (pixel MSE on 0-255).
+
+    A generator reseeded identically every call gives every epoch the same noise, so the
+    numbers move only because the model does.
+    """
+    generator = torch.Generator(device=val_x.device).manual_seed(config.seed + 1_000_003)
+    sums = {"val_loss": 0.0, "val_elbo": 0.0, "val_mse_255": 0.0}
+    was_training = model.training
+    model.eval()
+    for start in range(0, len(val_x), VALIDATION_BATCH):
+        x = val_x[start:start + VALIDATION_BATCH]
+        with torch.enable_grad() if config.method == "se" else torch.no_grad():
+            loss = method_loss(model, config, x, generator)["loss"].detach()
+        with torch.no_grad():
+            mu, logvar = model.encoder(x)
+            z = reparameterize(mu, logvar, generator)
+            elbo = -bernoulli_nll(model.decoder(z), x) - single_image_kl(model, config, mu, logvar, z)
+            mse = (torch.sigmoid(model.decoder(mu)) - x).pow(2).mean(dim=-1) * 255.0**2
+        sums["val_loss"] += float(loss) * len(x)
+        sums["val_elbo"] += float(elbo.sum())
+        sums["val_mse_255"] += float(mse.sum())
+    model.train(was_training)
+    return {name: total / len(val_x) for name, total in sums.items()}
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _write_json(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+def checkpoint_file(path: str | os.PathLike) -> Path:
+    """A checkpoint folder or file -> the checkpoint file, with a clear error when absent."""
+    path = Path(path)
+    file = path / CHECKPOINT_NAME if path.is_dir() else path
+    if not file.is_file():
+        raise FileNotFoundError(f"no raven checkpoint at {path} (expected {CHECKPOINT_NAME} written by `raven train`)")
+    return file
+
+
+def load_state(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    state = torch.load(checkpoint_file(path), map_location=map_location, weights_only=False)
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: unsupported checkpoint format {state.get('format')!r}")
+    return state
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> RavenModel:
+    """The trained model from a checkpoint folder or file, in eval mode.
+
+    The model carries `.config` (TrainConfig) and `.history` (per-epoch metrics).
+    """
+    state = load_state(path, map_location)
+    config = TrainConfig.from_dict(state["config"])
+    model = build_model(config)
+    model.load_state_dict(state["model"])
+    model.to(map_location).eval()
+    model.config = config
+    model.history = state["history"]
+    return model
+
+
+def train(
+    config: TrainConfig,
+    splits: DataSplits | None = None,
+    device: str | torch.device = "auto",
+    out_dir: str | os.PathLike | None = None,
+    callbacks: list[Callable[[EpochReport], None]] | None = None,
+    resume: bool = True,
+    data_dir: str | os.PathLike | None = None,
+    progress: bool | None = None,
+    log: Callable[[str], None] | None = None,
+) -> TrainResult:
+    """Train `config` and return the model and per-epoch history.
+
+    With `out_dir`, a checkpoint (model, optimizer, epoch, config, RNG) and metrics.json are
+    written after every epoch, and an existing checkpoint there is resumed when `resume`.
+    `progress` None shows a bar only on a terminal; `log` receives one line per epoch.
+    """
+    device = resolve_device(device)
+    if device.type == "cpu":
+        # A small sigma_aug drives posterior variances to ~1e-4 and below; their products
+        # underflow into denormal floats, which x86 CPUs handle ~20x slower.
+        torch.set_flush_denormal(True)
+    if splits is None:
+        splits = load_splits(config.dataset, data_dir, device, config.validation_size, config.limit)
+    elif splits.device != device:
+        splits = splits.to(device)
+    train_x = splits.train_x if config.limit is None else splits.train_x[:config.limit]
+    if len(train_x) == 0:
+        raise ConfigError("no training images (check --limit)")
+
+    model = build_model(config).to(device)
+    optimizer = torch.optim.RAdam(model.parameters(), lr=config.lr)
+    generator = torch.Generator(device=device).manual_seed(config.seed)
+    history: list[dict[str, float]] = []
+    start_epoch = 0
+    out_path = Path(out_dir) if out_dir is not None else None
+    checkpoint_path = out_path / CHECKPOINT_NAME if out_path else None
+    if out_path:
+        out_path.mkdir(parents=True, exist_ok=True)
+        if resume and checkpoint_path.is_file():
+            state = load_state(checkpoint_path, device)
+            saved = TrainConfig.from_dict(state["config"])
+            if saved.replace(epochs=config.epochs) != config:
+                raise ConfigError(f"{checkpoint_path} was trained with a different config; "
+                                  "use another --out, or --fresh to start over")
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            generator.set_state(state["generator"].cpu())
+            history = state["history"]
+            start_epoch = state["epoch"]
+
+    steps_per_epoch = math.ceil(len(train_x) / config.batch_size)
+    show_bar = sys.stderr.isatty() if progress is None else progress
+    bar = tqdm(total=steps_per_epoch * (config.epochs - start_epoch), disable=not show_bar, unit="step",
+               desc=f"{config.method} {config.dataset}", leave=False)
+    model.train()
+    try:
+        for epoch in range(start_epoch, config.epochs):
+            started = time.perf_counter()
+            order = torch.randperm(len(train_x), generator=generator, device=device)
+            totals: dict[str, torch.Tensor] = {}
+            first_bad_step = torch.tensor(-1, device=device)
+            for step in range(steps_per_epoch):
+                x = train_x[order[step * config.batch_size:(step + 1) * config.batch_size]]
+                terms = method_loss(model, config, x, generator)
+                loss = terms["loss"]
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if config.grad_clip_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip_norm)
+                optimizer.step()
+                with torch.no_grad():
+                    for name, value in terms.items():
+                        totals[name] = totals.get(name, 0.0) + value.detach()
+                    bad_now = (~torch.isfinite(loss)) & (first_bad_step < 0)
+                    first_bad_step = torch.where(bad_now, step, first_bad_step)
+                if (step + 1) % FINITE_CHECK_EVERY == 0 or step + 1 == steps_per_epoch:
+                    if int(first_bad_step) >= 0:
+                        bad = int(first_bad_step)
+                        raise TrainingDiverged(
+                            f"loss became NaN or infinite at epoch {epoch + 1}, step {bad + 1} of {steps_per_epoch} "
+                            f"(global step {epoch * steps_per_epoch + bad + 1})"
+                            f"{'; the last good checkpoint is kept in ' + str(out_path) if out_path else ''}"
+                            "; try a lower --lr or --beta"
+                        )
+                bar.update(1)
+            seconds = time.perf_counter() - started
+            metrics = {f"train_{name}": float(total) / steps_per_epoch for name, total in totals.items()}
+            metrics.update(validation_metrics(model, config, splits.val_x))
+            metrics["epoch"] = epoch + 1
+            metrics["epoch_seconds"] = seconds
+            metrics["images_per_second"] = len(train_x) / seconds
+            history.append(metrics)
+            if out_path:
+                _atomic_torch_save({
+                    "format": CHECKPOINT_FORMAT,
+                    "config": config.to_dict(),
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "generator": generator.get_state(),
+                    "epoch": epoch + 1,
+                    "history": history,
+                    "torch_version": torch.__version__,
+                }, checkpoint_path)
+                _write_json({"config": config.to_dict(), "device": str(device), "train_images": len(train_x),
+                             "history": history, "final": metrics}, out_path / METRICS_NAME)
+            if log:
+                log(f"epoch {epoch + 1}/{config.epochs}  loss {metrics['train_loss']:.2f}  "
+                    f"val_elbo {metrics['val_elbo']:.2f}  val_mse_255 {metrics['val_mse_255']:.1f}  "
+                    f"{metrics['images_per_second']:.0f} img/s")
+            report = EpochReport(epoch + 1, metrics, config, model, checkpoint_path)
+            for callback in callbacks or []:
+                callback(report)
+    finally:
+        bar.close()
+    model.eval()
+    model.config = config
+    model.history = history
+    return TrainResult(model, config, history, out_path)

@@ -1,0 +1,50 @@
+"""`raven train` end to end for every method, and its one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+import raven
+from raven.cli import main
+from raven.config import METHODS
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_train_command_writes_checkpoint_and_metrics(method, tmp_path, data_dir, capsys):
+    out = tmp_path / method
+    code = main(["train", "--method", method, "--dataset", "mnist", "--limit", "2000", "--epochs", "1",
+                 "--out", str(out), "--data-dir", str(data_dir), "--device", "cpu"])
+    assert code == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["config"]["method"] == method and metrics["train_images"] == 2000
+    assert len(metrics["history"]) == 1
+    for key in ("train_loss", "val_loss", "val_elbo", "val_mse_255", "images_per_second"):
+        assert isinstance(metrics["final"][key], float)
+    model = raven.load_checkpoint(out)
+    assert model.config.method == method
+    assert "wrote" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--sigma-aug", "0"], "sigma_aug must be a finite number > 0"),
+        (["--sigma-aug", "-0.5"], "sigma_aug must be a finite number > 0"),
+        (["--eta", "-1"], "eta must be a finite number >= 0"),
+        (["--dataset", "cifar10"], "invalid choice: 'cifar10'"),
+        (["--method", "ae"], "invalid choice: 'ae'"),
+        (["--device", "tpu"], "unknown device 'tpu'"),
+    ],
+)
+def test_bad_values_fail_before_work_with_one_line(args, message, tmp_path):
+    base = ["train", "--method", "raven", "--out", str(tmp_path / "never"), "--data-dir", str(tmp_path / "no-data")]
+    proc = subprocess.run([sys.executable, "-m", "raven.cli", *base, *args], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    error_lines = [line for line in proc.stderr.splitlines() if "error" in line]
+    assert len(error_lines) == 1 and message in error_lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "never").exists()

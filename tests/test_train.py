@@ -1,0 +1,97 @@
+"""Gradients, learning on real MNIST, checkpoints and exact resume, divergence errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import raven
+from raven.config import METHODS, ConfigError, TrainConfig
+from raven.train import TrainingDiverged, build_model, method_loss, train, validation_metrics
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_gradients_reach_every_parameter(method, mnist_small):
+    config = TrainConfig(method=method, sigma_aug=0.3)
+    model = build_model(config)
+    generator = torch.Generator().manual_seed(0)
+    terms = method_loss(model, config, mnist_small.train_x[:64], generator)
+    terms["loss"].backward()
+    for name, parameter in model.named_parameters():
+        assert parameter.grad is not None, f"{method}: no gradient for {name}"
+        assert torch.isfinite(parameter.grad).all(), f"{method}: non-finite gradient for {name}"
+        assert parameter.grad.abs().sum() > 0, f"{method}: zero gradient for {name}"
+    assert (model.prior is not None) == (method == "raven-gmm")
+
+
+@pytest.mark.parametrize("method", ["vae", "raven"])
+def test_short_training_lowers_validation_loss(method, mnist_small):
+    config = TrainConfig(method=method, epochs=2, limit=2000)
+    before = validation_metrics(build_model(config), config, mnist_small.val_x)
+    result = train(config, splits=mnist_small, device="cpu")
+    after = result.final_metrics
+    assert after["val_loss"] < before["val_loss"] - 10
+    assert after["val_elbo"] > before["val_elbo"] + 10
+    assert after["val_mse_255"] < before["val_mse_255"]
+    assert [h["epoch"] for h in result.history] == [1, 2]
+
+
+def test_checkpoint_round_trip_and_public_api(tmp_path, mnist_small):
+    config = TrainConfig(method="raven-gmm", epochs=1, limit=500, n_components=3)
+    result = train(config, splits=mnist_small, device="cpu", out_dir=tmp_path)
+    loaded = raven.load_checkpoint(tmp_path)
+    x = mnist_small.test_x[:32]
+    mu, logvar = loaded.encode(x)
+    assert mu.shape == (32, 10) and logvar.shape == (32, 10)
+    expected_mu, expected_logvar = result.model.encode(x)
+    assert torch.equal(mu, expected_mu) and torch.equal(logvar, expected_logvar)
+    assert loaded.config == config and len(loaded.history) == 1
+    assert not loaded.training
+    with pytest.raises(ValueError, match=r"shape \(N, 784\)"):
+        loaded.encode(x.reshape(32, 28, 28))
+
+
+def test_resume_continues_exactly(tmp_path, mnist_small):
+    config = TrainConfig(method="raven", epochs=2, limit=600)
+    straight = train(config, splits=mnist_small, device="cpu")
+    train(config.replace(epochs=1), splits=mnist_small, device="cpu", out_dir=tmp_path)
+    resumed = train(config, splits=mnist_small, device="cpu", out_dir=tmp_path)
+    for (name, a), (_, b) in zip(straight.model.state_dict().items(), resumed.model.state_dict().items()):
+        assert torch.equal(a, b), f"{name} differs after resume"
+    assert resumed.history[-1]["val_elbo"] == straight.history[-1]["val_elbo"]
+
+
+def test_resume_refuses_a_different_config(tmp_path, mnist_small):
+    train(TrainConfig(method="vae", epochs=1, limit=200), splits=mnist_small, device="cpu", out_dir=tmp_path)
+    with pytest.raises(ConfigError, match="different config"):
+        train(TrainConfig(method="raven", epochs=1, limit=200), splits=mnist_small, device="cpu", out_dir=tmp_path)
+
+
+def test_divergence_names_the_step(mnist_small):
+    config = TrainConfig(method="vae", epochs=1, limit=1000, lr=1e8, grad_clip_norm=None)
+    with pytest.raises(TrainingDiverged, match=r"at epoch 1, step \d+ of 8"):
+        train(config, splits=mnist_small, device="cpu")
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"sigma_aug": 0.0}, "sigma_aug must be a finite number > 0"),
+        ({"sigma_aug": -0.1}, "sigma_aug must be a finite number > 0"),
+        ({"sigma_aug": (0.1, 0.2)}, "one per latent dimension"),
+        ({"eta": -1.0}, "eta must be a finite number >= 0"),
+        ({"method": "ae"}, "unknown method 'ae'"),
+        ({"dataset": "cifar"}, "unknown dataset 'cifar'"),
+        ({"epochs": 0}, "epochs must be an integer >= 1"),
+        ({"batch_size": 1.5}, "batch_size must be an integer"),
+    ],
+)
+def test_bad_config_is_rejected_with_its_field(changes, message):
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig(**changes)
+
+
+def test_paper_defaults_per_dataset():
+    assert TrainConfig(dataset="mnist").sigma_aug == 0.01
+    assert TrainConfig(dataset="fashion-mnist").sigma_aug == 0.04
+    assert TrainConfig(dataset="fashion-mnist").eta == 5000.0
