@@ -2,7 +2,7 @@
 
 from raven.config import ConfigError, TrainConfig
 from raven.models import RavenModel
-from raven.train import load_checkpoint, train
+from raven.train import load_checkpoint
 
-__all__ = ["ConfigError", "RavenModel", "TrainConfig", "load_checkpoint", "train"]
+__all__ = ["ConfigError", "RavenModel", "TrainConfig", "load_checkpoint"]
 __version__ = "0.1.0"

@@ -39,6 +39,8 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--n-components", type=int, default=10, help="mixture components for raven-gmm (default 10)")
     p.add_argument("--latent-dim", type=int, default=10)
     p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--patience", type=int, default=None,
+                   help="stop when val_elbo has not improved for this many epochs (default: train all epochs)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
@@ -55,7 +57,7 @@ def run_train(args: argparse.Namespace) -> int:
     config = TrainConfig(
         method=args.method, dataset=args.dataset, sigma_aug=args.sigma_aug, noise_std=args.noise_std,
         eta=args.eta, se_epsilon=args.se_epsilon, se_steps=args.se_steps, beta=args.beta,
-        n_components=args.n_components, latent_dim=args.latent_dim, epochs=args.epochs,
+        n_components=args.n_components, latent_dim=args.latent_dim, epochs=args.epochs, patience=args.patience,
         batch_size=args.batch_size, lr=args.lr, seed=args.seed, limit=args.limit,
     )
     device = resolve_device(args.device)
@@ -71,10 +73,130 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _csv_words(text: str) -> list[str]:
+    return [w.strip() for w in text.split(",") if w.strip()]
+
+
+def add_evaluate_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "evaluate", help="robustness of trained checkpoints: linear probe, PGD attacks, MSE, FID, plots",
+        description="Fit a linear probe on encoder means, attack every test image with PGD per attack and "
+                    "budget, and write robustness.json, robustness.csv and plots next to each checkpoint.")
+    p.add_argument("dirs", nargs="+", metavar="DIR", help="checkpoint folders (or checkpoint.pt files) of `raven train`")
+    p.add_argument("--attacks", default="kl,w2", help="comma-separated: kl, w2, ce (default kl,w2)")
+    p.add_argument("--deltas", default="0,0.025,0.05,0.075,0.1,0.15,0.2,0.25,0.3",
+                   help="comma-separated L-inf budgets in [0, 1] (default 0,0.025,...,0.3)")
+    p.add_argument("--steps", type=int, default=50, help="PGD iterations (default 50, the paper's)")
+    p.add_argument("--step-size", type=float, default=None, help="PGD step (default delta/25, the paper's)")
+    p.add_argument("--restarts", type=int, default=1, help="random restarts per image (default 1)")
+    p.add_argument("--limit", type=int, default=None, help="evaluate on the first N test images (default all)")
+    p.add_argument("--probe-limit", type=int, default=None,
+                   help="fit the probe on the first N training images (default the whole training split)")
+    p.add_argument("--batch-size", type=int, default=1000, help="images attacked at once (default 1000)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-fid", action="store_true", help="skip FID")
+    p.add_argument("--no-tsne", action="store_true", help="skip the t-SNE plot")
+    p.add_argument("--plots-dir", type=Path, default=None,
+                   help="folder for the combined accuracy-vs-delta plot (default: the first DIR's parent)")
+    p.add_argument("--data-dir", default=None, help="data root (default: $RAVEN_DATA_DIR, else ~/.cache/raven/data)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--tracking-uri", default=None, help="log to MLflow at this tracking URI (one run per DIR)")
+    p.add_argument("--experiment", default=None, help="MLflow experiment (default raven-evaluate); turns logging on")
+    p.set_defaults(run=run_evaluate)
+
+
+def _parse_deltas(text: str) -> tuple[float, ...]:
+    words = _csv_words(text)
+    if not words:
+        raise ConfigError(f"--deltas expects comma-separated numbers in [0, 1], got {text!r}")
+    try:
+        return tuple(float(w) for w in words)
+    except ValueError:
+        raise ConfigError(f"--deltas expects comma-separated numbers in [0, 1], got {text!r}") from None
+
+
+def _run_labels(configs: list[TrainConfig]) -> list[str]:
+    """The method, plus every setting (except the seed) that differs between the given runs."""
+    varying = [f for f in TrainConfig.__dataclass_fields__
+               if f not in ("method", "seed") and len({repr(getattr(c, f)) for c in configs}) > 1]
+    labels = []
+    for c in configs:
+        extras = [f"{f}={getattr(c, f)}" for f in varying]
+        labels.append(c.method + (f" ({', '.join(extras)})" if extras else ""))
+    return labels
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    import os
+
+    from raven.evaluate import CURVES_PNG, EvalConfig, evaluate_checkpoint, format_summary, log_to_mlflow
+    from raven.train import checkpoint_file, load_state, resolve_device
+
+    config = EvalConfig(
+        attacks=tuple(_csv_words(args.attacks)), deltas=_parse_deltas(args.deltas), steps=args.steps,
+        step_size=args.step_size, restarts=args.restarts, limit=args.limit, probe_limit=args.probe_limit,
+        fid=not args.no_fid, tsne=not args.no_tsne, seed=args.seed, batch_size=args.batch_size,
+    )
+    files = [checkpoint_file(d) for d in args.dirs]  # every checkpoint must exist before any work
+    device = resolve_device(args.device)
+    configs = [TrainConfig.from_dict(load_state(f)["config"]) for f in files]
+    labels = _run_labels(configs)
+    use_mlflow = bool(args.tracking_uri or args.experiment or os.environ.get("MLFLOW_RUN_ID")
+                      or ("mlflow" in sys.modules and sys.modules["mlflow"].active_run() is not None))
+    mlflow = None
+    if use_mlflow:
+        import mlflow
+
+        if args.tracking_uri:
+            mlflow.set_tracking_uri(args.tracking_uri)
+        if mlflow.active_run() is None and not os.environ.get("MLFLOW_RUN_ID"):
+            mlflow.set_experiment(args.experiment or "raven-evaluate")
+    plots_dir = args.plots_dir or files[0].resolve().parent.parent
+    print(f"raven evaluate: {len(files)} checkpoint(s), attacks {','.join(config.attacks)}, "
+          f"deltas {','.join(_csv_words(args.deltas))}, {config.steps} steps, device {device}", file=sys.stderr)
+    started = time.perf_counter()
+    results, splits_cache = [], {}
+    outer = None
+    if mlflow is not None and os.environ.get("MLFLOW_RUN_ID") and mlflow.active_run() is None:
+        outer = mlflow.start_run()  # resume the run named by MLFLOW_RUN_ID (e.g. `mlflow run`)
+    try:
+        for file, train_config, label in zip(files, configs, labels):
+            key = (train_config.dataset, train_config.validation_size)
+            if key not in splits_cache:
+                from raven.data import load_splits
+
+                splits_cache[key] = load_splits(train_config.dataset, args.data_dir, device, train_config.validation_size)
+            result = evaluate_checkpoint(file, config, device=device, label=label, splits=splits_cache[key],
+                                         log=lambda line: print(line, file=sys.stderr, flush=True))
+            results.append(result)
+            if mlflow is not None:
+                nested = mlflow.active_run() is not None
+                if nested and len(files) == 1:
+                    log_to_mlflow(result)
+                else:
+                    with mlflow.start_run(run_name=f"evaluate {label} {file.parent.name}", nested=nested):
+                        mlflow.set_tag("checkpoint", str(file.resolve()))
+                        log_to_mlflow(result)
+        from raven.plots import plot_accuracy_curves
+
+        curves = plot_accuracy_curves([(r.label, r.to_json()) for r in results], Path(plots_dir) / CURVES_PNG,
+                                      attacks=config.attacks, title="linear-probe accuracy under PGD attacks")
+        if mlflow is not None and mlflow.active_run() is not None:
+            mlflow.log_artifact(str(curves), artifact_path="robustness")
+    finally:
+        if outer is not None:
+            mlflow.end_run()
+    print(format_summary(results))
+    written = ", ".join(str(f.parent / "robustness.json") for f in files)
+    print(f"done in {time.perf_counter() - started:.1f}s: wrote {written}; combined plot {curves}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raven", description=__doc__.splitlines()[0])
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_train_parser(subparsers)
+    add_evaluate_parser(subparsers)
     return parser
 
 

@@ -50,6 +50,9 @@ class TrainConfig:
     Definition 1; a tuple gives one sigma per latent dimension (diagonal Sigma_aug).
     None picks the paper's value for the dataset (0.01 MNIST, 0.04 Fashion-MNIST).
     noise_std is the pixel noise of the data pair x' = clip(x + eps, 0, 1).
+    patience stops training once val_elbo has not improved for that many epochs
+    (None trains all `epochs`); the model kept is the last one, at most `patience`
+    epochs past the best.
     grad_clip_norm caps the global gradient norm. RAdam takes plain momentum-SGD steps
     for its first few iterations (until its variance estimate is trusted), and with
     sigma_aug = 0.01 the initial KL gradient is ~1e4 times larger than the
@@ -68,6 +71,7 @@ class TrainConfig:
     n_components: int = 10
     latent_dim: int = 10
     epochs: int = 20
+    patience: int | None = None
     batch_size: int = 128
     lr: float = 1e-3
     grad_clip_norm: float | None = 100.0
@@ -106,6 +110,8 @@ class TrainConfig:
         _at_least("se_steps", self.se_steps, 1)
         _at_least("n_components", self.n_components, 1)
         _at_least("epochs", self.epochs, 1)
+        if self.patience is not None:
+            _at_least("patience", self.patience, 1)
         _at_least("batch_size", self.batch_size, 1)
         _positive("lr", self.lr)
         if self.grad_clip_norm is not None:

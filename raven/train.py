@@ -198,6 +198,16 @@ def validation_metrics(model: RavenModel, config: TrainConfig, val_x: torch.Tens
     return {name: total / len(val_x) for name, total in sums.items()}
 
 
+def epochs_since_best(history: list[dict[str, float]]) -> int:
+    """Epochs since val_elbo last improved (0 when the latest epoch is the best)."""
+    values = [h["val_elbo"] for h in history]
+    return len(values) - 1 - max(range(len(values)), key=values.__getitem__) if values else 0
+
+
+def should_stop(config: TrainConfig, history: list[dict[str, float]]) -> bool:
+    return config.patience is not None and epochs_since_best(history) >= config.patience
+
+
 def _atomic_torch_save(obj: Any, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
@@ -283,7 +293,7 @@ def train(
         if resume and checkpoint_path.is_file():
             state = load_state(checkpoint_path, device)
             saved = TrainConfig.from_dict(state["config"])
-            if saved.replace(epochs=config.epochs) != config:
+            if saved.replace(epochs=config.epochs, patience=config.patience) != config:
                 raise ConfigError(f"{checkpoint_path} was trained with a different config; "
                                   "use another --out, or --fresh to start over")
             model.load_state_dict(state["model"])
@@ -299,6 +309,10 @@ def train(
     model.train()
     try:
         for epoch in range(start_epoch, config.epochs):
+            if should_stop(config, history):
+                if log:
+                    log(f"early stop after epoch {epoch}: val_elbo has not improved for {config.patience} epochs")
+                break
             started = time.perf_counter()
             order = torch.randperm(len(train_x), generator=generator, device=device)
             totals: dict[str, torch.Tensor] = {}

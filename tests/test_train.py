@@ -95,3 +95,23 @@ def test_paper_defaults_per_dataset():
     assert TrainConfig(dataset="mnist").sigma_aug == 0.01
     assert TrainConfig(dataset="fashion-mnist").sigma_aug == 0.04
     assert TrainConfig(dataset="fashion-mnist").eta == 5000.0
+
+
+def test_epochs_since_best_and_should_stop():
+    from raven.train import epochs_since_best, should_stop
+
+    history = [{"val_elbo": v} for v in (-500.0, -480.0, -490.0, -485.0)]
+    assert epochs_since_best(history) == 2
+    assert should_stop(TrainConfig(patience=2), history)
+    assert not should_stop(TrainConfig(patience=3), history)
+    assert not should_stop(TrainConfig(), history)
+
+
+def test_early_stopping_ends_training_when_validation_stalls(monkeypatch, mnist_small):
+    import raven.train as train_module
+
+    scores = iter([-500.0, -490.0, -495.0, -496.0, -480.0, -470.0])
+    monkeypatch.setattr(train_module, "validation_metrics",
+                        lambda model, config, val_x: {"val_loss": 0.0, "val_elbo": next(scores), "val_mse_255": 0.0})
+    result = train(TrainConfig(method="vae", epochs=6, patience=2, limit=256), splits=mnist_small, device="cpu")
+    assert [h["epoch"] for h in result.history] == [1, 2, 3, 4]
