@@ -1,11 +1,16 @@
 """Benchmarks, printed as tables with ratios against a baseline measured in the same process.
 
     python -m raven.bench train [--steps N] [--device D] [--data-dir DIR]
+    python -m raven.bench attack [--images N] [--steps 50] [--batch-size B] [--device D] [--checkpoint DIR]
 
 `train`: training images per second of this package's loop (in-memory tensors, one
 slice per batch) for the plain VAE and for paired RAVEN (two images per training
 example), against the same architecture, optimiser and objective fed the usual way:
 torchvision's MNIST with ToTensor through a DataLoader, batch 128.
+
+`attack`: test images attacked per second by a full 50-step L-inf PGD on the encoder
+(KL and W2 attacks of raven.attacks, chunked), against a plain reference PGD loop
+written out below (batches of 100, one autograd.grad per step, last iterate).
 """
 
 from __future__ import annotations
@@ -122,6 +127,70 @@ def bench_train(args: argparse.Namespace) -> list[tuple[str, float]]:
     return rows
 
 
+def _reference_pgd(model: torch.nn.Module, x: torch.Tensor, delta: float, steps: int, batch: int = 100) -> torch.Tensor:
+    """A plain PGD loop (KL attack) as one would first write it: batches of 100, no tricks."""
+    from raven.gaussians import diag_gaussian_kl
+
+    out = []
+    for start in range(0, len(x), batch):
+        xb = x[start:start + batch]
+        with torch.no_grad():
+            mu, logvar = model.encoder(xb)
+        x_adv = (xb + delta * (2 * torch.rand_like(xb) - 1)).clamp(0, 1)
+        for _ in range(steps):
+            x_adv = x_adv.detach().requires_grad_(True)
+            mu_adv, logvar_adv = model.encoder(x_adv)
+            loss = diag_gaussian_kl(mu, logvar, mu_adv, logvar_adv).sum()
+            (grad,) = torch.autograd.grad(loss, x_adv)
+            x_adv = x_adv.detach() + delta / 25 * grad.sign()
+            x_adv = torch.min(torch.max(x_adv, xb - delta), xb + delta).clamp(0, 1)
+        out.append(x_adv.detach())
+    return torch.cat(out)
+
+
+def bench_attack(args: argparse.Namespace) -> list[tuple[str, float]]:
+    from raven.attacks import attack
+
+    device = resolve_device(args.device)
+    if device.type == "cpu":
+        torch.set_flush_denormal(True)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.checkpoint:
+        from raven.train import load_checkpoint
+
+        model = load_checkpoint(args.checkpoint, map_location=device)
+    else:
+        model = build_model(TrainConfig(method="vae")).to(device).eval()
+    splits = load_splits("mnist", args.data_dir, device)
+    x = splits.test_x[:args.images]
+    delta = 0.1
+
+    def timed(run: Callable[[], object]) -> float:
+        run() if args.warmup else None  # one untimed pass: allocator and kernels warm
+        best = 0.0
+        for _ in range(args.repeats):
+            _sync(device)
+            started = time.perf_counter()
+            run()
+            _sync(device)
+            best = max(best, len(x) / (time.perf_counter() - started))
+        return best
+
+    baseline = f"reference PGD loop (KL), batches of 100, {args.steps} steps"
+    measure: dict[str, Callable[[], float]] = {
+        baseline: lambda: timed(lambda: _reference_pgd(model, x, delta, args.steps)),
+    }
+    for kind in ("kl", "w2"):
+        measure[f"raven.attacks {kind}, chunks of {args.batch_size}, {args.steps} steps"] = (
+            lambda kind=kind: timed(lambda: attack(model, x, delta, kind, steps=args.steps, batch_size=args.batch_size,
+                                                   generator=torch.Generator(device=device).manual_seed(0))))
+    rows = [(name, run()) for name, run in measure.items()]
+    print_table(f"PGD attack throughput on {device} ({torch.get_num_threads()} threads, {len(x)} test images, "
+                f"delta {delta}, best of {args.repeats}, torch {torch.__version__})", rows, "images/s", baseline)
+    return rows
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m raven.bench", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="bench", required=True)
@@ -133,6 +202,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--data-dir", default=None)
     p.set_defaults(run=bench_train)
+    p = sub.add_parser("attack", help="images attacked per second (50-step PGD) against a plain PGD loop")
+    p.add_argument("--images", type=int, default=2000, help="test images per timed pass (default 2000)")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--batch-size", type=int, default=1000, help="chunk size of raven.attacks (default 1000)")
+    p.add_argument("--repeats", type=int, default=2, help="timed passes; the best is reported (default 2)")
+    p.add_argument("--no-warmup", dest="warmup", action="store_false", help="skip the untimed first pass")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--checkpoint", default=None, help="a trained model (default: a freshly initialised VAE)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--data-dir", default=None)
+    p.set_defaults(run=bench_attack)
     return parser
 
 

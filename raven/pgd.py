@@ -40,22 +40,27 @@ def pgd_linf(
         x_adv = low + noise * (high - low)
     else:
         x_adv = x.clone()
-    best = x_adv.clone()
+    best = x_adv.clone() if keep_best else x_adv
     best_value = torch.full((x.shape[0],), -torch.inf, device=x.device, dtype=x.dtype)
+    row = (-1,) + (1,) * (x.dim() - 1)  # broadcasts a per-row flag over the row
     for _ in range(steps):
         x_adv.requires_grad_(True)
         value = objective(x_adv)
         (grad,) = torch.autograd.grad(value.sum(), x_adv)
         with torch.no_grad():
+            x_adv = x_adv.detach()
             if keep_best:
+                value = value.detach()
                 improved = value > best_value
                 best_value = torch.where(improved, value, best_value)
-                best[improved] = x_adv[improved]
-            x_adv = torch.minimum(torch.maximum(x_adv + step_size * grad.sign(), low), high)
+                # torch.where rather than boolean indexing: no host sync, one fused pass.
+                best = torch.where(improved.view(row), x_adv, best)
+            # In place (the graph that saw x_adv is gone): x_adv + step * sign(grad), then project.
+            x_adv.add_(grad.sign_(), alpha=step_size).clamp_(min=low, max=high)
     if not keep_best:
-        return x_adv.detach()
+        return x_adv
     with torch.no_grad():
         value = objective(x_adv)
         improved = value > best_value
-        best[improved] = x_adv[improved]
+        best = torch.where(improved.view(row), x_adv, best)
     return best

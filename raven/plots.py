@@ -1,0 +1,137 @@
+"""Figures of the robustness evaluation, drawn with matplotlib's Agg backend (no display needed).
+
+* `plot_accuracy_curves`: adversarial accuracy against the attack budget delta, one panel
+  per attack, one line per label (Figure 2). Runs sharing a label (seeds of one setting)
+  are drawn as their mean with a +-1 standard deviation band (sample std over runs).
+* `plot_reconstructions`: test images above their mean reconstructions sigmoid(Dec(mu_x)).
+* `plot_tsne`: a 2-d t-SNE of clean and noisy test encodings coloured by class, clean as
+  dots and noisy as crosses (Figure 1).
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # before pyplot: headless, and safe in worker processes
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+ATTACK_TITLES = {"kl": "KL attack", "w2": "Wasserstein-2 attack", "ce": "end-to-end cross-entropy attack"}
+
+
+def _save(fig: plt.Figure, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
+    fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def accuracy_curve_data(runs: Sequence[dict[str, Any]], attack: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(deltas, mean, std) over `runs` (robustness.json dicts) for one attack, on the deltas all runs share.
+
+    std is the sample standard deviation over runs (0 for a single run).
+    """
+    keys = None
+    for run in runs:
+        run_keys = set(run["adversarial_accuracy"].get(attack, {}))
+        keys = run_keys if keys is None else keys & run_keys
+    keys = sorted(keys or (), key=float)
+    deltas = np.array([float(k) for k in keys])
+    values = np.array([[run["adversarial_accuracy"][attack][k] for k in keys] for run in runs], dtype=float)
+    if len(keys) == 0:
+        return deltas, np.zeros(0), np.zeros(0)
+    mean = values.mean(axis=0)
+    std = values.std(axis=0, ddof=1) if len(runs) > 1 else np.zeros_like(mean)
+    return deltas, mean, std
+
+
+def plot_accuracy_curves(entries: Iterable[tuple[str, dict[str, Any]]], path: str | os.PathLike,
+                         attacks: Sequence[str] | None = None, title: str | None = None) -> Path:
+    """Figure 2: accuracy vs delta per attack for labelled robustness results; returns the file written.
+
+    `entries` are (label, robustness.json dict) pairs; several entries with one label are
+    averaged (mean line, +-std band).
+    """
+    groups: OrderedDict[str, list[dict[str, Any]]] = OrderedDict()
+    for label, result in entries:
+        groups.setdefault(label, []).append(result)
+    if not groups:
+        raise ValueError("no results to plot")
+    if attacks is None:
+        attacks = []
+        for runs in groups.values():
+            for run in runs:
+                attacks += [a for a in run["adversarial_accuracy"] if a not in attacks]
+    fig, axes = plt.subplots(1, len(attacks), figsize=(4.6 * len(attacks), 3.8), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, attack in zip(axes[0], attacks):
+        for i, (label, runs) in enumerate(groups.items()):
+            deltas, mean, std = accuracy_curve_data(runs, attack)
+            if len(deltas) == 0:
+                continue
+            color = colors[i % len(colors)]
+            suffix = f" (n={len(runs)})" if len(runs) > 1 else ""
+            ax.plot(deltas, 100 * mean, marker="o", markersize=3, color=color, label=label + suffix)
+            if len(runs) > 1:
+                ax.fill_between(deltas, 100 * (mean - std), 100 * (mean + std), color=color, alpha=0.2, linewidth=0)
+        ax.set_title(ATTACK_TITLES.get(attack, attack))
+        ax.set_xlabel(r"attack budget $\delta$ ($L_\infty$)")
+        ax.set_ylabel("linear-probe accuracy (%)")
+        ax.set_ylim(0, 100)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_reconstructions(images: np.ndarray, reconstructions: np.ndarray, path: str | os.PathLike,
+                         title: str | None = None) -> Path:
+    """Originals (top row) above their reconstructions (bottom row); arrays (n, 784) in [0, 1]."""
+    images = np.asarray(images).reshape(-1, 28, 28)
+    reconstructions = np.asarray(reconstructions).reshape(-1, 28, 28)
+    n = len(images)
+    fig, axes = plt.subplots(2, n, figsize=(1.0 * n, 2.3), squeeze=False)
+    for j in range(n):
+        for i, picture in enumerate((images[j], reconstructions[j])):
+            axes[i, j].imshow(picture, cmap="gray", vmin=0.0, vmax=1.0)
+            axes[i, j].set_xticks([])
+            axes[i, j].set_yticks([])
+    axes[0, 0].set_ylabel("test", fontsize=8)
+    axes[1, 0].set_ylabel("recon.", fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    return _save(fig, path)
+
+
+def plot_tsne(embedding: np.ndarray, labels: np.ndarray, noisy: np.ndarray, path: str | os.PathLike,
+              title: str | None = None) -> Path:
+    """Figure 1: 2-d points coloured by class; `noisy` (bool per point) picks crosses over dots."""
+    embedding = np.asarray(embedding)
+    labels = np.asarray(labels)
+    noisy = np.asarray(noisy, dtype=bool)
+    cmap = plt.get_cmap("tab10")
+    fig, ax = plt.subplots(figsize=(6.0, 5.2))
+    for cls in np.unique(labels):
+        for is_noisy, marker, size in ((False, "o", 6), (True, "x", 8)):
+            sel = (labels == cls) & (noisy == is_noisy)
+            if sel.any():
+                ax.scatter(embedding[sel, 0], embedding[sel, 1], s=size, marker=marker, color=cmap(int(cls) % 10),
+                           linewidths=0.6, alpha=0.7, label=str(cls) if not is_noisy else None)
+    ax.scatter([], [], marker="o", color="gray", s=12, label="clean")
+    ax.scatter([], [], marker="x", color="gray", s=12, label="noisy")
+    ax.legend(fontsize=7, markerscale=1.5, loc="upper right", ncol=2)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if title:
+        ax.set_title(title, fontsize=9)
+    return _save(fig, path)

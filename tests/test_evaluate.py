@@ -1,0 +1,247 @@
+"""The robustness evaluator: probe + attacks protocol, metric definitions, clustering accuracy, FID,
+plots, MLflow logging, and `raven evaluate` end to end on a checkpoint of `raven train`."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from raven.cli import main
+from raven.config import ConfigError, TrainConfig
+from raven.data import noisy_copy
+from raven.evaluate import (
+    EvalConfig,
+    cluster_accuracy,
+    delta_key,
+    encode_mean,
+    evaluate_model,
+    latent_pair_distance,
+    mixture_assignments,
+    probe_and_attack,
+    reconstruction_mse_255,
+)
+from raven.objectives import aug_variance, mixture_component_log_prob
+from raven.plots import accuracy_curve_data, plot_accuracy_curves
+from raven.train import train
+
+CLI_DELTAS = "0,0.05,0.1,0.2"
+
+
+@pytest.fixture(scope="module")
+def vae(mnist_small):
+    return train(TrainConfig(method="vae", epochs=2, limit=2000), splits=mnist_small, device="cpu").model
+
+
+@pytest.fixture(scope="module")
+def gmm(mnist_small):
+    return train(TrainConfig(method="raven-gmm", epochs=1, limit=1000, n_components=10), splits=mnist_small,
+                 device="cpu").model
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory, data_dir):
+    """`raven train --limit 2000 --epochs 1`, then `raven evaluate --limit 500` with MLflow, in process."""
+    root = tmp_path_factory.mktemp("cli")
+    run_dir = root / "vae"
+    assert main(["train", "--method", "vae", "--limit", "2000", "--epochs", "1", "--out", str(run_dir),
+                 "--data-dir", str(data_dir), "--device", "cpu"]) == 0
+    tracking = f"sqlite:///{root / 'mlflow.db'}"
+    code = main(["evaluate", str(run_dir), "--limit", "500", "--deltas", CLI_DELTAS, "--no-fid",
+                 "--data-dir", str(data_dir), "--device", "cpu", "--tracking-uri", tracking,
+                 "--experiment", "raven-test", "--plots-dir", str(root / "plots")])
+    return {"code": code, "run_dir": run_dir, "root": root, "tracking": tracking}
+
+
+def test_delta_keys_are_the_decimals_as_written():
+    assert [delta_key(float(t)) for t in CLI_DELTAS.split(",")] == ["0", "0.05", "0.1", "0.2"]
+    assert delta_key(0.025) == "0.025" and delta_key(1e-5) == "0.00001" and delta_key(0.3) == "0.3"
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"attacks": ("kl", "fgsm")}, "unknown attack 'fgsm'"),
+        ({"attacks": ()}, "at least one"),
+        ({"deltas": (0.1, 1.5)}, r"in \[0, 1\]"),
+        ({"deltas": (0.1, 0.10)}, "must not repeat"),
+        ({"steps": 0}, "steps must be an integer >= 1"),
+        ({"step_size": -0.1}, "step_size must be"),
+        ({"restarts": 3, "random_start": False}, "restarts > 1 needs random_start"),
+        ({"limit": 0}, "limit must be"),
+    ],
+)
+def test_eval_config_rejects_bad_values(changes, message):
+    with pytest.raises(ConfigError, match=message):
+        EvalConfig(**changes)
+
+
+def test_probe_and_attack_protocol(vae, mnist_small):
+    config = EvalConfig(deltas=(0.0, 0.05, 0.1, 0.2), limit=300, probe_limit=2000, fid=False, tsne=False)
+    result = probe_and_attack(vae, mnist_small.train_x, mnist_small.train_y, mnist_small.test_x, mnist_small.test_y,
+                              config)
+    json.dumps(result)  # plain data, safe to log or store
+    clean = result["clean_accuracy"]
+    assert 0.3 < clean <= 1.0 and result["images"] == 300
+    tolerance = 1.0 / 300  # one image
+    for kind in ("kl", "w2"):
+        accuracy = result["adversarial_accuracy"][kind]
+        assert list(accuracy) == ["0", "0.05", "0.1", "0.2"]
+        assert accuracy["0"] == clean
+        values = list(accuracy.values())
+        assert all(b <= a + tolerance for a, b in zip(values, values[1:])), values
+        assert values[-1] < clean - 0.1  # the attack bites
+        strength = list(result["attack_dissimilarity"][kind].values())
+        assert strength[0] == 0.0 and all(b > a for a, b in zip(strength, strength[1:]))
+
+
+def test_clean_accuracy_is_the_probe_accuracy_on_clean_means(vae, mnist_small):
+    config = EvalConfig(attacks=("kl",), deltas=(0.0,), limit=200, probe_limit=2000)
+    result = probe_and_attack(vae, mnist_small.train_x, mnist_small.train_y, mnist_small.test_x, mnist_small.test_y,
+                              config)
+    from raven.evaluate import train_linear_probe
+
+    probe, info = train_linear_probe(encode_mean(vae, mnist_small.train_x[:2000]), mnist_small.train_y[:2000])
+    expected = (probe(encode_mean(vae, mnist_small.test_x[:200])).argmax(1) == mnist_small.test_y[:200]).double().mean()
+    assert result["clean_accuracy"] == pytest.approx(float(expected))
+    assert info["train_images"] == 2000 and info["train_accuracy"] > 0.3
+
+
+def test_cluster_accuracy_on_hand_made_assignments():
+    # clusters 2 -> label 0, 0 -> label 1, 1 -> label 2; one point of label 0 sits in cluster 1.
+    assert cluster_accuracy([2, 2, 0, 0, 1, 1, 1], [0, 0, 1, 1, 2, 2, 0]) == pytest.approx(6 / 7)
+    assert cluster_accuracy([5, 5, 3, 3], [1, 1, 0, 0]) == 1.0  # any cluster ids, any permutation
+    # more clusters than labels: one-to-one matching leaves a cluster unmatched, its points wrong.
+    assert cluster_accuracy([0, 1, 2, 2], [0, 0, 1, 1]) == pytest.approx(3 / 4)
+    assert cluster_accuracy(torch.tensor([1, 1, 1, 1]), torch.tensor([0, 1, 2, 3])) == pytest.approx(1 / 4)
+
+
+def test_mixture_assignments_follow_the_convolved_components(gmm, mnist_small):
+    x = mnist_small.test_x[:300]
+    sigma = gmm.config.sigma_aug
+    assigned = mixture_assignments(gmm, x, sigma)
+    mu = encode_mean(gmm, x)
+    prior = gmm.prior
+    log_p = mixture_component_log_prob(mu, prior.logits, prior.means, prior.logvars, aug_variance(sigma, mu))
+    assert torch.equal(assigned, log_p.argmax(1))
+    accuracy = cluster_accuracy(assigned, mnist_small.test_y[:300])
+    assert 0.1 <= accuracy <= 1.0
+
+
+def test_metric_definitions(vae, mnist_small):
+    x = mnist_small.test_x[:100]
+    x_hat = vae.reconstruct(x)
+    expected = np.mean((255.0 * (x.numpy().astype(np.float64) - x_hat.numpy())) ** 2)
+    assert reconstruction_mse_255(x, x_hat) == pytest.approx(expected, rel=1e-9)
+    noisy = noisy_copy(x, 0.05, torch.Generator().manual_seed(0))
+    a, b = encode_mean(vae, x), encode_mean(vae, noisy)
+    distances = ((a - b) ** 2).sum(1).double().numpy()
+    mean, std = latent_pair_distance(a, b)
+    assert mean == pytest.approx(distances.mean()) and std == pytest.approx(distances.std())
+
+
+def test_evaluate_model_without_out_dir_and_with_fid(gmm, mnist_small):
+    from raven.fid import fid_available
+
+    available, reason = fid_available()
+    config = EvalConfig(attacks=("kl",), deltas=(0.0, 0.1), limit=64, probe_limit=1000, fid=True, tsne=False)
+    result = evaluate_model(gmm, mnist_small, config)
+    if available:
+        assert result.fid is not None and math.isfinite(result.fid) and result.fid >= 0
+    else:
+        assert result.fid is None and result.fid_note == reason
+    assert result.cluster_accuracy is not None and 0 <= result.cluster_accuracy <= 1
+    assert all(math.isfinite(v) for v in result.attack_dissimilarity["kl"].values())
+    assert result.artifacts == [] and result.settings["method"] == "raven-gmm"
+    metrics = result.metrics()
+    assert metrics["adv_acc_kl_delta_0.1"] == result.adversarial_accuracy["kl"]["0.1"]
+    assert "cluster_accuracy" in metrics and all(isinstance(v, float) for v in metrics.values())
+
+
+def test_accuracy_curves_average_runs_sharing_a_label(tmp_path):
+    def fake(values):
+        return {"adversarial_accuracy": {"kl": dict(zip(["0", "0.1", "0.2"], values))}}
+
+    runs = [fake([0.9, 0.6, 0.3]), fake([0.8, 0.4, 0.1])]
+    deltas, mean, std = accuracy_curve_data(runs, "kl")
+    np.testing.assert_allclose(deltas, [0, 0.1, 0.2])
+    np.testing.assert_allclose(mean, [0.85, 0.5, 0.2])
+    np.testing.assert_allclose(std, np.std([[0.9, 0.6, 0.3], [0.8, 0.4, 0.1]], axis=0, ddof=1))
+    path = plot_accuracy_curves([("raven", runs[0]), ("raven", runs[1]), ("vae", fake([0.9, 0.2, 0.0]))],
+                                tmp_path / "curves.png")
+    assert path.stat().st_size > 1000
+
+
+def test_evaluate_command_writes_complete_outputs(cli_run, capsys):
+    assert cli_run["code"] == 0
+    run_dir = cli_run["run_dir"]
+    report = json.loads((run_dir / "robustness.json").read_text())
+    for key in ("clean_accuracy", "adversarial_accuracy", "mse", "fid", "latent_pair_distance", "settings",
+                "cluster_accuracy"):
+        assert key in report
+    assert report["fid"] is None and "no-fid" in report["fid_note"]
+    assert report["cluster_accuracy"] is None
+    assert set(report["adversarial_accuracy"]) == {"kl", "w2"}
+    for by_delta in report["adversarial_accuracy"].values():
+        assert list(by_delta) == CLI_DELTAS.split(",")
+        assert all(0.0 <= v <= 1.0 for v in by_delta.values())
+        assert by_delta["0"] == report["clean_accuracy"]
+    assert report["mse"] > 0 and report["latent_pair_distance"]["mean"] >= 0
+    assert report["latent_pair_distance"]["std"] >= 0
+    settings = report["settings"]
+    assert settings["steps"] == 50 and settings["step_size"] == "delta/25" and settings["test_images"] == 500
+    assert settings["seed"] == 0 and settings["dataset"] == "mnist" and settings["method"] == "vae"
+    assert settings["checkpoint"].endswith("checkpoint.pt")
+    assert settings["probe"]["train_images"] == 55000
+    with open(run_dir / "robustness.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 * 4
+    assert {(r["attack"], r["delta"]) for r in rows} == {(a, d) for a in ("kl", "w2") for d in CLI_DELTAS.split(",")}
+    for png in (run_dir / "reconstructions.png", run_dir / "tsne.png",
+                cli_run["root"] / "plots" / "robustness_curves.png"):
+        assert png.is_file() and png.stat().st_size > 1000, png
+
+
+def test_evaluate_command_logs_to_mlflow(cli_run):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=cli_run["tracking"])
+    experiment = client.get_experiment_by_name("raven-test")
+    (run,) = client.search_runs([experiment.experiment_id])
+    report = json.loads((cli_run["run_dir"] / "robustness.json").read_text())
+    metrics = run.data.metrics
+    assert metrics["adv_acc_kl_delta_0.1"] == pytest.approx(report["adversarial_accuracy"]["kl"]["0.1"])
+    assert metrics["clean_accuracy"] == pytest.approx(report["clean_accuracy"])
+    assert {"mse_255", "latent_pair_distance_mean", "latent_pair_distance_std"} <= set(metrics)
+    history = client.get_metric_history(run.info.run_id, "adv_acc_w2")
+    assert sorted(m.step for m in history) == [0, 50, 100, 200]
+    assert run.data.params["eval.steps"] == "50"
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "robustness")}
+    assert {"robustness/robustness.json", "robustness/robustness.csv", "robustness/tsne.png"} <= artifacts
+    assert mlflow.active_run() is None
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--deltas", "0,abc"], "--deltas expects comma-separated numbers"),
+        (["--deltas", "0,2"], "every delta must be a number in [0, 1]"),
+        (["--attacks", "kl,pgd"], "unknown attack 'pgd'"),
+        (["--steps", "0"], "steps must be an integer >= 1"),
+    ],
+)
+def test_evaluate_errors_are_one_line(args, message, cli_run, capsys):
+    assert main(["evaluate", str(cli_run["run_dir"]), *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("raven: error:") and message in err[0], err
+
+
+def test_evaluate_missing_checkpoint_is_one_line(tmp_path, capsys):
+    assert main(["evaluate", str(tmp_path / "nowhere"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no raven checkpoint" in err[0]
