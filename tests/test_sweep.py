@@ -1,0 +1,394 @@
+"""Sweeps (raven.sweep, raven.tracking, sweeps/*.py): flags, the objective, the MLflow record, a Ray head, --resume.
+
+The end-to-end tests run the entry scripts as a user would (subprocesses, `--smoke`), in a
+temporary working folder with the local defaults (sqlite:///mlflow.db, ./mlruns,
+./ray_results), and read the result back through MlflowClient and the Tune folder.
+
+Ray's token authentication stays on throughout: each test writes its own token into its
+temporary folder and points RAY_AUTH_TOKEN_PATH at it (RAY_AUTH_MODE=token), so nothing
+reads or writes ~/.ray/auth_token. Every Ray and MLflow process a test starts runs in its
+own session (start_new_session) and is stopped by that session id, never by name.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SIGMA_SCRIPT = REPO / "sweeps" / "sigma_aug.py"
+ETA_SCRIPT = REPO / "sweeps" / "se_eta.py"
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def free_port_range(count: int) -> int:
+    """The first of `count` consecutive free ports (Ray's worker port range)."""
+    for _ in range(200):
+        base = 20000 + secrets.randbelow(30000)
+        sockets = []
+        try:
+            for port in range(base, base + count):
+                s = socket.socket()
+                s.bind(("127.0.0.1", port))
+                sockets.append(s)
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in sockets:
+                s.close()
+    raise RuntimeError("no free port range")
+
+
+def session_members(sid: int) -> list[int]:
+    members = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.getsid(int(entry)) == sid:
+                    members.append(int(entry))
+            except OSError:
+                pass
+    return members
+
+
+def stop_session(sid: int, grace: float = 5.0) -> None:
+    """SIGTERM every process of the session this test started, SIGKILL what is left after `grace`."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
+        members = [p for p in session_members(sid) if not _zombie(p)]
+        if not members:
+            return
+        for pid in members:
+            try:
+                os.kill(pid, sig)
+            except OSError:
+                pass
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            alive = [p for p in session_members(sid) if not _zombie(p)]
+            if not alive:
+                return
+            time.sleep(0.2)
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def base_env(data_dir: Path, token_dir: Path) -> dict[str, str]:
+    """The environment of a sweep subprocess: its own Ray token, no inherited cluster address."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH"))}
+    token = token_dir / "auth_token"
+    if not token.exists():
+        token.write_text(secrets.token_hex(32))
+        token.chmod(0o600)
+    env.update(RAVEN_DATA_DIR=str(data_dir), RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token),
+               PYTHONUNBUFFERED="1", RAY_USAGE_STATS_ENABLED="0")
+    return env
+
+
+@pytest.fixture
+def short_tmp():
+    """A short /tmp folder (Ray's Unix socket paths must stay under 108 characters)."""
+    path = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def mlflow_runs(db: Path, experiment: str):
+    """{role: [runs]} of the experiment in the SQLite store at `db`."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{db}")
+    exp = client.get_experiment_by_name(experiment)
+    assert exp is not None, f"no MLflow experiment {experiment!r} in {db}"
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    by_role: dict[str, list] = {}
+    for run in runs:
+        by_role.setdefault(run.data.tags.get("raven.role"), []).append(run)
+    return client, exp, by_role
+
+
+def check_sweep_record(db: Path, experiment: str, n_trials: int, epochs: int, param: str):
+    """The parent, one child per trial with each epoch logged once, an evaluation child with everything."""
+    client, exp, by_role = mlflow_runs(db, experiment)
+    assert len(by_role.get("sweep", [])) == 1, by_role.keys()
+    parent = by_role["sweep"][0]
+    assert parent.info.status == "FINISHED"
+    assert "best_val_robust_accuracy" in parent.data.metrics
+    assert {"search.space.low", "budget.num_samples", "code_version"} <= set(parent.data.params) or \
+        {"search.space.values", "budget.num_samples", "code_version"} <= set(parent.data.params)
+    parent_artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"trials.csv", "optimization_history.png"} <= parent_artifacts
+
+    trials = by_role.get("trial", [])
+    trial_ids = [r.data.tags["raven.trial_id"] for r in trials]
+    assert len(trials) == n_trials and len(set(trial_ids)) == n_trials, trial_ids
+    for run in trials:
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert run.data.tags["raven.parent_sweep"] == parent.data.tags["raven.sweep_name"]
+        assert run.info.status == "FINISHED"
+        assert param in run.data.params and "seed" in run.data.params
+        assert run.data.tags.get("raven.checkpoint")
+        steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "epoch"))
+        assert steps == list(range(1, epochs + 1)), (run.info.run_name, steps)
+        for name in ("train_loss", "val_elbo"):
+            assert sorted(m.step for m in client.get_metric_history(run.info.run_id, name)) == steps
+        objective = client.get_metric_history(run.info.run_id, "val_robust_accuracy")
+        assert [m.step for m in objective] == [epochs]
+        assert 0.0 <= objective[0].value <= 1.0
+
+    evaluations = by_role.get("evaluation", [])
+    assert len(evaluations) == 1
+    ev = evaluations[0]
+    assert ev.info.status == "FINISHED"
+    assert ev.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert ev.data.tags["raven.trial_id"] in trial_ids
+    trial_run = next(r for r in trials if r.data.tags["raven.trial_id"] == ev.data.tags["raven.trial_id"])
+    assert trial_run.data.tags["raven.evaluation_run_id"] == ev.info.run_id
+    assert ev.data.tags["raven.trial_run_id"] == trial_run.info.run_id
+    metrics = ev.data.metrics
+    for name in ("clean_accuracy", "mse_255", "latent_pair_distance_mean", "adv_acc_kl_delta_0.1",
+                 "adv_acc_w2_delta_0.2", "adv_acc_kl_delta_0", "adv_acc_w2_delta_0.1"):
+        assert name in metrics and math.isfinite(metrics[name]), name
+    pngs = {a.path for a in client.list_artifacts(ev.info.run_id, "robustness") if a.path.endswith(".png")}
+    assert {"robustness/reconstructions.png", "robustness/robustness_curves.png", "robustness/tsne.png"} <= pngs
+    import mlflow.pytorch
+
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{db}"
+    try:
+        model = mlflow.pytorch.load_model(ev.data.tags["raven.model_uri"])
+    finally:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    mu, _ = model.encode(torch.zeros(2, 784))
+    assert mu.shape == (2, 10)
+    return client, parent, trials, ev
+
+
+# ----------------------------------------------------------------------------- bad flags
+
+
+def _bad_flag_cases(tmp: Path) -> list[tuple[Path, list[str], dict[str, str], str]]:
+    dead = f"127.0.0.1:{free_port()}"
+    return [
+        (SIGMA_SCRIPT, ["--sigma-min", "0.5", "--sigma-max", "0.1"], {}, "sigma_aug range"),
+        (SIGMA_SCRIPT, ["--num-samples", "-3"], {}, "--num-samples"),
+        (SIGMA_SCRIPT, ["--epochs", "0", "--smoke"], {}, "--epochs"),
+        (SIGMA_SCRIPT, ["--dataset", "cifar10"], {}, "invalid choice"),
+        (SIGMA_SCRIPT, ["--address", dead], {}, "cannot reach a Ray cluster"),
+        (SIGMA_SCRIPT, ["--address", "auto"], {"RAY_ADDRESS": dead}, "cannot reach a Ray cluster"),
+        (ETA_SCRIPT, ["--eta-min", "100", "--eta-max", "10"], {}, "eta range"),
+        (ETA_SCRIPT, ["--resume", "--storage-path", str(tmp / "nothing")], {}, "to resume"),
+    ]
+
+
+def test_bad_flags_fail_at_once_in_one_line(tmp_path, data_dir):
+    env = base_env(data_dir, tmp_path)
+    for script, flags, extra, expected in _bad_flag_cases(tmp_path):
+        started = time.monotonic()
+        proc = subprocess.run([sys.executable, str(script), *flags], env={**env, **extra}, cwd=tmp_path,
+                              capture_output=True, text=True, timeout=120)
+        seconds = time.monotonic() - started
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        where = f"{script.name} {' '.join(flags)}: rc {proc.returncode}, stderr {proc.stderr!r}"
+        assert proc.returncode == 2, where
+        assert len(lines) == 1 and "error:" in lines[0] and expected in lines[0], where
+        assert "Traceback" not in proc.stderr and proc.stdout == "", where
+        assert seconds < 30, f"{where}: took {seconds:.0f}s"
+    # Nothing was started or written.
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "ray_results").exists()
+    assert not (tmp_path / "mlruns").exists()
+
+
+# ----------------------------------------------------------------------------- units
+
+
+def test_validation_objective_reads_no_test_image(mnist_small):
+    from raven.config import TrainConfig
+    from raven.data import DataSplits
+    from raven.sweep import OBJECTIVE, ObjectiveSettings, validation_objective
+    from raven.train import build_model
+
+    poisoned = DataSplits(mnist_small.train_x, mnist_small.train_y, mnist_small.val_x, mnist_small.val_y,
+                          torch.full((10, 784), float("nan")), torch.full((10,), -1, dtype=torch.long))
+    settings = ObjectiveSettings(val_limit=100, steps=2, probe_limit=500)
+    metrics = validation_objective(build_model(TrainConfig()), poisoned, settings)
+    parts = [v for k, v in metrics.items() if k.startswith("val_adv_acc_")]
+    assert len(parts) == 2 * 3  # kl and w2 at delta 0.05, 0.1, 0.2
+    assert all(math.isfinite(v) and 0 <= v <= 1 for v in metrics.values())
+    assert metrics[OBJECTIVE] == pytest.approx(sum(parts) / len(parts))
+
+
+def test_tracker_finds_its_runs_again_and_logs_each_epoch_once(tmp_path):
+    from raven.tracking import SweepTracker, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    tracker = SweepTracker(uri, "exp", "sweep-a")
+    parent, created = tracker.start_parent({"search.param": "sigma_aug"})
+    assert created
+    run = tracker.trial_run("t1", "sigma_aug=0.01 [t1]", {"sigma_aug": 0.01})
+    assert tracker.log_epoch(run, 1, {"train_loss": 3.0})
+    assert not tracker.log_epoch(run, 1, {"train_loss": 3.0})
+    tracker.finish(run)
+    # A new driver (--resume) finds the same parent and child and skips the logged epoch.
+    again = SweepTracker(uri, "exp", "sweep-a")
+    assert again.start_parent({"search.param": "sigma_aug"}) == (parent, False)
+    assert again.trial_run("t1", "other name", {"sigma_aug": 0.01}) == run
+    assert again.client.get_run(run).info.status == "FINISHED"  # found, not reopened
+    assert again.trial_run("t1", reopen=True) == run
+    assert not again.log_epoch(run, 1, {"train_loss": 3.0})
+    assert again.log_epoch(run, 2, {"train_loss": 2.0})
+    assert [m.step for m in again.client.get_metric_history(run, "train_loss")] == [1, 2]
+    # An unfinished evaluation run is replaced, a finished one reused.
+    first = again.new_evaluation_run("t1", "eval", {"sigma_aug": 0.01})
+    second = again.new_evaluation_run("t1", "eval", {"sigma_aug": 0.01})
+    assert second != first and again.evaluation_run("t1") == (second, "RUNNING")
+    again.finish(second)
+    assert again.new_evaluation_run("t1", "eval", {"sigma_aug": 0.01}) == second
+    assert again.client.get_run(run).data.tags["raven.evaluation_run_id"] == second
+    assert SweepTracker(uri, "exp", "sweep-b").find_parent() is None
+
+
+# ----------------------------------------------------------------------------- a Ray head
+
+
+@pytest.fixture
+def ray_head(data_dir, short_tmp):
+    """A Ray head started with `ray start --head` on free ports, token auth on, in its own session."""
+    env = base_env(data_dir, short_tmp)
+    port = free_port()
+    workers = free_port_range(40)
+    cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--port", str(port),
+           "--node-manager-port", str(free_port()), "--object-manager-port", str(free_port()),
+           "--min-worker-port", str(workers), "--max-worker-port", str(workers + 39),
+           "--include-dashboard", "false", "--dashboard-agent-listen-port", str(free_port()),
+           "--dashboard-agent-grpc-port", str(free_port()), "--runtime-env-agent-port", str(free_port()),
+           "--metrics-export-port", str(free_port()), "--temp-dir", str(short_tmp / "ray"),
+           "--num-cpus", "2", "--num-gpus", "0", "--disable-usage-stats"]
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        output, _ = proc.communicate(timeout=180)
+        assert proc.returncode == 0, output[-3000:]
+        yield {"address": f"127.0.0.1:{port}", "port": port, "env": env, "tmp": short_tmp}
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        stop_session(proc.pid)  # the head's processes share the session of `ray start`
+        assert not [p for p in session_members(proc.pid) if not _zombie(p)]
+
+
+@pytest.mark.slow
+def test_smoke_sweep_on_a_ray_head(ray_head, tmp_path):
+    env = dict(ray_head["env"], RAY_ADDRESS=ray_head["address"])
+    # Token authentication is on: a client without the token is turned away.
+    anonymous = {k: v for k, v in env.items() if not k.startswith("RAY_AUTH")}
+    anonymous["HOME"] = str(tmp_path)  # no ~/.ray/auth_token either
+    refused = subprocess.run([sys.executable, "-c", "import ray; ray.init(address='auto')"], env=anonymous,
+                             cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0, refused.stdout[-2000:]
+
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, str(SIGMA_SCRIPT), "--address", "auto", "--smoke"], env=env,
+                          cwd=tmp_path, capture_output=True, text=True, timeout=480)
+    seconds = time.monotonic() - started
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    assert "Best configuration: raven sigma_aug=" in proc.stdout
+    assert "Test-set evaluation of the best configuration" in proc.stdout
+    print(f"sigma_aug --smoke on a Ray head: {seconds:.0f}s")
+
+    _, parent, trials, _ = check_sweep_record(tmp_path / "mlflow.db", "raven-sigma-aug", 2, 1, "sigma_aug")
+    # The trials ran on this head, not on a Ray started by the script.
+    assert parent.data.tags["raven.ray_cluster"].endswith(f":{ray_head['port']}")
+    assert (tmp_path / "mlruns").is_dir()
+    sweep_dirs = [p for p in (tmp_path / "ray_results").iterdir() if p.is_dir()]
+    assert len(sweep_dirs) == 1 and (sweep_dirs[0] / "raven_sweep.json").is_file()
+    for run in trials:
+        assert (sweep_dirs[0] / f"trial_{run.data.tags['raven.trial_id']}").is_dir()
+
+
+# ----------------------------------------------------------------------------- --resume
+
+
+def _progress_rows(trial_dir: Path) -> int:
+    lines = (trial_dir / "progress.csv").read_text().strip().splitlines()
+    return len(lines) - 1
+
+
+@pytest.mark.slow
+def test_interrupted_sweep_resumes_without_repeating_anything(tmp_path, data_dir, short_tmp):
+    env = base_env(data_dir, short_tmp)
+    env["RAY_TMPDIR"] = str(short_tmp)  # this test's local Ray, invisible to address='auto' elsewhere
+    cmd = [sys.executable, str(SIGMA_SCRIPT), "--smoke", "--num-samples", "2", "--epochs", "2",
+           "--max-concurrent", "1", "--name", "resume-me"]
+    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    finished: list[str] = []
+    interrupted_in = None
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if "finished: val_robust_accuracy" in line:
+                finished.append(line.split("trial ")[1].split()[0])
+            # The first trial is done and the second has checkpointed epoch 1 of 2: stop the driver.
+            if finished and interrupted_in is None and " epoch 1/2" in line \
+                    and line.split("trial ")[1].split()[0] not in finished:
+                interrupted_in = line.split("trial ")[1].split()[0]
+                proc.send_signal(signal.SIGINT)
+        rc = proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        stop_session(proc.pid)
+    output = "".join(lines)
+    assert interrupted_in is not None, output[-5000:]
+    assert rc == 130, output[-5000:]
+    assert "--resume --name resume-me" in output
+    first_trial = finished[0]
+    experiment_dir = tmp_path / "ray_results" / "resume-me"
+    assert _progress_rows(experiment_dir / f"trial_{interrupted_in}") == 1
+
+    resumed = subprocess.run([sys.executable, str(SIGMA_SCRIPT), "--resume"], env=env, cwd=tmp_path,
+                             capture_output=True, text=True, timeout=400, start_new_session=True)
+    assert resumed.returncode == 0, resumed.stderr[-6000:]
+    assert "continuing sweep resume-me" in resumed.stderr
+    # The finished trial was not run again; the interrupted one continued from epoch 1.
+    assert f"trial {first_trial} epoch" not in resumed.stderr
+    assert f"trial {interrupted_in} epoch 1/2" not in resumed.stderr
+    assert f"trial {interrupted_in} epoch 2/2" in resumed.stderr
+    assert _progress_rows(experiment_dir / f"trial_{first_trial}") == 2  # its two epochs, not repeated
+    trial_dirs = sorted(p.name for p in experiment_dir.glob("trial_*"))
+    assert trial_dirs == sorted([f"trial_{first_trial}", f"trial_{interrupted_in}"])
+
+    # One parent, exactly one child per trial, every epoch metric once.
+    client, parent, trials, _ = check_sweep_record(tmp_path / "mlflow.db", "raven-sigma-aug", 2, 2, "sigma_aug")
+    assert parent.data.tags["raven.sweep_name"] == "resume-me"
+    assert sorted(r.data.tags["raven.trial_id"] for r in trials) == sorted([first_trial, interrupted_in])
+    for run in trials:
+        for name in ("train_loss", "val_elbo", "val_mse_255", "epoch"):
+            assert [m.step for m in client.get_metric_history(run.info.run_id, name)] == [1, 2], (run.info.run_name, name)
