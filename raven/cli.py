@@ -95,6 +95,8 @@ def add_evaluate_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=1000, help="images attacked at once (default 1000)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-fid", action="store_true", help="skip FID")
+    p.add_argument("--fid-images", type=int, default=None,
+                   help="FID on the first N evaluated test images (default all; slow on CPU)")
     p.add_argument("--no-tsne", action="store_true", help="skip the t-SNE plot")
     p.add_argument("--plots-dir", type=Path, default=None,
                    help="folder for the combined accuracy-vs-delta plot (default: the first DIR's parent)")
@@ -136,6 +138,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         attacks=tuple(_csv_words(args.attacks)), deltas=_parse_deltas(args.deltas), steps=args.steps,
         step_size=args.step_size, restarts=args.restarts, limit=args.limit, probe_limit=args.probe_limit,
         fid=not args.no_fid, tsne=not args.no_tsne, seed=args.seed, batch_size=args.batch_size,
+        fid_images=args.fid_images,
     )
     files = [checkpoint_file(d) for d in args.dirs]  # every checkpoint must exist before any work
     device = resolve_device(args.device)
@@ -192,11 +195,43 @@ def run_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_report_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "report", help="the paper's Tables 1-2 and Figures 1-2 from a reproduction recorded in MLflow",
+        description="Read a reproduction (python sweeps/reproduce.py) from MLflow and write report.md, the tables "
+                    "as CSV and the figures as PNG, each next to the paper's published numbers.")
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in this folder)")
+    p.add_argument("--experiment", default=None,
+                   help="MLflow experiment of the reproduction (default raven-reproduction)")
+    p.add_argument("--run-id", default=None, help="the reproduction's parent run (default: the latest)")
+    p.add_argument("--out", type=Path, default=Path("report"), help="output folder (default report/)")
+    p.add_argument("--data-dir", default=None,
+                   help="data root, only to recompute a t-SNE missing from the runs (default: $RAVEN_DATA_DIR)")
+    p.set_defaults(run=run_report)
+
+
+def run_report(args: argparse.Namespace) -> int:
+    from raven.report import ReportError, write_report
+    from raven.reproduce import DEFAULT_EXPERIMENT
+
+    try:
+        path = write_report(args.out, args.tracking_uri, args.experiment or DEFAULT_EXPERIMENT, args.run_id,
+                            args.data_dir)
+    except ReportError as exc:
+        print(f"raven: error: {exc}", file=sys.stderr)
+        return 2
+    print(next(line for line in path.read_text().splitlines() if line.startswith("**Budget")))
+    print(f"wrote {path} and its tables and figures in {path.parent}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raven", description=__doc__.splitlines()[0])
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_train_parser(subparsers)
     add_evaluate_parser(subparsers)
+    add_report_parser(subparsers)
     return parser
 
 

@@ -1,0 +1,132 @@
+"""Reproduce the paper's experiment: 5 methods x 2 datasets x 5 seeds on Ray, recorded in MLflow.
+
+    python sweeps/reproduce.py --smoke              # a few minutes on a laptop CPU, every table and figure
+    python sweeps/reproduce.py --address auto --gpus-per-task 0.25   # the full budget on a Ray cluster
+    raven report                                    # tables and figures of the latest reproduction
+
+sigma_aug and eta are the best values recorded by sweeps/sigma_aug.py and sweeps/se_eta.py
+in the same tracking store (the paper's with --paper-values, or, with a warning, when none
+is found). The machinery is raven.reproduce.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a checkout without `pip install -e .`
+
+from raven.config import DATASETS, METHODS, ConfigError  # noqa: E402
+from raven.reproduce import (  # noqa: E402
+    DEFAULT_EXPERIMENT, ETA_SWEEP_EXPERIMENT, FULL_BUDGET, SIGMA_SWEEP_EXPERIMENT, SMOKE_BUDGET, Budget, reproduce)
+
+
+def _words(text: str) -> tuple[str, ...]:
+    return tuple(w.strip() for w in text.split(",") if w.strip())
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    budget = p.add_argument_group("budget (defaults: the full reproduction; --smoke: the smoke budget; "
+                                  "any flag overrides either)")
+    budget.add_argument("--smoke", action="store_true",
+                        help="2 seeds, 2 epochs on 5,000 training images, 300 test images, 10-step PGD, probe on "
+                             "5,000 images, no FID (both datasets, all methods)")
+    budget.add_argument("--epochs", type=int, help="max epochs per model (full: 100)")
+    budget.add_argument("--patience", type=int, help="stop after this many epochs without a better val_elbo (full: 5)")
+    budget.add_argument("--no-early-stopping", action="store_true", help="always train --epochs epochs")
+    budget.add_argument("--limit", type=int, help="training images (full: all 55,000)")
+    budget.add_argument("--eval-limit", type=int, help="test images attacked and measured (full: all 10,000)")
+    budget.add_argument("--probe-limit", type=int, help="training images the linear probe is fitted on (full: all)")
+    budget.add_argument("--seeds", type=int, help="seeds 0..N-1 per method (full: 5)")
+    budget.add_argument("--steps", type=int, help="PGD steps per attack (full: 50, the paper's)")
+    budget.add_argument("--datasets", type=_words, help=f"comma-separated ({','.join(DATASETS)})")
+    budget.add_argument("--methods", type=_words, help=f"comma-separated ({','.join(METHODS)})")
+    budget.add_argument("--no-fid", action="store_true", help="skip FID (the slowest metric on a CPU)")
+    p.add_argument("--paper-values", action="store_true",
+                   help="use the paper's sigma_aug (0.01 MNIST, 0.04 F-MNIST) and eta (500, 5000), not the sweeps'")
+    p.add_argument("--sigma-aug-experiment", default=SIGMA_SWEEP_EXPERIMENT,
+                   help=f"MLflow experiment of the sigma_aug sweeps (default {SIGMA_SWEEP_EXPERIMENT})")
+    p.add_argument("--eta-experiment", default=ETA_SWEEP_EXPERIMENT,
+                   help=f"MLflow experiment of the eta sweeps (default {ETA_SWEEP_EXPERIMENT})")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster to join: 'auto' (RAY_ADDRESS, else a cluster started on this machine) or "
+                        "HOST:PORT; absent: start a local Ray with this machine's resources")
+    p.add_argument("--cpus-per-task", type=float, default=1.0, help="CPUs per (dataset, method, seed) task (default 1)")
+    p.add_argument("--gpus-per-task", type=float, default=None,
+                   help="GPUs per task; fractions share one GPU between tasks (default 0.25 on a cluster with GPUs, "
+                        "else 0)")
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow tracking URI, also where the sweeps are looked up (default: MLFLOW_TRACKING_URI, "
+                        "else sqlite:///mlflow.db in this folder, artifacts in ./mlruns)")
+    p.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help=f"MLflow experiment (default {DEFAULT_EXPERIMENT})")
+    p.add_argument("--resume", action="store_true",
+                   help="reopen the latest reproduction (or --run-id) and skip the runs it already holds")
+    p.add_argument("--run-id", default=None, help="with --resume: the reproduction parent run to continue")
+    p.add_argument("--data-dir", default=None, help="data root on every node (default: $RAVEN_DATA_DIR there)")
+    p.add_argument("--work-dir", default="runs/reproduce",
+                   help="checkpoint folder on each node (default runs/reproduce)")
+    offline = p.add_argument_group("machines without Ray or MLflow (e.g. a lent GPU box)")
+    offline.add_argument("--export", type=Path, default=None,
+                         help="run every cell in a local process pool and write the results to this file "
+                              "(no Ray, no MLflow; the paper's sigma_aug and eta); record it later with --import")
+    offline.add_argument("--workers", type=int, default=4, help="with --export: processes sharing the device")
+    offline.add_argument("--device", default="auto", help="with --export: device of every process (auto, cuda, cpu)")
+    offline.add_argument("--import", dest="import_path", type=Path, default=None,
+                         help="record a file written by --export in MLflow as a reproduction, then exit")
+    offline.add_argument("--note", default="", help="with --import: a note stored as the parent's raven.note tag")
+    return p.parse_args(argv)
+
+
+def budget_from_args(args: argparse.Namespace) -> Budget:
+    base = SMOKE_BUDGET if args.smoke else FULL_BUDGET
+    changes = {name: getattr(args, name) for name in ("epochs", "patience", "limit", "eval_limit", "probe_limit",
+                                                     "seeds", "steps", "datasets", "methods")
+               if getattr(args, name) is not None}
+    if args.no_early_stopping:
+        changes["patience"] = None
+    if args.no_fid:
+        changes["fid"] = False
+    return base.replace(**changes)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.import_path is not None:
+        from raven.reproduce import import_results
+
+        if not args.import_path.is_file():
+            print(f"reproduce: error: no export file at {args.import_path}", file=sys.stderr)
+            return 2
+        run_id = import_results(args.import_path, args.tracking_uri, args.experiment, args.note)
+        print(f"reproduction run {run_id}; next: raven report --run-id {run_id}")
+        return 0
+    if args.export is not None:
+        try:
+            reproduce(budget_from_args(args), data_dir=args.data_dir, work_dir=args.work_dir, device=args.device,
+                      export=args.export, workers=args.workers)
+        except ConfigError as exc:
+            print(f"reproduce: error: {exc}", file=sys.stderr)
+            return 2
+        print(f"wrote {args.export}; record it with: python sweeps/reproduce.py --import {args.export}")
+        return 0
+    try:
+        summary = reproduce(budget_from_args(args), paper_values=args.paper_values, tracking_uri=args.tracking_uri,
+                            experiment=args.experiment, address=args.address, cpus_per_task=args.cpus_per_task,
+                            gpus_per_task=args.gpus_per_task, resume=args.resume, run_id=args.run_id,
+                            data_dir=args.data_dir, work_dir=args.work_dir,
+                            sigma_experiment=args.sigma_aug_experiment, eta_experiment=args.eta_experiment)
+    except ConfigError as exc:
+        print(f"reproduce: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("reproduce: interrupted; rerun the same command with --resume to continue", file=sys.stderr)
+        return 130
+    print(f"reproduction run {summary.run_id} ({summary.budget.describe()}); next: raven report"
+          + (f" --tracking-uri {args.tracking_uri}" if args.tracking_uri else ""))
+    return 1 if summary.failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
