@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -121,9 +122,15 @@ def bench_train(args: argparse.Namespace) -> list[tuple[str, float]]:
             vae, _tensor_batches(splits.train_x, args.batch_size, device), args.steps, args.warmup, device)
         measure[f"RAVEN paired (2 images/example), raven loop, batch {args.batch_size}"] = lambda: _time_steps(
             paired, _tensor_batches(splits.train_x, args.batch_size, device), args.steps, args.warmup, device)
-        rows = [(name, run()) for name, run in measure.items()]
-    print_table(f"Training throughput on {device} ({torch.get_num_threads()} threads, {args.steps} timed steps, "
-                f"torch {torch.__version__})", rows, "images/s", baseline)
+        # Rounds alternate the configurations so that a burst of load elsewhere hits all of
+        # them alike; the median round is reported.
+        samples: dict[str, list[float]] = {name: [] for name in measure}
+        for _ in range(args.rounds):
+            for name, run in measure.items():
+                samples[name].append(run())
+        rows = [(name, statistics.median(values)) for name, values in samples.items()]
+    print_table(f"Training throughput on {device} ({torch.get_num_threads()} threads, median of {args.rounds} "
+                f"rounds of {args.steps} timed steps, torch {torch.__version__})", rows, "images/s", baseline)
     return rows
 
 
@@ -199,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers for the baseline (default 0)")
+    p.add_argument("--rounds", type=int, default=3, help="alternating rounds; the median is reported (default 3)")
     p.add_argument("--device", default="auto")
     p.add_argument("--data-dir", default=None)
     p.set_defaults(run=bench_train)
