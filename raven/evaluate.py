@@ -19,6 +19,7 @@ import json
 import math
 import os
 import time
+import warnings
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -250,7 +251,9 @@ def train_linear_probe(features: torch.Tensor, labels: torch.Tensor, n_classes: 
         loss.backward()
         return loss
 
-    with torch.enable_grad():
+    with torch.enable_grad(), warnings.catch_warnings():
+        # torch's L-BFGS calls float() on the closure's loss, which warns on every probe fit.
+        warnings.filterwarnings("ignore", message="Converting a tensor with requires_grad=True to a scalar")
         optimizer.step(closure)
     with torch.no_grad():
         final = float(F.cross_entropy(z @ weight.T + bias, y) + 0.5 * weight_decay * weight.pow(2).sum())

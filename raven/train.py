@@ -230,9 +230,14 @@ def checkpoint_file(path: str | os.PathLike) -> Path:
 
 
 def load_state(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    state = torch.load(checkpoint_file(path), map_location=map_location, weights_only=False)
-    if state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: unsupported checkpoint format {state.get('format')!r}")
+    file = checkpoint_file(path)
+    try:
+        state = torch.load(file, map_location=map_location, weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
+        raise ConfigError(f"{file} is not a readable raven checkpoint ({type(exc).__name__})") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        found = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise ConfigError(f"{file}: not a raven checkpoint of format {CHECKPOINT_FORMAT} (found {found!r})")
     return state
 
 

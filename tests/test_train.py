@@ -115,3 +115,12 @@ def test_early_stopping_ends_training_when_validation_stalls(monkeypatch, mnist_
                         lambda model, config, val_x: {"val_loss": 0.0, "val_elbo": next(scores), "val_mse_255": 0.0})
     result = train(TrainConfig(method="vae", epochs=6, patience=2, limit=256), splits=mnist_small, device="cpu")
     assert [h["epoch"] for h in result.history] == [1, 2, 3, 4]
+
+
+def test_unreadable_checkpoint_is_a_config_error(tmp_path):
+    (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ConfigError, match="not a readable raven checkpoint"):
+        raven.load_checkpoint(tmp_path)
+    torch.save({"format": 99}, tmp_path / "checkpoint.pt")
+    with pytest.raises(ConfigError, match="not a raven checkpoint of format 1"):
+        raven.load_checkpoint(tmp_path)
