@@ -4,9 +4,13 @@ One sweep searches one hyper-parameter of one method (RAVEN's sigma_aug, the Smo
 Encoder's eta; entry scripts in sweeps/). The pieces:
 
 * `sweep_trial`, a Ray Tune function trainable wrapping `raven.train.train`: a per-epoch
-  callback reports the epoch's metrics with a Tune checkpoint (the trial's checkpoint.pt
-  and the reported history), and a restored trial copies its Tune checkpoint back and
-  resumes training exactly where it stopped.
+  callback reports the epoch's metrics (and the Ray node it ran on, `node_id`) with a Tune
+  checkpoint (the trial's checkpoint.pt and the reported history), and a restored trial
+  copies its Tune checkpoint back (or a newer complete one it finds in storage) and resumes
+  training exactly where it stopped. A trial that fails (a lost node, a crashed worker) is
+  restarted that way, on any node, up to `--max-failures` times (default 3); a killed driver
+  is continued with `--resume` (runs of trials Tune had not saved yet are deleted from MLflow,
+  new trials take their place).
 * the selection objective `val_robust_accuracy`, computed on the VALIDATION split only:
   a linear probe fitted on training-split encodings (first `probe_limit` images), then PGD
   attacks (kl and w2, `steps` steps, delta in {0.05, 0.1, 0.2}) on the first `val_limit`
@@ -548,10 +552,10 @@ def _forget_lost_trials(spec: SweepSpec, tracker, log: Callable[[str], None]) ->
     """
     from ray.tune import ExperimentAnalysis, Tuner
 
-    if not Tuner.can_restore(str(spec.experiment_dir.resolve())):
-        return
     try:
-        known = {t.trial_id for t in ExperimentAnalysis(str(spec.experiment_dir.resolve())).trials}
+        known: set[str] = set()  # no saved state at all: the resumed sweep starts over (build_tuner)
+        if Tuner.can_restore(str(spec.experiment_dir.resolve())):
+            known = {t.trial_id for t in ExperimentAnalysis(str(spec.experiment_dir.resolve())).trials}
         runs = tracker.retrying("reading the trial runs", tracker.trial_runs)
         for trial_id, run_id in runs.items():
             if trial_id not in known:
@@ -828,7 +832,10 @@ def run_sweep(spec: SweepSpec, address: str | None, data_dir: str | None, resume
         replayed = tracker.load_pending()
         if replayed:  # writes a previous driver could not deliver (the store was down when it stopped)
             log(f"replaying {replayed} MLflow write(s) left by the interrupted driver")
-            tracker.drain()
+            if not tracker.drain():
+                raise SweepError(f"the MLflow tracking store {spec.tracking_uri} stopped answering while the "
+                                 f"writes left by the interrupted driver were replayed; they are kept in "
+                                 f"{pending_path(spec)}: run --resume again once it is back")
         log(f"{'continuing' if resume else 'starting'} sweep {spec.name}: {spec.method} on {spec.dataset}, "
             f"{spec.param} {spec.space}, {spec.num_samples} samples x {spec.seeds} seed(s), "
             f"{spec.train['epochs']} epoch(s); Tune folder {spec.experiment_dir.resolve()}; "

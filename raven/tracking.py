@@ -19,11 +19,12 @@ with step=epoch, and an epoch whose `epoch` metric is already in the run is neve
 **A tracking store that goes away.** The Tune callback does not write to MLflow directly: it
 queues each write (`SweepTracker.submit`) and flushes the queue in order on every callback.
 A write that fails because the store cannot be reached (connection refused or reset, a
-timeout, HTTP 5xx / 429) stays at the head of the queue, and later ones wait behind it; the
-next flush is tried after a backoff (0.5 s doubling to 30 s), so an outage costs the driver
-one failed request per backoff step, not minutes per write. While writes are waiting they are
-also saved to `<Tune folder>/mlflow_pending.json`, which `--resume` replays, so a driver that
-dies during an outage loses nothing either. At the end of the sweep the queue is drained,
+timeout) or is overloaded (HTTP 5xx / 429: up to 10 tries per write) stays at the head of the
+queue, and later ones wait behind it; a write the store rejects (a bad request) is reported
+and dropped. The next flush is tried after a backoff (0.5 s doubling to 15 s), so an outage
+costs the driver one failed request per backoff step, not minutes per write. While writes
+wait they are also saved to `<Tune folder>/mlflow_pending.json`, which `--resume` replays, so
+a driver that dies during an outage loses nothing either. At the end of the sweep the queue is drained,
 retrying for up to RAVEN_TRACKING_RETRY_S seconds (default 300). Replaying is idempotent:
 runs are found by their tags before any is created, an epoch is skipped when its marker is in
 the run, and after a failed attempt each metric of the epoch is checked at its step before
@@ -66,9 +67,9 @@ _METRIC_BATCH = 900  # and at most 1000 metrics
 HTTP_RETRY_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                   "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}
 RETRY_SECONDS_ENV = "RAVEN_TRACKING_RETRY_S"
-_BACKOFF_FIRST, _BACKOFF_MAX = 0.5, 30.0
+_BACKOFF_FIRST, _BACKOFF_MAX = 0.5, 15.0
 _TRANSIENT_CODES = {"TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "INTERNAL_ERROR"}
-_INTERNAL_ERROR_ATTEMPTS = 5  # a write the server keeps answering with INTERNAL_ERROR is given up after this
+_SERVER_ERROR_ATTEMPTS = 10  # a write the server keeps answering with an error is given up after this
 
 
 def resolve_tracking_uri(uri: str | None) -> str:
@@ -125,30 +126,38 @@ def retry_seconds() -> float:
         return 300.0
 
 
-def is_transient(exc: BaseException) -> bool:
-    """True for failures of reaching the store (worth retrying later), False for a rejected request."""
+def failure_kind(exc: BaseException) -> str | None:
+    """'unreachable' (no answer: refused, reset, timed out), 'server' (HTTP 5xx / 429, an overloaded or
+    broken store), or None (the store rejected the request: retrying will not help)."""
     try:
         import requests
 
         if isinstance(exc, (requests.exceptions.ConnectionError, requests.exceptions.Timeout)):
-            return True
+            return "unreachable"
     except ImportError:  # pragma: no cover - mlflow depends on requests
         pass
     if isinstance(exc, (ConnectionError, TimeoutError)):
-        return True
+        return "unreachable"
     try:
         from mlflow.exceptions import MlflowException
     except ImportError:  # pragma: no cover
-        return False
+        return None
     if isinstance(exc, MlflowException):
         text = str(exc)
         if text.startswith("API request to") and ("failed with exception" in text or "timeout" in text):
-            return True  # MLflow's wrapping of a connection error, a reset or a timeout
-        if getattr(exc, "error_code", None) in _TRANSIENT_CODES:
-            return True
+            return "unreachable"  # MLflow's wrapping of a refused or reset connection, or a timeout
         if "failed with error code 5" in text or "failed with error code 429" in text:
-            return True
-    return False
+            return "server"
+        # A JSON error from the server (RestException); MlflowException's own default code is
+        # INTERNAL_ERROR too, so only a REST answer counts here.
+        if type(exc).__name__ == "RestException" and getattr(exc, "error_code", None) in _TRANSIENT_CODES:
+            return "server"
+    return None
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for failures worth retrying later (see failure_kind)."""
+    return failure_kind(exc) is not None
 
 
 class SweepTracker:
@@ -324,13 +333,23 @@ class SweepTracker:
         done.add(epoch)
         return True
 
-    def add_node(self, run_id: str, node_id: str, node_ip: str | None = None) -> None:
-        """Record the Ray node a trial's epoch ran on: raven.node_id (latest), raven.node_ids (all, in order)."""
+    def add_node(self, run_id: str, node_id: str, node_ip: str | None = None,
+                 history: Iterable[str] | None = None) -> None:
+        """Record the Ray node a trial's epoch ran on: raven.node_id (latest), raven.node_ids (all, in order).
+
+        `history`: the nodes of all the trial's epochs in order (its checkpoint's reported.json),
+        which also covers epochs whose results never reached the driver.
+        """
         tags = self.client.get_run(run_id).data.tags
         nodes = [n for n in tags.get(NODE_IDS, "").split(",") if n]
+        if history is not None:
+            ordered = list(dict.fromkeys(n for n in history if n))
+            nodes = ordered + [n for n in nodes if n not in ordered]
+        elif node_id not in nodes:
+            nodes = nodes + [node_id]
         new = {NODE_ID: node_id}
-        if node_id not in nodes:
-            new[NODE_IDS] = ",".join(nodes + [node_id])
+        if ",".join(nodes) != tags.get(NODE_IDS):
+            new[NODE_IDS] = ",".join(nodes)
         if node_ip:
             new[NODE_IP] = node_ip
         if any(tags.get(k) != v for k, v in new.items()):
@@ -362,9 +381,9 @@ class SweepTracker:
             try:
                 self._apply(op)
             except Exception as exc:  # noqa: BLE001 - sorted below
-                code = getattr(exc, "error_code", None)
+                kind = failure_kind(exc)
                 op["attempts"] = int(op.get("attempts", 0)) + 1
-                if is_transient(exc) and not (code == "INTERNAL_ERROR" and op["attempts"] >= _INTERNAL_ERROR_ATTEMPTS):
+                if kind == "unreachable" or (kind == "server" and op["attempts"] < _SERVER_ERROR_ATTEMPTS):
                     self._failures += 1
                     delay = min(_BACKOFF_MAX, _BACKOFF_FIRST * 2 ** (self._failures - 1))
                     self._next_try = time.monotonic() + delay
@@ -440,7 +459,7 @@ class SweepTracker:
         if kind == "epoch":
             self.log_epoch(run_id, int(op["epoch"]), op["metrics"], verify=int(op.get("attempts", 0)) > 0)
         elif kind == "node":
-            self.add_node(run_id, op["node_id"], op.get("node_ip"))
+            self.add_node(run_id, op["node_id"], op.get("node_ip"), op.get("history"))
         elif kind == "tags":
             self.set_tags(run_id, op["tags"])
         elif kind == "finish":
@@ -579,6 +598,10 @@ class MlflowTuneCallback(_TuneCallback):
             op = self._epoch_op(trial, metrics)
             if op is not None:
                 self._submit("epoch logging", op)
+        nodes = [m["node_id"] for m in history if isinstance(m.get("node_id"), str) and m["node_id"]]
+        if nodes:
+            self._submit("node tag", {"op": "node", "trial_id": trial.trial_id, "node_id": nodes[-1],
+                                      "history": nodes})
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
         self._submit("trial start", self._trial_op(trial))
@@ -605,7 +628,10 @@ class MlflowTuneCallback(_TuneCallback):
         self._submit("checkpoint tag", {"op": "tags", "trial_id": trial.trial_id, "tags": {CHECKPOINT: checkpoint.path}})
 
     def on_trial_recover(self, iteration, trials, trial, **info) -> None:
-        restored = trial.checkpoint.path if trial.checkpoint is not None else "no checkpoint (from the start)"
+        # Tune registers a checkpoint only after a round trip to the trial; one the trial stored just
+        # before it died is found in storage by the trainable itself (raven.sweep.sweep_trial).
+        restored = (trial.checkpoint.path if trial.checkpoint is not None
+                    else "its newest complete checkpoint in storage, if any (none registered yet)")
         print(f"raven sweep: trial {trial.trial_id} failed (failure {trial.num_failures}; see "
               f"{trial.error_file}); it restarts from {restored}", file=sys.stderr, flush=True)
         self._submit("trial restart tag", {"op": "tags", "trial_id": trial.trial_id,

@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import math
 import os
-import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,88 +25,16 @@ from pathlib import Path
 import pytest
 import torch
 
+# Ports, process sessions and the token environment are shared with the multi-node, tracking
+# server and fault tests (tests/ray_cluster.py).
+from ray_cluster import _zombie, base_env, free_port, free_port_range, session_members, stop_session
+
 REPO = Path(__file__).resolve().parents[1]
 SIGMA_SCRIPT = REPO / "sweeps" / "sigma_aug.py"
 ETA_SCRIPT = REPO / "sweeps" / "se_eta.py"
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def free_port_range(count: int) -> int:
-    """The first of `count` consecutive free ports (Ray's worker port range)."""
-    for _ in range(200):
-        base = 20000 + secrets.randbelow(30000)
-        sockets = []
-        try:
-            for port in range(base, base + count):
-                s = socket.socket()
-                s.bind(("127.0.0.1", port))
-                sockets.append(s)
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in sockets:
-                s.close()
-    raise RuntimeError("no free port range")
-
-
-def session_members(sid: int) -> list[int]:
-    members = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                if os.getsid(int(entry)) == sid:
-                    members.append(int(entry))
-            except OSError:
-                pass
-    return members
-
-
-def stop_session(sid: int, grace: float = 5.0) -> None:
-    """SIGTERM every process of the session this test started, SIGKILL what is left after `grace`."""
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
-        members = [p for p in session_members(sid) if not _zombie(p)]
-        if not members:
-            return
-        for pid in members:
-            try:
-                os.kill(pid, sig)
-            except OSError:
-                pass
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            alive = [p for p in session_members(sid) if not _zombie(p)]
-            if not alive:
-                return
-            time.sleep(0.2)
-
-
-def _zombie(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True
-
-
-def base_env(data_dir: Path, token_dir: Path) -> dict[str, str]:
-    """The environment of a sweep subprocess: its own Ray token, no inherited cluster address."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH"))}
-    token = token_dir / "auth_token"
-    if not token.exists():
-        token.write_text(secrets.token_hex(32))
-        token.chmod(0o600)
-    env.update(RAVEN_DATA_DIR=str(data_dir), RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token),
-               PYTHONUNBUFFERED="1", RAY_USAGE_STATS_ENABLED="0")
-    return env
 
 
 @pytest.fixture
