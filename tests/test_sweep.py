@@ -107,7 +107,13 @@ def check_sweep_record(db: Path, experiment: str, n_trials: int, epochs: int, pa
 
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{db}"
     try:
+        # A models:/ URI resolves against the global tracking store, which an earlier test may have moved.
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(f"sqlite:///{db}")
+    try:
         model = mlflow.pytorch.load_model(ev.data.tags["raven.model_uri"])
+    finally:
+        mlflow.set_tracking_uri(previous)
     finally:
         os.environ.pop("MLFLOW_TRACKING_URI", None)
     mu, _ = model.encode(torch.zeros(2, 784))

@@ -109,11 +109,13 @@ def test_sweep_recorded_by_mlflow_server_on_postgresql(tracking_server, tmp_path
     assert ev.info.status == "FINISHED" and ev.data.tags["raven.trial_id"] in trial_ids
     assert "clean_accuracy" in ev.data.metrics and "adv_acc_kl_delta_0.1" in ev.data.metrics
     assert "checkpoint/checkpoint.pt" in {a.path for a in client.list_artifacts(ev.info.run_id, "checkpoint")}
-    os.environ["MLFLOW_TRACKING_URI"] = server.uri
+    # A models:/ URI resolves against the global tracking store, which an earlier test may have set.
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(server.uri)
     try:
         model = mlflow.pytorch.load_model(ev.data.tags["raven.model_uri"])
     finally:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
+        mlflow.set_tracking_uri(previous)
     mu, _ = model.encode(torch.zeros(2, 784))
     assert mu.shape == (2, 10)
 
