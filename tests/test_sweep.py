@@ -13,7 +13,6 @@ own session (start_new_session) and is stopped by that session id, never by name
 from __future__ import annotations
 
 import math
-import os
 import shutil
 import signal
 import subprocess
@@ -105,17 +104,13 @@ def check_sweep_record(db: Path, experiment: str, n_trials: int, epochs: int, pa
     assert {"robustness/reconstructions.png", "robustness/robustness_curves.png", "robustness/tsne.png"} <= pngs
     import mlflow.pytorch
 
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{db}"
-    try:
-        # A models:/ URI resolves against the global tracking store, which an earlier test may have moved.
+    # A models:/ URI resolves against the global tracking store, which an earlier test may have set.
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(f"sqlite:///{db}")
     try:
         model = mlflow.pytorch.load_model(ev.data.tags["raven.model_uri"])
     finally:
         mlflow.set_tracking_uri(previous)
-    finally:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
     mu, _ = model.encode(torch.zeros(2, 784))
     assert mu.shape == (2, 10)
     return client, parent, trials, ev
