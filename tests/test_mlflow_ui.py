@@ -17,8 +17,6 @@ import os
 import re
 import secrets
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,54 +27,14 @@ from pathlib import Path
 
 import pytest
 
+from ray_cluster import free_port, stop_session
+
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = next((shutil.which(name) for name in ("chromium", "chromium-browser", "google-chrome")
                  if shutil.which(name)), None)
 
 pytestmark = pytest.mark.skipif(
     CHROMIUM is None, reason="headless Chromium not found (Debian: apt-get install -y chromium)")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _session_members(sid: int) -> list[int]:
-    members = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                if os.getsid(int(entry)) == sid:
-                    members.append(int(entry))
-            except OSError:
-                pass
-    return members
-
-
-def _running(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-def _stop_session(sid: int, grace: float = 5.0) -> None:
-    """SIGTERM, then SIGKILL, the processes of a session this test started (never by name)."""
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
-        members = [p for p in _session_members(sid) if _running(p)]
-        if not members:
-            return
-        for pid in members:
-            try:
-                os.kill(pid, sig)
-            except OSError:
-                pass
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline and any(_running(p) for p in _session_members(sid)):
-            time.sleep(0.2)
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +68,7 @@ def sweep_store(tmp_path_factory, data_dir):
 def ui(sweep_store):
     """`mlflow server` over the sweep's store on a free port; yields its base URL."""
     work, _, _ = sweep_store
-    port = _free_port()
+    port = free_port()
     log = open(work / "mlflow-server.log", "w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{work / 'mlflow.db'}",
@@ -132,7 +90,7 @@ def ui(sweep_store):
             time.sleep(0.5)
         yield url
     finally:
-        _stop_session(proc.pid)
+        stop_session(proc.pid)
         proc.wait(timeout=30)
         log.close()
 
