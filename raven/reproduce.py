@@ -317,6 +317,15 @@ def _log_params(params: dict[str, str]) -> None:
         mlflow.log_params(dict(items[i:i + 90]))
 
 
+def parent_params(budget: Budget, hps: dict[str, Hyperparameters]) -> dict[str, str]:
+    """A reproduction parent's params: the budget, and sigma_aug / eta per dataset with their source."""
+    params = budget.params()
+    for hp in hps.values():
+        params.update({f"sigma_aug.{hp.dataset}": str(hp.sigma_aug), f"eta.{hp.dataset}": str(hp.eta),
+                       f"hyperparameters.{hp.dataset}": hp.source})
+    return params
+
+
 def _log_history(run_id: str, history: list[dict[str, float]]) -> None:
     """Per-epoch metrics at step = epoch."""
     from mlflow.entities import Metric
@@ -557,11 +566,7 @@ def import_results(path: str | os.PathLike, tracking_uri: str | None = None, exp
     tags = {"raven.role": ROLE, "raven.budget": budget.kind, "raven.budget_text": budget.describe(),
             "raven.imported_from": str(path), "raven.note": note}
     with mlflow.start_run(run_name=f"reproduction-{budget.kind}-imported", tags=tags) as run:
-        params = budget.params()
-        for hp in hps.values():
-            params.update({f"sigma_aug.{hp.dataset}": str(hp.sigma_aug), f"eta.{hp.dataset}": str(hp.eta),
-                           f"hyperparameters.{hp.dataset}": hp.source})
-        _log_params(params)
+        _log_params(parent_params(budget, hps))
         for result in results:
             log_cell(result, budget, hps[result.cell.dataset])
         mlflow.set_tag("raven.failed_runs", str(sum(1 for r in results if r.error)))
@@ -642,11 +647,7 @@ def reproduce(
                           run_name=None if parent else f"reproduction-{budget.kind}", tags=tags) as run:
         parent_id = run.info.run_id
         if parent is None:
-            params = budget.params()
-            for hp in hps.values():
-                params.update({f"sigma_aug.{hp.dataset}": str(hp.sigma_aug), f"eta.{hp.dataset}": str(hp.eta),
-                               f"hyperparameters.{hp.dataset}": hp.source})
-            _log_params(params)
+            _log_params(parent_params(budget, hps))
         done = finished_cells(experiment_id, parent_id) if parent else set()
         skipped = [c for c in budget.cells() if c in done]
         todo = [c for c in budget.cells() if c not in done]
