@@ -551,3 +551,20 @@ def checkpoint_reports(trial_dir: Path) -> list[dict]:
         if (folder / "checkpoint.pt").is_file() and len(history) > len(best):
             best = history
     return best
+
+
+def load_logged_model(tracking_uri: str, model_uri: str):
+    """The model a run logged, loaded from the store at `tracking_uri`.
+
+    A models:/ URI resolves against the global tracking store, which an earlier test may
+    have set; it is pointed at this store for the load and restored after.
+    """
+    import mlflow
+    import mlflow.pytorch
+
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(tracking_uri)
+    try:
+        return mlflow.pytorch.load_model(model_uri)
+    finally:
+        mlflow.set_tracking_uri(previous)

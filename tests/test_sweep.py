@@ -26,7 +26,8 @@ import torch
 
 # Ports, process sessions and the token environment are shared with the multi-node, tracking
 # server and fault tests (tests/ray_cluster.py).
-from ray_cluster import _zombie, base_env, free_port, free_port_range, session_members, stop_session
+from ray_cluster import (_zombie, base_env, free_port, free_port_range, load_logged_model, session_members,
+                         stop_session)
 
 REPO = Path(__file__).resolve().parents[1]
 SIGMA_SCRIPT = REPO / "sweeps" / "sigma_aug.py"
@@ -102,15 +103,7 @@ def check_sweep_record(db: Path, experiment: str, n_trials: int, epochs: int, pa
         assert name in metrics and math.isfinite(metrics[name]), name
     pngs = {a.path for a in client.list_artifacts(ev.info.run_id, "robustness") if a.path.endswith(".png")}
     assert {"robustness/reconstructions.png", "robustness/robustness_curves.png", "robustness/tsne.png"} <= pngs
-    import mlflow.pytorch
-
-    # A models:/ URI resolves against the global tracking store, which an earlier test may have set.
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(f"sqlite:///{db}")
-    try:
-        model = mlflow.pytorch.load_model(ev.data.tags["raven.model_uri"])
-    finally:
-        mlflow.set_tracking_uri(previous)
+    model = load_logged_model(f"sqlite:///{db}", ev.data.tags["raven.model_uri"])
     mu, _ = model.encode(torch.zeros(2, 784))
     assert mu.shape == (2, 10)
     return client, parent, trials, ev

@@ -23,7 +23,8 @@ import pytest
 import torch
 
 from ray_cluster import (LEAN_SWEEP_FLAGS, SIGMA_SCRIPT, MlflowServer, PostgresServer, assert_one_run_per_trial,
-                         base_env, postgres_unavailable, short_tmpdir, stop_session, tune_trial_ids)
+                         base_env, load_logged_model, postgres_unavailable, short_tmpdir, stop_session,
+                         tune_trial_ids)
 
 pytestmark = pytest.mark.slow
 
@@ -56,7 +57,6 @@ def tracking_server(tmp_path_factory):
 
 
 def test_sweep_recorded_by_mlflow_server_on_postgresql(tracking_server, tmp_path, data_dir):
-    import mlflow.pytorch
     from mlflow import MlflowClient
 
     postgres, server, artifacts = tracking_server
@@ -109,13 +109,7 @@ def test_sweep_recorded_by_mlflow_server_on_postgresql(tracking_server, tmp_path
     assert ev.info.status == "FINISHED" and ev.data.tags["raven.trial_id"] in trial_ids
     assert "clean_accuracy" in ev.data.metrics and "adv_acc_kl_delta_0.1" in ev.data.metrics
     assert "checkpoint/checkpoint.pt" in {a.path for a in client.list_artifacts(ev.info.run_id, "checkpoint")}
-    # A models:/ URI resolves against the global tracking store, which an earlier test may have set.
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(server.uri)
-    try:
-        model = mlflow.pytorch.load_model(ev.data.tags["raven.model_uri"])
-    finally:
-        mlflow.set_tracking_uri(previous)
+    model = load_logged_model(server.uri, ev.data.tags["raven.model_uri"])
     mu, _ = model.encode(torch.zeros(2, 784))
     assert mu.shape == (2, 10)
 
