@@ -1,7 +1,8 @@
 """The `raven` command: `raven train`, and the subcommands registered below it.
 
 User mistakes end in one line on stderr (`raven: error: ...`) and exit status 2, before
-any data is read or any model is built.
+any data is read or any model is built. Each subcommand imports what it needs when it runs
+(torch, MLflow, matplotlib take seconds to import), so `raven --help` and a bad flag answer at once.
 """
 
 from __future__ import annotations
@@ -131,7 +132,7 @@ def _run_labels(configs: list[TrainConfig]) -> list[str]:
 def run_evaluate(args: argparse.Namespace) -> int:
     import os
 
-    from raven.evaluate import CURVES_PNG, EvalConfig, evaluate_checkpoint, format_summary, log_to_mlflow
+    from raven.evaluate import CURVES_PNG, EvalConfig, evaluate_checkpoint, format_summary
     from raven.train import checkpoint_file, load_state, resolve_device
 
     config = EvalConfig(
@@ -150,10 +151,22 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if use_mlflow:
         import mlflow
 
+        from raven import provenance, tracking
+
         if args.tracking_uri:
             mlflow.set_tracking_uri(args.tracking_uri)
         if mlflow.active_run() is None and not os.environ.get("MLFLOW_RUN_ID"):
-            mlflow.set_experiment(args.experiment or "raven-evaluate")
+            tracking.use_experiment(args.experiment or tracking.EVALUATE_EXPERIMENT)
+
+        def record(result, train_config) -> None:
+            """The evaluation into the active run: raven.tracking.log_evaluation and the data it read."""
+            run_id, client = mlflow.active_run().info.run_id, mlflow.MlflowClient()
+            tracking.log_evaluation(client, run_id, result)
+            splits = splits_cache[(train_config.dataset, train_config.validation_size)]
+            tracking.log_inputs(client, run_id, provenance.dataset_inputs(
+                train_config.dataset, args.data_dir, {"train": len(splits.train_x[:config.probe_limit]),
+                                                      "test": len(splits.test_x[:config.limit])},
+                train_config.validation_size))
     plots_dir = args.plots_dir or files[0].resolve().parent.parent
     print(f"raven evaluate: {len(files)} checkpoint(s), attacks {','.join(config.attacks)}, "
           f"deltas {','.join(_csv_words(args.deltas))}, {config.steps} steps, device {device}", file=sys.stderr)
@@ -175,11 +188,11 @@ def run_evaluate(args: argparse.Namespace) -> int:
             if mlflow is not None:
                 nested = mlflow.active_run() is not None
                 if nested and len(files) == 1:
-                    log_to_mlflow(result)
+                    record(result, train_config)
                 else:
                     with mlflow.start_run(run_name=f"evaluate {label} {file.parent.name}", nested=nested):
                         mlflow.set_tag("checkpoint", str(file.resolve()))
-                        log_to_mlflow(result)
+                        record(result, train_config)
         from raven.plots import plot_accuracy_curves
 
         curves = plot_accuracy_curves([(r.label, r.to_json()) for r in results], Path(plots_dir) / CURVES_PNG,
@@ -213,10 +226,10 @@ def add_report_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run_report(args: argparse.Namespace) -> int:
     from raven.report import ReportError, write_report
-    from raven.reproduce import DEFAULT_EXPERIMENT
+    from raven.tracking import REPRODUCTION_EXPERIMENT
 
     try:
-        path = write_report(args.out, args.tracking_uri, args.experiment or DEFAULT_EXPERIMENT, args.run_id,
+        path = write_report(args.out, args.tracking_uri, args.experiment or REPRODUCTION_EXPERIMENT, args.run_id,
                             args.data_dir)
     except ReportError as exc:
         print(f"raven: error: {exc}", file=sys.stderr)

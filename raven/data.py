@@ -113,6 +113,15 @@ def load_raw(dataset: str, root: str) -> dict[str, tuple[np.ndarray, np.ndarray]
     return out
 
 
+def raw_files(dataset: str, data_dir: str | os.PathLike | None = None) -> dict[str, tuple[Path, Path]]:
+    """{'train': (images file, labels file), 'test': (...)}: the raw files `load_raw` reads (for provenance)."""
+    raw_dir = default_data_dir(data_dir) / _FOLDERS[dataset] / "raw"
+    found = {split: tuple(_raw_path(raw_dir, stem) for stem in stems) for split, stems in _FILES.items()}
+    if any(path is None for pair in found.values() for path in pair):
+        raise DataError(f"{dataset} raw files missing in {raw_dir}")
+    return found
+
+
 def to_tensor(images: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
     """uint8 (N, 28, 28) -> float32 (N, 784) in [0, 1], the same scaling as ToTensor."""
     flat = torch.from_numpy(np.array(images, copy=True)).reshape(len(images), IMAGE_SIZE)

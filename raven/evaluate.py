@@ -398,6 +398,10 @@ class EvalResult:
             out["cluster_accuracy"] = self.cluster_accuracy
         return out
 
+    def curves(self) -> dict[str, dict[str, float]]:
+        """Metrics over the attack budget, {name: {delta_key: value}}: adv_acc_{attack} (MLflow: step 1000 delta)."""
+        return {f"adv_acc_{kind}": dict(by_delta) for kind, by_delta in self.adversarial_accuracy.items()}
+
     def write(self, out_dir: str | os.PathLike) -> list[Path]:
         """robustness.json and robustness.csv into out_dir (added to `artifacts`)."""
         out = Path(out_dir)
@@ -603,49 +607,6 @@ def evaluate_checkpoint(path: str | os.PathLike, config: EvalConfig, data_dir: s
         splits = splits.to(device) if splits.device != device else splits
     extra = {"checkpoint": str(file.resolve()), "checkpoint_epoch": len(getattr(model, "history", []) or [])}
     return evaluate_model(model, splits, config, out_dir=file.parent, label=label, log=log, extra_settings=extra)
-
-
-# ----------------------------------------------------------------------------- MLflow
-
-
-def _flatten(prefix: str, value: Any, out: dict[str, str]) -> None:
-    if isinstance(value, dict):
-        for k, v in value.items():
-            _flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
-    else:
-        text = json.dumps(value) if isinstance(value, (list, tuple)) else str(value)
-        out[prefix] = text[:500]
-
-
-def log_to_mlflow(result: EvalResult) -> None:
-    """Log metrics, the accuracy-vs-delta curves, settings and artifacts into the ACTIVE MLflow run.
-
-    Metrics: result.metrics() (adv_acc_{attack}_delta_{key}, clean_accuracy, mse_255, fid,
-    latent_pair_distance_mean/std, cluster_accuracy) and, per attack, the curve
-    adv_acc_{attack} at step round(1000 delta). Parameters: the settings flattened under
-    "eval." (keys the run already holds are left alone). Artifacts under "robustness/".
-    """
-    import mlflow
-
-    run = mlflow.active_run()
-    if run is None:
-        raise RuntimeError("log_to_mlflow needs an active MLflow run (mlflow.start_run())")
-    mlflow.log_metrics(result.metrics())
-    for kind, by_delta in result.adversarial_accuracy.items():
-        for key, acc in sorted(by_delta.items(), key=lambda kv: float(kv[0])):
-            mlflow.log_metric(f"adv_acc_{kind}", acc, step=int(round(float(key) * 1000)))
-    params: dict[str, str] = {}
-    _flatten("eval", {k: v for k, v in result.settings.items() if k not in ("train_config", "eval_config")}, params)
-    _flatten("eval.config", result.settings.get("eval_config") or {}, params)
-    params["eval.label"] = result.label
-    existing = mlflow.get_run(run.info.run_id).data.params
-    fresh = {k: v for k, v in params.items() if k not in existing}
-    items = list(fresh.items())
-    for i in range(0, len(items), 90):  # MLflow accepts at most 100 params per batch
-        mlflow.log_params(dict(items[i:i + 90]))
-    for path in result.artifacts:
-        if Path(path).is_file():
-            mlflow.log_artifact(str(path), artifact_path="robustness")
 
 
 # ----------------------------------------------------------------------------- summary

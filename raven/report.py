@@ -416,7 +416,7 @@ def load_sweep(param: str = "sigma_aug", dataset: str | None = None, experiment:
     """The latest sweep of `param` ("sigma_aug" or "eta") recorded by sweeps/*.py, or None when there is none."""
     import mlflow
 
-    from raven.sweep import OBJECTIVE
+    from raven.selection import OBJECTIVE
 
     use_store(tracking_uri)
     experiment = experiment or (SIGMA_SWEEP_EXPERIMENT if param == "sigma_aug" else ETA_SWEEP_EXPERIMENT)
@@ -442,7 +442,7 @@ def load_sweep(param: str = "sigma_aug", dataset: str | None = None, experiment:
 
 def plot_sweep(sweep: Sweep, path: str | os.PathLike | None = None) -> Figure:
     """The selection objective against the searched value (log x): trials, mean per value, best and paper's value."""
-    from raven.sweep import OBJECTIVE
+    from raven.selection import OBJECTIVE
 
     fig = Figure(figsize=(6.0, 4.0), layout="constrained")
     ax = fig.subplots()
