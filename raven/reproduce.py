@@ -34,7 +34,7 @@ from raven import tracking
 from raven.cluster import TRIAL_GPU_SHARE, connect, run_tasks
 from raven.config import ConfigError
 from raven.data import DataError
-from raven.progress import duration
+from raven.progress import bar, duration, say
 from raven.reproduce_grid import CHECKPOINT_ARTIFACTS, Budget, Cell, CellResult, Hyperparameters
 from raven.reproduce_grid import FULL_BUDGET, SMOKE_BUDGET  # noqa: F401  (the budgets are public here too)
 from raven.reproduce_grid import eval_config, paper_hyperparameters, run_cell, train_config
@@ -215,6 +215,14 @@ def run_cells(cells: list[Cell], budget: Budget, hps: dict[str, Hyperparameters]
         log(f"{len(cells)} Ray task{'s' if len(cells) != 1 else ''} submitted ({cpus_per_task:g} CPU, {gpus:g} GPU "
             f"each, {slots} at a time); the time left is estimated from the first finished runs")
         finished, failed, walls = [], {}, []
+        progress = bar(len(cells), "reproduction", "run")
+
+        def line(text: str) -> None:  # above the bar on a terminal, else through `log`
+            if progress.disable:
+                log(text)
+            else:
+                say(text, progress)
+
         for cell, result, error in run_tasks(run_cell, jobs, cpus=cpus_per_task, gpus=gpus):
             if error is not None:  # a crashed task is recorded and the rest go on
                 result = CellResult(cell, train_config(cell, budget, hps[cell.dataset]).to_dict(), error=_failure(error))
@@ -223,15 +231,18 @@ def run_cells(cells: list[Cell], budget: Budget, hps: dict[str, Hyperparameters]
             count = f"[{len(finished) + len(failed) + 1}/{len(cells)}] {cell.name}"
             left = len(cells) - len(finished) - len(failed) - 1
             eta = f"; ~{duration(left * sum(walls) / len(walls) / slots)} left" if left and sum(walls) else ""
+            progress.update(1)
+            progress.set_postfix_str(eta.removeprefix("; "))
             if result.error:
                 failed[cell] = result.error
-                log(f"{count} FAILED: {result.error}{eta}")
+                line(f"{count} FAILED: {result.error}{eta}")
                 continue
             finished.append(cell)
             ev = result.evaluation
-            log(f"{count}: {len(result.history)} epochs, clean accuracy {ev.clean_accuracy:.4f}, MSE {ev.mse:.1f}, "
-                f"pair distance {ev.latent_pair_distance['mean']:.3g} ({result.train_seconds:.0f}s train, "
-                f"{result.eval_seconds:.0f}s eval, {result.device}){eta}")
+            line(f"{count}: {len(result.history)} epochs, clean accuracy {ev.clean_accuracy:.4f}, MSE {ev.mse:.1f}, "
+                 f"pair distance {ev.latent_pair_distance['mean']:.3g} ({result.train_seconds:.0f}s train, "
+                 f"{result.eval_seconds:.0f}s eval, {result.device}){eta}")
+        progress.close()
         return finished, failed
     finally:
         ray.shutdown()

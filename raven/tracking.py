@@ -348,14 +348,14 @@ class SweepTracker:
         """(run id, created): the sweep's parent run, created with `params` when absent, set RUNNING."""
         run_id = self.find_parent()
         created = run_id is None
+        tags = {k: str(v) for k, v in (tags or {}).items()}  # REST stores take string tag values only
         if created:
             run_id = self.client.create_run(self.experiment_id, run_name=self.sweep_name,
-                                            tags={ROLE: SWEEP_ROLE, SWEEP_NAME: self.sweep_name, **(tags or {})}
-                                            ).info.run_id
+                                            tags={ROLE: SWEEP_ROLE, SWEEP_NAME: self.sweep_name, **tags}).info.run_id
             log_params(self.client, run_id, params)
         else:
             self.client.update_run(run_id, status="RUNNING")
-            self.set_tags(run_id, tags or {})
+            self.set_tags(run_id, tags)
         self._parent_id = run_id
         return run_id, created
 

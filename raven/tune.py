@@ -203,10 +203,14 @@ def sweep_trial(config: dict[str, Any], splits, spec: dict[str, Any]) -> None:
 
 
 class ObjectiveOptunaSearch(OptunaSearch):
-    """OptunaSearch that skips epochs reported without the objective and names each Optuna trial's Tune trial.
+    """OptunaSearch over a persistent study: names each Optuna trial's Tune trial, skips epochs without the
+    objective, and leaves alone the trials the study's database already holds as ended.
 
-    The objective is computed every K epochs only; Optuna records intermediate values (for
-    pruners) when there is one, and the trial's value is its last result's, on completion.
+    The objective is computed every K epochs only; Optuna records intermediate values when there
+    is one, and the trial's value is its last result's, on completion. The database can be ahead
+    of the searcher Tune restores on --resume: a driver killed after telling Optuna that a trial
+    ended, but before Tune saved its state, leaves that trial COMPLETE in the study while the
+    restored trial reports its last result again.
     """
 
     def suggest(self, trial_id: str):
@@ -216,8 +220,23 @@ class ObjectiveOptunaSearch(OptunaSearch):
         return config
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        if isinstance(self.metric, str) and self.metric in result:
+        if isinstance(self.metric, str) and self.metric in result and not self._ended_in_study(trial_id):
             super().on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if self._ended_in_study(trial_id):
+            self._completed_trials.add(trial_id)
+            return
+        super().on_trial_complete(trial_id, result, error)
+
+    def _ended_in_study(self, trial_id: str) -> bool:
+        trial = self._ot_trials.get(trial_id)
+        if trial is None:
+            return False
+        ended = self._ot_study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,
+                                                                  optuna.trial.TrialState.FAIL,
+                                                                  optuna.trial.TrialState.PRUNED))
+        return trial.number in {t.number for t in ended}
 
 
 class MeanRepeater(Repeater):

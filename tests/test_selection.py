@@ -100,15 +100,38 @@ def test_study_lives_in_its_storage_and_a_resume_continues_it(tmp_path):
                                      sampler=optuna.samplers.TPESampler(seed=0))
     searcher.set_search_properties(None, None, {"sigma_aug": tune.loguniform(1e-3, 1.0)})
     searcher.suggest("t1"), searcher.suggest("t2")
-    searcher.on_trial_complete("t1", {"val_robust_accuracy": 0.4, "val_elbo": -500.0})
     searcher.save(str(tmp_path / "searcher.pkl"))
-    searcher.suggest("t3")  # asked after the save: lost with the driver
+    # After the save, t1 ends in the database and t3 is asked: the driver then dies.
+    searcher.on_trial_complete("t1", {"val_robust_accuracy": 0.4, "val_elbo": -500.0})
+    searcher.suggest("t3")
     restored = ObjectiveOptunaSearch(metric=["val_robust_accuracy", "val_elbo"], mode=["max", "max"])
     restored.restore(str(tmp_path / "searcher.pkl"))
+    # The restored t1 reports its last result again: the study keeps the first telling, nothing fails.
+    restored.on_trial_result("t1", {"val_robust_accuracy": 0.4, "val_elbo": -500.0, "training_iteration": 1})
+    restored.on_trial_complete("t1", {"val_robust_accuracy": 0.9, "val_elbo": -1.0})
     restored.on_trial_complete("t2", {"val_robust_accuracy": 0.5, "val_elbo": -520.0})
     resumed = open_study(spec, resume=True)
     assert fail_lost_trials(resumed, known={"t1", "t2"}) == 1
     trials = optuna.load_study(study_name="s1", storage=spec.study_storage).trials
     assert [(t.user_attrs["tune_trial_id"], t.state.name) for t in trials] == \
         [("t1", "COMPLETE"), ("t2", "COMPLETE"), ("t3", "FAIL")]
-    assert trials[1].values == [0.5, -520.0]
+    assert trials[0].values == [0.4, -500.0] and trials[1].values == [0.5, -520.0]
+
+
+def test_a_restored_trial_that_already_ended_in_the_study_is_left_alone(tmp_path):
+    """One objective: the re-reported last epoch of a trial the database holds as COMPLETE raises nothing."""
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    optuna.create_study(storage=storage, study_name="s2", direction="maximize")
+    searcher = ObjectiveOptunaSearch(metric="val_robust_accuracy", mode="max", study_name="s2",
+                                     storage=optuna.storages.RDBStorage(storage))
+    searcher.set_search_properties(None, None, {"sigma_aug": tune.loguniform(1e-3, 1.0)})
+    searcher.suggest("t1")
+    searcher.save(str(tmp_path / "searcher.pkl"))
+    searcher.on_trial_result("t1", {"val_robust_accuracy": 0.3, "training_iteration": 1})
+    searcher.on_trial_complete("t1", {"val_robust_accuracy": 0.3})
+    restored = ObjectiveOptunaSearch(metric="val_robust_accuracy", mode="max")
+    restored.restore(str(tmp_path / "searcher.pkl"))
+    restored.on_trial_result("t1", {"val_robust_accuracy": 0.3, "training_iteration": 1})
+    restored.on_trial_complete("t1", {"val_robust_accuracy": 0.3})
+    (trial,) = optuna.load_study(study_name="s2", storage=storage).trials
+    assert trial.state.name == "COMPLETE" and trial.value == 0.3 and trial.intermediate_values == {1: 0.3}
