@@ -205,6 +205,9 @@ class SweepSpec:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "SweepSpec":
+        if "train" in values:  # the nested layout of raven before SweepSpec held one field per flag
+            raise SweepError(f"sweep {values.get('name')!r} was saved by an earlier raven (nested "
+                             f"{SPEC_NAME}); continue it with the version that started it")
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in known})
 
@@ -339,7 +342,7 @@ def find_resumable(storage_path: str | os.PathLike, kind: str, name: str | None)
         for path in root.glob(f"*/{SPEC_NAME}") if root.is_dir() else []:
             try:
                 found = SweepSpec.load(path.parent)
-            except (OSError, ValueError, TypeError, ConfigError):
+            except (OSError, ValueError, TypeError, SweepError):
                 continue
             if found.kind == kind:
                 candidates.append((path.stat().st_mtime, found))
