@@ -46,7 +46,8 @@ from raven.selection import candidates, rank_configurations
 from raven.sweep_clock import SweepClock, calibrate, evaluation_estimate
 from raven.sweep_spec import SPEC_NAME, SweepError, SweepSpec, find_resumable, hide_password, spec_from_args
 from raven.train import CHECKPOINT_NAME, load_checkpoint, resolve_device
-from raven.tune import build_tuner, epochs_in_storage, fail_lost_trials, open_study, trial_label, trial_params
+from raven.study import fail_lost_trials, open_study
+from raven.tune import build_tuner, epochs_in_storage, trial_label, trial_params
 
 Log = Callable[[str], None]
 

@@ -1,4 +1,4 @@
-"""The Ray Tune side of a sweep: the trainable and its restore, the Optuna searcher and study, the callbacks.
+"""The Ray Tune side of a sweep: the trainable and its restore, the Tuner, the callbacks.
 
 * `sweep_trial`, a function trainable: a trial trains one TrainConfig (`raven.train.train`) and
   reports every epoch (its metrics, the Ray node it ran on, the objective when due) with a Tune
@@ -6,11 +6,8 @@
   Tune checkpoint back (or a newer complete one it finds in storage) and resumes training
   exactly where it stopped. A failed trial (a lost node, a crashed worker) is restarted that way,
   on any node, up to `max_failures` times.
-* The searcher: Optuna's TPE (seeded) through `OptunaSearch`, one objective or several
-  (multi-objective TPE), over a study in an RDB storage (`open_study`), so that
-  `optuna-dashboard <storage>` shows any sweep, and `--resume` continues the same study. Each
-  Optuna trial carries the Tune trial id (user attribute `tune_trial_id`). `--seeds N` repeats
-  every configuration (`MeanRepeater`: the searcher sees the mean of each objective).
+* The Tuner: the trainable with its resources, the searcher over the sweep's Optuna study
+  (raven.study), ASHA when asked, the callbacks; or the interrupted Tuner, restored.
 * Two callbacks on the driver: `MlflowCallback` turns Tune's events into writes queued on the
   tracker (raven.tracking, raven.write_queue); `ProgressCallback` prints one line per trial
   epoch with the time left (raven.sweep_clock) and a bar on a terminal.
@@ -26,23 +23,20 @@ import shutil
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import optuna
 import ray
 import torch
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
-from ray.tune.search import Repeater
-from ray.tune.search.optuna import OptunaSearch
 
 from raven.progress import bar, say
 from raven.selection import validation_objective
+from raven.study import MeanRepeater, ObjectiveOptunaSearch
 from raven.sweep_clock import Rates, SweepClock
-from raven.sweep_spec import TRIAL_INDEX, SweepError, SweepSpec
+from raven.sweep_spec import TRIAL_INDEX, SweepSpec
 from raven.tracking import (CHECKPOINT, ERROR_FILE, PENDING_NAME, TRIAL_RESTARTS, TRIAL_STATUS, SweepTracker,
                             retry_seconds)
 from raven.train import CHECKPOINT_NAME, load_state, resolve_device, should_stop, train
@@ -197,103 +191,6 @@ def sweep_trial(config: dict[str, Any], splits, spec: dict[str, Any]) -> None:
         reporter.close()
     finally:
         shutil.rmtree(work, ignore_errors=True)
-
-
-# ----------------------------------------------------------------------------- the searcher and the study
-
-
-class ObjectiveOptunaSearch(OptunaSearch):
-    """OptunaSearch over a persistent study: names each Optuna trial's Tune trial, skips epochs without the
-    objective, and leaves alone the trials the study's database already holds as ended.
-
-    The objective is computed every K epochs only; Optuna records intermediate values when there
-    is one, and the trial's value is its last result's, on completion. The database can be ahead
-    of the searcher Tune restores on --resume: a driver killed after telling Optuna that a trial
-    ended, but before Tune saved its state, leaves that trial COMPLETE in the study while the
-    restored trial reports its last result again.
-    """
-
-    def suggest(self, trial_id: str):
-        config = super().suggest(trial_id)
-        if trial_id in self._ot_trials:
-            self._ot_trials[trial_id].set_user_attr("tune_trial_id", trial_id)
-        return config
-
-    def on_trial_result(self, trial_id: str, result: dict) -> None:
-        if isinstance(self.metric, str) and self.metric in result and not self._ended_in_study(trial_id):
-            super().on_trial_result(trial_id, result)
-
-    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        if self._ended_in_study(trial_id):
-            self._completed_trials.add(trial_id)
-            return
-        super().on_trial_complete(trial_id, result, error)
-
-    def _ended_in_study(self, trial_id: str) -> bool:
-        trial = self._ot_trials.get(trial_id)
-        if trial is None:
-            return False
-        ended = self._ot_study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,
-                                                                  optuna.trial.TrialState.FAIL,
-                                                                  optuna.trial.TrialState.PRUNED))
-        return trial.number in {t.number for t in ended}
-
-
-class MeanRepeater(Repeater):
-    """Repeater whose searcher sees the mean over the repeats of each objective (Ray's averages a single one)."""
-
-    def on_trial_complete(self, trial_id: str, result: dict | None = None, **kwargs) -> None:
-        metrics = self.searcher.metric if isinstance(self.searcher.metric, list) else [self.searcher.metric]
-        group = self._trial_id_to_group[trial_id]
-        group.report(trial_id, [float(result[m]) if result and m in result else np.nan for m in metrics])
-        if group.finished_reporting():
-            means = np.nanmean(np.array(group.scores(), dtype=float), axis=0)
-            result = {m: float(v) for m, v in zip(metrics, means)}
-            if isinstance(self.searcher.metric, str):
-                result = {self.searcher.metric: result[self.searcher.metric]}
-            self.searcher.on_trial_complete(group.primary_trial_id, result=result, **kwargs)
-
-
-def open_study(spec: SweepSpec, resume: bool) -> optuna.Study:
-    """The sweep's Optuna study (name = sweep name) in spec.study_storage, created unless `resume` finds it."""
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    objectives = spec.objective_list
-    if spec.study_storage.startswith("sqlite:///"):
-        Path(spec.study_storage[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-    try:
-        storage = optuna.storages.RDBStorage(spec.study_storage)
-        exists = spec.name in {s.study_name for s in optuna.get_all_study_summaries(storage)}
-        if exists and not resume:
-            raise SweepError(f"the Optuna storage {spec.study_storage} already holds a study {spec.name!r}; "
-                             "choose another --name, or continue it with --resume")
-        study = optuna.create_study(storage=storage, study_name=spec.name, load_if_exists=True,
-                                    directions=["maximize" if o.mode == "max" else "minimize" for o in objectives])
-    except (SweepError, KeyboardInterrupt):
-        raise
-    except Exception as exc:  # noqa: BLE001 - a bad URL, a missing driver, an unreachable database: one line
-        raise SweepError(f"cannot open the Optuna study storage {spec.study_storage}: "
-                         f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
-    with warnings.catch_warnings():  # experimental since Optuna 3.2; the dashboard shows the names
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        study.set_metric_names([o.metric for o in objectives])
-    for key, value in {"raven.sweep_name": spec.name, "search.param": spec.param, "method": spec.method,
-                       "dataset": spec.dataset, "mlflow.tracking_uri": spec.tracking_uri,
-                       "mlflow.experiment": spec.experiment}.items():
-        study.set_user_attr(key, value)
-    return study
-
-
-def fail_lost_trials(study: optuna.Study, known: set[str]) -> int:
-    """Mark FAILED the study's RUNNING trials whose Tune trial the saved Tune state does not know.
-
-    A driver that dies after the searcher asked for a trial but before Tune saved its state
-    leaves that trial RUNNING in the storage forever; the resumed sweep runs a new one instead.
-    """
-    lost = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
-            if t.user_attrs.get("tune_trial_id") not in known]
-    for trial in lost:
-        study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
-    return len(lost)
 
 
 def _search_domain(space: dict[str, Any]):

@@ -8,7 +8,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "raven"
 # Modules of the sweep and reproduction tooling (raven/cli.py imports per subcommand on purpose).
 TOOLING = ("write_queue", "cluster", "selection", "provenance", "tracking", "sweep_spec", "progress", "sweep_clock",
-           "tune", "sweep_report", "sweep", "reproduce_grid", "reproduce_offline", "reproduce")
+           "study", "tune", "sweep_report", "sweep", "reproduce_grid", "reproduce_offline", "reproduce")
 
 
 def imports(path: Path) -> tuple[set[str], set[str], list[str]]:

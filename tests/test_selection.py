@@ -1,4 +1,4 @@
-"""Choosing configurations (raven.selection, raven.tune's searcher side): Pareto front, ranking, repeats, the study."""
+"""Choosing configurations (raven.selection, raven.study): Pareto front, ranking, repeats, the study across a resume."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from ray import tune
 
 from raven.selection import Objective, candidates, pareto_mask, rank_configurations
 from raven.sweep_spec import SweepError, SweepSpec
-from raven.tune import MeanRepeater, ObjectiveOptunaSearch, fail_lost_trials, open_study
+from raven.study import MeanRepeater, ObjectiveOptunaSearch, fail_lost_trials, open_study
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
