@@ -53,9 +53,6 @@ class Objective:
     def __str__(self) -> str:
         return f"{self.metric}:{self.mode}"
 
-    def better(self, a: float, b: float) -> bool:
-        return a > b if self.mode == "max" else a < b
-
 
 def parse_objectives(texts: Iterable[str]) -> tuple[Objective, ...]:
     objectives = tuple(Objective.parse(t) for t in texts)

@@ -49,7 +49,6 @@ class Rates:
     objective_s: float
     evaluation_s: float
     overhead_s: float = RAY_TRIAL_OVERHEAD_S
-    calibrated_on: str = "cpu"
 
 
 def objective_epochs(spec: SweepSpec) -> int:

@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from raven.cluster import check_address
 from raven.config import DATASETS, PAPER_ETA, PAPER_SE_ETA_GRID, PAPER_SIGMA_AUG, ConfigError, TrainConfig
 from raven.evaluate import EvalConfig
 from raven.selection import DEFAULT_OBJECTIVES, TRAIN_METRICS, ObjectiveSettings, parse_objectives
@@ -321,11 +320,6 @@ def spec_from_args(args: argparse.Namespace, *, kind: str, method: str, param: s
     return SweepSpec(kind=kind, method=method, param=param, space=space, initial=tuple(float(v) for v in initial),
                      train_extra=dict(train_extra or {}), code_version=git_version(),
                      created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), **values)
-
-
-def check_launch(args: argparse.Namespace) -> None:
-    """The flags that are not part of the spec: an unreachable --address fails here (ClusterError)."""
-    check_address(args.address)
 
 
 def find_resumable(storage_path: str | os.PathLike, kind: str, name: str | None) -> SweepSpec:
