@@ -21,7 +21,7 @@ PAPER_SE_ETA_GRID = (50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0)
 # The Smooth Encoder's default eta, chosen on validation with sweeps/se_eta.py (README,
 # "Smooth Encoder"): the paper's values were tuned for its implementation of SE, and eta's
 # scale depends on the likelihood (raven.objectives.smooth_encoder_loss).
-DEFAULT_ETA = {"mnist": 500.0, "fashion-mnist": 5000.0}
+DEFAULT_ETA = {"mnist": 10.0, "fashion-mnist": 10.0}
 
 # Methods whose objective sees a (clean, noisy) pair per image.
 PAIRED_METHODS = ("vae-noise", "raven", "raven-gmm")

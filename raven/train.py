@@ -2,8 +2,9 @@
 
 One step: draw the batch (`epoch_order`), its partner (`draw_partner`: the noisy copy,
 fixed per seed or fresh per step, or the Smooth Encoder's adversarial x_b), then encode,
-sample z, decode and compute the method's objective (`method_terms`), backward, RAdam step. Each epoch ends with
-validation metrics, a checkpoint, and the callbacks (Ray Tune and MLflow plug in here).
+sample z, decode and compute the method's objective (`method_terms`), backward, RAdam
+step. Each epoch ends with validation metrics, a checkpoint, and the callbacks (Ray Tune
+and MLflow plug in here).
 
 All randomness (shuffling, per-step pixel noise, PGD starts, reparameterisation, in that
 order within a step) comes from one torch.Generator whose state is checkpointed, so a
