@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from raven.config import DATASETS, METHODS, ConfigError, TrainConfig
+from raven.config import DATASETS, DEFAULT_ETA, METHODS, PAIR_NOISE, ConfigError, TrainConfig
 
 
 def _sigma_list(text: str) -> float | tuple[float, ...]:
@@ -33,7 +33,12 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="std of a(z|z~) (Definition 1): one number or one per latent dimension "
                         "(default: the paper's, 0.01 MNIST / 0.04 Fashion-MNIST)")
     p.add_argument("--noise-std", type=float, default=0.05, help="pixel noise of the training pair (default 0.05)")
-    p.add_argument("--eta", type=float, default=None, help="Smooth Encoder coupling (default: 500 MNIST / 5000 F-MNIST)")
+    p.add_argument("--pair-noise", choices=PAIR_NOISE, default=None,
+                   help="noisy copies: one fixed copy of the training set per seed, or fresh noise per step "
+                        "(default: fixed for vae-noise, as Appendix C.1; per-step for raven, raven-gmm)")
+    p.add_argument("--eta", type=float, default=None,
+                   help="Smooth Encoder coupling strength (default: tuned on validation, "
+                        + " / ".join(f"{v:g} {k}" for k, v in DEFAULT_ETA.items()) + ")")
     p.add_argument("--se-epsilon", type=float, default=0.1, help="Smooth Encoder training L-inf radius (default 0.1)")
     p.add_argument("--se-steps", type=int, default=5, help="PGD steps for the Smooth Encoder partner (default 5)")
     p.add_argument("--beta", type=float, default=1.0, help="weight of the KL/prior term (default 1)")
@@ -44,6 +49,8 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="stop when val_elbo has not improved for this many epochs (default: train all epochs)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--no-grad-clip", action="store_true",
+                   help="do not cap the global gradient norm at 100 (the paper has no cap)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit", type=int, default=None, help="train on the first N training images")
     p.add_argument("--data-dir", default=None, help="data root (default: $RAVEN_DATA_DIR, else ~/.cache/raven/data)")
@@ -57,9 +64,10 @@ def run_train(args: argparse.Namespace) -> int:
 
     config = TrainConfig(
         method=args.method, dataset=args.dataset, sigma_aug=args.sigma_aug, noise_std=args.noise_std,
-        eta=args.eta, se_epsilon=args.se_epsilon, se_steps=args.se_steps, beta=args.beta,
+        pair_noise=args.pair_noise, eta=args.eta, se_epsilon=args.se_epsilon, se_steps=args.se_steps, beta=args.beta,
         n_components=args.n_components, latent_dim=args.latent_dim, epochs=args.epochs, patience=args.patience,
         batch_size=args.batch_size, lr=args.lr, seed=args.seed, limit=args.limit,
+        **({"grad_clip_norm": None} if args.no_grad_clip else {}),
     )
     device = resolve_device(args.device)
     out = args.out or Path("runs") / f"{config.method}-{config.dataset}-s{config.seed}"

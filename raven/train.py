@@ -1,12 +1,15 @@
 """The one training loop for every method, its checkpoints, and per-epoch callbacks.
 
-One step: draw the batch (and its noisy partner or adversarial partner), encode, sample
-z, decode, compute the method's objective, backward, RAdam step. Each epoch ends with
-validation metrics, a checkpoint, and the callbacks (Ray Tune and MLflow plug in here).
+One step: draw the batch (`epoch_order`), its partner (`draw_partner`: the noisy copy,
+fixed per seed or fresh per step, or the Smooth Encoder's adversarial x_b), then encode,
+sample z, decode and compute the method's objective (`method_terms`), backward, RAdam
+step. Each epoch ends with validation metrics, a checkpoint, and the callbacks (Ray Tune
+and MLflow plug in here).
 
-All randomness (shuffling, pixel noise, reparameterisation, PGD starts) comes from one
-torch.Generator whose state is checkpointed, so a resumed run replays exactly the steps
-an uninterrupted run would have taken.
+All randomness (shuffling, per-step pixel noise, PGD starts, reparameterisation, in that
+order within a step) comes from one torch.Generator whose state is checkpointed, so a
+resumed run replays exactly the steps an uninterrupted run would have taken; the fixed
+noisy copy is drawn from the seed alone and drawn again identically on resume.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from raven.config import ConfigError, TrainConfig
-from raven.data import DataSplits, load_splits, noisy_copy
+from raven.data import DataSplits, bernoulli_target, fixed_noisy_copy, load_splits, noisy_copy
 from raven.gaussians import (
     diag_gaussian_kl,
     diag_gaussian_log_prob,
@@ -106,8 +109,30 @@ def build_model(config: TrainConfig) -> RavenModel:
         return RavenModel(config.latent_dim, config.n_components if config.method == "raven-gmm" else None)
 
 
+def epoch_order(n: int, generator: torch.Generator, device: torch.device | str) -> torch.Tensor:
+    """The epoch's batch order: a permutation of the n training rows drawn from `generator`."""
+    return torch.randperm(n, generator=generator, device=device)
+
+
+def training_noisy_copy(config: TrainConfig, train_x: torch.Tensor) -> torch.Tensor | None:
+    """The one noisy copy of the training set (pair_noise "fixed", paired methods), else None.
+
+    Drawn from config.seed alone (raven.data.fixed_noisy_copy), not from the training
+    generator, so it is the same on resume and whatever the batch order.
+    """
+    if not (config.paired and config.pair_noise == "fixed"):
+        return None
+    return fixed_noisy_copy(train_x, config.noise_std, config.seed)
+
+
 def se_partner(model: RavenModel, x: torch.Tensor, config: TrainConfig, generator: torch.Generator) -> torch.Tensor:
-    """The Smooth Encoder's partner x_b: PGD maximising W2(q(.|x), q(.|x_b)) in the eps_train ball."""
+    """x_b = Select(x_a; L, eps) of Cemgil et al.'s Algorithm 1, L = W2 between the posteriors.
+
+    PGD in the L-inf ball of radius eps = config.se_epsilon around x (intersected with [0, 1]):
+    a uniform random start drawn from `generator`, then config.se_steps sign-gradient steps
+    of 2.5 eps / steps (Madry et al.'s rule, so the iterate can cross the ball), ascending
+    W2^2(q(.|x_a), q(.|x_b)); the last iterate is kept. Gradients go to the input only.
+    """
     with torch.no_grad():
         mu, logvar = model.encoder(x)
 
@@ -115,41 +140,56 @@ def se_partner(model: RavenModel, x: torch.Tensor, config: TrainConfig, generato
         mu_b, logvar_b = model.encoder(x_b)
         return diag_gaussian_w2_squared(mu, logvar, mu_b, logvar_b)
 
-    # Step size 2.5 eps / steps (Madry et al.'s rule) lets the iterate cross the ball.
     return pgd_linf(w2, x, config.se_epsilon, config.se_steps, 2.5 * config.se_epsilon / config.se_steps,
                     random_start=True, generator=generator, keep_best=False)
 
 
-def method_loss(model: RavenModel, config: TrainConfig, x: torch.Tensor, generator: torch.Generator) -> Terms:
-    """The method's objective on a batch of clean images, partners drawn from `generator`."""
+def draw_partner(model: RavenModel, config: TrainConfig, x: torch.Tensor, generator: torch.Generator,
+                 fixed_partner: torch.Tensor | None = None) -> torch.Tensor | None:
+    """The batch's partner images: None for the VAE, x_b for SE, the noisy copy x + eps otherwise.
+
+    Paired methods take `fixed_partner` (the batch's rows of `training_noisy_copy`) when given,
+    else draw fresh noise from `generator`; the noisy copy is unclipped (raven.data.noisy_copy).
+    """
+    if config.method == "vae":
+        return None
+    if config.method == "se":
+        return se_partner(model, x, config, generator)
+    return fixed_partner if fixed_partner is not None else noisy_copy(x, config.noise_std, generator)
+
+
+def method_terms(model: RavenModel, config: TrainConfig, x: torch.Tensor, partner: torch.Tensor | None,
+                 generator: torch.Generator) -> Terms:
+    """The method's objective on clean images x and their partners; draws only the z samples."""
     if config.method == "vae":
         mu, logvar = model.encoder(x)
         logits = model.decoder(reparameterize(mu, logvar, generator))
         return vae_loss(x, logits, mu, logvar, config.beta)
-    if config.method == "se":
-        x_adv = se_partner(model, x, config, generator)
-        mu, logvar = model.encoder(torch.cat([x, x_adv]))
-        mu, mu_adv = mu.chunk(2)
-        logvar, logvar_adv = logvar.chunk(2)
-        logits = model.decoder(reparameterize(mu, logvar, generator))
-        return smooth_encoder_loss(x, logits, mu, logvar, mu_adv, logvar_adv, config.eta, config.beta)
-
-    x_pair = noisy_copy(x, config.noise_std, generator)
     # One pass over the stacked pair: twice the rows per matrix product, half the kernel launches.
-    both = torch.cat([x, x_pair])
-    mu_both, logvar_both = model.encoder(both)
-    z_both = reparameterize(mu_both, logvar_both, generator)
-    logits, logits_pair = model.decoder(z_both).chunk(2)
+    mu_both, logvar_both = model.encoder(torch.cat([x, partner]))
     mu, mu_pair = mu_both.chunk(2)
     logvar, logvar_pair = logvar_both.chunk(2)
+    if config.method == "se":
+        logits = model.decoder(reparameterize(mu, logvar, generator))
+        return smooth_encoder_loss(x, logits, mu, logvar, mu_pair, logvar_pair, config.eta, config.beta)
+    z_both = reparameterize(mu_both, logvar_both, generator)
+    logits, logits_pair = model.decoder(z_both).chunk(2)
+    target_pair = bernoulli_target(partner)
     if config.method == "vae-noise":
-        return vae_noise_loss(x, x_pair, logits, logits_pair, mu, logvar, mu_pair, logvar_pair, config.beta)
+        return vae_noise_loss(x, target_pair, logits, logits_pair, mu, logvar, mu_pair, logvar_pair, config.beta)
     if config.method == "raven":
-        return raven_loss(x, x_pair, logits, logits_pair, mu, logvar, mu_pair, logvar_pair, config.sigma_aug, config.beta)
+        return raven_loss(x, target_pair, logits, logits_pair, mu, logvar, mu_pair, logvar_pair, config.sigma_aug,
+                          config.beta)
     z, z_pair = z_both.chunk(2)
     prior = model.prior
-    return raven_gmm_loss(x, x_pair, logits, logits_pair, mu, logvar, mu_pair, logvar_pair, z, z_pair,
+    return raven_gmm_loss(x, target_pair, logits, logits_pair, mu, logvar, mu_pair, logvar_pair, z, z_pair,
                           prior.logits, prior.means, prior.logvars, config.sigma_aug, config.beta)
+
+
+def method_loss(model: RavenModel, config: TrainConfig, x: torch.Tensor, generator: torch.Generator,
+                fixed_partner: torch.Tensor | None = None) -> Terms:
+    """The method's objective on a batch of clean images, partners and z drawn from `generator`."""
+    return method_terms(model, config, x, draw_partner(model, config, x, generator, fixed_partner), generator)
 
 
 def single_image_kl(model: RavenModel, config: TrainConfig, mu: torch.Tensor, logvar: torch.Tensor,
@@ -158,11 +198,13 @@ def single_image_kl(model: RavenModel, config: TrainConfig, mu: torch.Tensor, lo
 
     Integrating z' out of Definition 1 leaves p(z) = N(0, I + Sigma_aug) for RAVEN and
     sum_c pi_c N(mu_c, Sigma_c + Sigma_aug) for RAVEN-GMM (a one-sample estimate, no closed
-    form); the other methods use N(0, I). This makes val_elbo a bound on log p(x) for
-    every method, comparable across methods.
+    form); integrating z_b out of the Smooth Encoder's p_eta (raven.objectives.smooth_encoder_kl)
+    leaves N(0, (1 + eta)/(1 + 2 eta) I); the VAEs use N(0, I). This makes val_elbo a bound
+    on log p(x) for every method, comparable across methods.
     """
-    if config.method == "raven":
-        var = 1.0 + aug_variance(config.sigma_aug, mu)
+    if config.method in ("raven", "se"):
+        var = (1.0 + aug_variance(config.sigma_aug, mu) if config.method == "raven"
+               else torch.full_like(mu[0], (1.0 + config.eta) / (1.0 + 2.0 * config.eta)))
         return diag_gaussian_kl(mu, logvar, torch.zeros_like(mu), var.log().expand_as(mu))
     if config.method == "raven-gmm":
         prior = model.prior
@@ -286,6 +328,7 @@ def train(
     if len(train_x) == 0:
         raise ConfigError("no training images (check --limit)")
 
+    fixed_pairs = training_noisy_copy(config, train_x)
     model = build_model(config).to(device)
     optimizer = torch.optim.RAdam(model.parameters(), lr=config.lr)
     generator = torch.Generator(device=device).manual_seed(config.seed)
@@ -319,12 +362,13 @@ def train(
                     log(f"early stop after epoch {epoch}: val_elbo has not improved for {config.patience} epochs")
                 break
             started = time.perf_counter()
-            order = torch.randperm(len(train_x), generator=generator, device=device)
+            order = epoch_order(len(train_x), generator, device)
             totals: dict[str, torch.Tensor] = {}
             first_bad_step = torch.tensor(-1, device=device)
             for step in range(steps_per_epoch):
-                x = train_x[order[step * config.batch_size:(step + 1) * config.batch_size]]
-                terms = method_loss(model, config, x, generator)
+                index = order[step * config.batch_size:(step + 1) * config.batch_size]
+                x = train_x[index]
+                terms = method_loss(model, config, x, generator, None if fixed_pairs is None else fixed_pairs[index])
                 loss = terms["loss"]
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
