@@ -37,7 +37,7 @@ from raven.data import DataError
 from raven.progress import bar, duration, say
 from raven.reproduce_grid import CHECKPOINT_ARTIFACTS, Budget, Cell, CellResult, Hyperparameters
 from raven.reproduce_grid import FULL_BUDGET, SMOKE_BUDGET  # noqa: F401  (the budgets are public here too)
-from raven.reproduce_grid import eval_config, paper_hyperparameters, run_cell, train_config
+from raven.reproduce_grid import default_hyperparameters, eval_config, paper_hyperparameters, run_cell, train_config
 from raven.reproduce_offline import read_export
 from raven.selection import OBJECTIVE
 from raven.tracking import (BUDGET, BUDGET_TEXT, COMPLETE_TAG, DATASET, ERROR, FAILED_RUNS, HYPERPARAMETERS,
@@ -81,21 +81,21 @@ def best_sweep_value(param: str, dataset: str, experiment: str, allow_smoke: boo
 def select_hyperparameters(datasets: tuple[str, ...], paper_values: bool, allow_smoke: bool,
                            log: Callable[[str], None], sigma_experiment: str = SIGMA_SWEEP_EXPERIMENT,
                            eta_experiment: str = ETA_SWEEP_EXPERIMENT) -> dict[str, Hyperparameters]:
-    """Per dataset: the best sweep values recorded in the active tracking store, else the paper's (loudly)."""
+    """Per dataset: the best sweep values recorded in the active tracking store, else raven's defaults (loudly)."""
     if paper_values:
         return {dataset: paper_hyperparameters(dataset, "--paper-values") for dataset in datasets}
     chosen = {}
     for dataset in datasets:
-        paper = paper_hyperparameters(dataset, "no sweep found")
+        fallback = default_hyperparameters(dataset, "no sweep found")
         values, sources = {}, []
         for param, experiment, script in (("sigma_aug", sigma_experiment, "sigma_aug.py"),
                                           ("eta", eta_experiment, "se_eta.py")):
             found = best_sweep_value(param, dataset, experiment, allow_smoke)
             if found is None:
-                values[param] = getattr(paper, param)
-                sources.append(f"{param}: {paper.source}")
+                values[param] = getattr(fallback, param)
+                sources.append(f"{param}: {fallback.source}")
                 log(f"WARNING: no finished {param} sweep for {dataset} in experiment {experiment!r}"
-                    f"{'' if allow_smoke else ' (smoke sweeps do not count for this budget)'}; using the paper's "
+                    f"{'' if allow_smoke else ' (smoke sweeps do not count for this budget)'}; using raven's default "
                     f"{param} = {values[param]:g}. Run sweeps/{script} first, or pass --paper-values to say so.")
             else:
                 values[param] = found[0]

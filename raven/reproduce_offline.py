@@ -19,13 +19,13 @@ from typing import Callable
 
 from raven.progress import duration
 from raven.reproduce_grid import (CHECKPOINT_ARTIFACTS, Budget, Cell, CellResult, Hyperparameters, eval_config,
-                                  paper_hyperparameters, run_cell, train_config)
+                                  default_hyperparameters, run_cell, train_config)
 
 
 def export(budget: Budget, workers: int, data_dir: str | os.PathLike | None, work_dir: str | os.PathLike,
            device: str, path: str | os.PathLike, log: Callable[[str], None]) -> tuple[list[Cell], dict[Cell, str]]:
     """Run every cell of `budget` on `workers` local processes; append each result to `path` as it arrives."""
-    hps = {d: paper_hyperparameters(d, "offline export") for d in budget.datasets}
+    hps = {d: default_hyperparameters(d, "offline export") for d in budget.datasets}
     log(f"raven reproduce (offline export): {budget.describe()}")
     cells, out_root = budget.cells(), Path(work_dir).resolve() / "offline"
     finished: list[Cell] = []

@@ -5,8 +5,8 @@
     raven report                                    # tables and figures of the latest reproduction
 
 sigma_aug and eta are the best values recorded by sweeps/sigma_aug.py and sweeps/se_eta.py
-in the same tracking store (the paper's with --paper-values, or, with a warning, when none
-is found). The machinery is raven.reproduce (on Ray), raven.reproduce_grid (the budget and the
+in the same tracking store (the paper's with --paper-values; raven's documented defaults, with
+a warning, when none is found). The machinery is raven.reproduce (on Ray), raven.reproduce_grid (the budget and the
 cells) and raven.reproduce_offline (--export, on a machine without Ray or MLflow).
 """
 

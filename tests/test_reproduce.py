@@ -147,9 +147,10 @@ def test_smoke_reproduction_records_every_run_in_mlflow(smoke_store):
     assert parent.data.tags["raven.budget"] == "smoke"
     assert parent.data.params["budget"] == SMOKE_BUDGET.describe()
     assert parent.data.params["budget.seeds"] == "2" and parent.data.tags["raven.failed_runs"] == "0"
-    # MNIST's sigma_aug comes from the smoke sweep; nothing was swept for the rest: the paper's, loudly.
+    # MNIST's sigma_aug comes from the smoke sweep; nothing was swept for the rest: raven's defaults, loudly.
     assert parent.data.params["hyperparameters.mnist"].startswith("sigma_aug: smoke sweep sigma-aug-mnist-")
-    assert "eta: paper, Appendix C.2 (no sweep found)" in parent.data.params["hyperparameters.mnist"]
+    assert "eta: raven defaults: sigma_aug of the paper, eta tuned on validation (no sweep found)" in \
+        parent.data.params["hyperparameters.mnist"]
     assert float(parent.data.params["sigma_aug.fashion-mnist"]) == 0.04
     assert "WARNING: no finished sigma_aug sweep for fashion-mnist" in smoke_store.stderr
     assert "REDUCED budget (--smoke)" in smoke_store.stdout
