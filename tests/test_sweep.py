@@ -155,6 +155,8 @@ def _bad_flag_cases(tmp: Path) -> list[tuple[Path, list[str], dict[str, str], st
         (SIGMA_SCRIPT, ["--address", dead], {}, "cannot reach a Ray cluster"),
         (SIGMA_SCRIPT, ["--address", "auto"], {"RAY_ADDRESS": dead}, "cannot reach a Ray cluster"),
         (ETA_SCRIPT, ["--eta-min", "100", "--eta-max", "10"], {}, "eta range"),
+        (ETA_SCRIPT, ["--eta-values", "1,x"], {}, "expected comma-separated numbers"),
+        (ETA_SCRIPT, ["--eta-values", "1,3", "--eta-grid"], {}, "two grids"),
         (ETA_SCRIPT, ["--resume", "--storage-path", str(tmp / "nothing")], {}, "to resume"),
     ]
 

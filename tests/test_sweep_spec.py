@@ -66,3 +66,21 @@ def test_passwords_stay_out_of_what_is_shown():
     assert hide_password("postgresql+psycopg2://mlflow:s3cret@db:5432/optuna") == \
         "postgresql+psycopg2://mlflow:***@db:5432/optuna"
     assert hide_password("sqlite:////tmp/x/optuna.db") == "sqlite:////tmp/x/optuna.db"
+
+
+def test_eta_values_make_a_grid_searched_in_the_order_given():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("se_eta", Path(__file__).resolve().parents[1] / "sweeps" / "se_eta.py")
+    se_eta = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(se_eta)
+    args = se_eta.build_parser().parse_args(["--eta-values", "3,0.1,10"])
+    space = se_eta.search_space(args)
+    assert space["space"] == {"type": "choice", "values": [3.0, 0.1, 10.0]}
+    assert space["initial"] == [3.0, 0.1, 10.0]
+    default = se_eta.search_space(se_eta.build_parser().parse_args([]))
+    # The default range reaches below the paper's grid, where the tuned optimum (10) lies.
+    assert default["space"] == {"type": "loguniform", "low": 0.1, "high": 1e4}
+    with pytest.raises(SystemExit):
+        se_eta.build_parser().parse_args(["--eta-values", "1,1"])
