@@ -271,6 +271,9 @@ def registered_model_name(dataset: str, method: str) -> str:
 def log_model(tracking_uri: str, run_id: str, model: torch.nn.Module) -> Any:
     """The model as an MLflow model of the run (mlflow.pytorch, pickled); returns its ModelInfo."""
     mlflow.set_tracking_uri(tracking_uri)
+    # The fluent API refuses to resume a run outside the process's active experiment (an earlier
+    # use_experiment, e.g. by `raven train` in the same process), so make the run's own one active.
+    mlflow.set_experiment(experiment_id=MlflowClient(tracking_uri).get_run(run_id).info.experiment_id)
     with mlflow.start_run(run_id=run_id):
         return mlflow.pytorch.log_model(model, name="model", serialization_format="pickle",
                                         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "raven"])

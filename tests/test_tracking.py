@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 
+import mlflow
 import pytest
 import torch
 from mlflow import MlflowClient
@@ -73,6 +74,14 @@ def test_log_evaluation_writes_every_metric_curve_param_and_file(client, tmp_pat
     assert run.data.params["eval.steps"] == "50" and run.data.params["eval.probe.max_iter"] == "500"
     assert run.data.params["eval.config.limit"] == "100" and run.data.params["eval.label"] == "vae"
     assert [a.path for a in client.list_artifacts(run_id, "robustness")] == ["robustness/tsne.png"]
+
+
+def test_a_model_logs_into_a_run_of_another_experiment_than_the_active_one(client):
+    mlflow.set_tracking_uri(client.tracking_uri)
+    tracking.use_experiment("somewhere-else")
+    run = client.create_run(tracking.experiment_id(client, "registry"))
+    model = tracking.log_model(client.tracking_uri, run.info.run_id, torch.nn.Linear(2, 1))
+    assert model.model_uri and client.get_run(run.info.run_id).info.experiment_id == run.info.experiment_id
 
 
 def test_registering_the_same_model_twice_makes_one_version(client, tmp_path):
