@@ -12,6 +12,11 @@ maximises a dissimilarity Delta between the posteriors q(.|x) and q(.|x + e):
   for diagonal Gaussians. PGD ascends W2^2: its gradient is W2's times 2 W2 > 0, so the
   sign steps, and the best iterate per image, are the same, without sqrt's infinite
   slope at 0.
+* ``"rkl"`` (beyond the paper, strong protocol): KL[q(.|x + e) || q(.|x)], the other
+  direction. "kl" can grow without bound by shrinking the adversarial variance, which the
+  probe never reads; the reverse KL weighs a moved mean by the clean variance instead.
+* ``"mean"`` (beyond the paper, strong protocol): ||mu(x + e) - mu(x)||^2, the movement of
+  the representation the probe actually reads, with no variance term at all.
 * ``"ce"`` (beyond the paper): end to end, the cross-entropy of the linear probe on
   mu(x + e) against the true label.
 
@@ -26,7 +31,10 @@ returned adversarial image is, per image, the one with the highest Delta over re
 for accuracy an image counts as robust only when the probe classifies it correctly after
 *every* restart (misclassified if any restart misclassifies). The accuracy reported is
 thus at most that of any one of its restarts, each a plain 50-step PGD, so the evaluator
-never reports more robustness than a correct PGD finds.
+never reports more robustness than a correct PGD finds. With `per_iterate` (the strong
+protocol) an image is robust only if the probe is right at *every iterate* of every
+restart, not only at the kept one: any point PGD visits lies in the ball, so a
+misclassified one is an adversarial example whatever its Delta.
 
 Images are attacked in chunks of `batch_size` rows at once, on the model's device, with
 the model's parameters frozen (requires_grad False) for the duration: gradients are
@@ -46,10 +54,12 @@ from torch import nn
 from raven.gaussians import diag_gaussian_kl, diag_gaussian_w2_squared
 from raven.pgd import pgd_linf
 
-ATTACKS = ("kl", "w2", "ce")
-ENCODER_ATTACKS = ("kl", "w2")
+ATTACKS = ("kl", "w2", "ce", "rkl", "mean")
+ENCODER_ATTACKS = ("kl", "w2", "rkl", "mean")
+PAPER_ATTACKS = ("kl", "w2")
 PAPER_STEPS = 50
 PAPER_STEP_DIVISOR = 25.0  # step size delta / 25 (Section 4.1.1)
+STOP_CHECK_EVERY = 10  # per-iterate attacks: iterates between checks that every row is fooled
 
 
 def default_step_size(delta: float) -> float:
@@ -61,9 +71,10 @@ def dissimilarity(kind: str, mu: torch.Tensor, logvar: torch.Tensor, mu_adv: tor
                   logvar_adv: torch.Tensor) -> torch.Tensor:
     """Delta between q(.|x) = N(mu, e^logvar) and q(.|x+e) = N(mu_adv, e^logvar_adv), one value per row.
 
-    "kl": KL[q(.|x) || q(.|x + e)] in nats; "w2": the 2-Wasserstein distance (not squared).
-    Computed in float64 (the (N, d) tensors are tiny): posteriors with variances ~1e-8, as
-    RAVEN's with a small sigma_aug, give KLs of 1e7 nats and more, and exp(-logvar) must not
+    "kl": KL[q(.|x) || q(.|x + e)] in nats; "w2": the 2-Wasserstein distance (not squared);
+    "rkl": KL[q(.|x + e) || q(.|x)] in nats; "mean": ||mu_adv - mu||^2. Computed in
+    float64 (the (N, d) tensors are tiny): posteriors with variances ~1e-8, as RAVEN's
+    with a small sigma_aug, give KLs of 1e7 nats and more, and exp(-logvar) must not
     overflow while an attack drives logvar down.
     """
     mu, logvar, mu_adv, logvar_adv = (t.double() for t in (mu, logvar, mu_adv, logvar_adv))
@@ -71,6 +82,10 @@ def dissimilarity(kind: str, mu: torch.Tensor, logvar: torch.Tensor, mu_adv: tor
         return diag_gaussian_kl(mu, logvar, mu_adv, logvar_adv)
     if kind == "w2":
         return diag_gaussian_w2_squared(mu, logvar, mu_adv, logvar_adv).clamp_min(0.0).sqrt()
+    if kind == "rkl":
+        return diag_gaussian_kl(mu_adv, logvar_adv, mu, logvar)
+    if kind == "mean":
+        return (mu_adv - mu).pow(2).sum(dim=-1)
     raise ValueError(f"unknown encoder attack {kind!r}; choose one of {', '.join(ENCODER_ATTACKS)}")
 
 
@@ -102,7 +117,8 @@ def frozen(module: nn.Module) -> Iterator[nn.Module]:
 class AttackOutput:
     """x_adv: worst-case image per row (highest Delta, or highest CE for "ce", over restarts);
     dissimilarity: Delta at x_adv for encoder attacks (for "ce", the probe's cross-entropy);
-    correct: per row, True when the probe is right after every restart (None without a probe)."""
+    correct: per row, True when the probe is right after every restart (with per_iterate:
+    at every iterate of every restart); None without a probe."""
 
     x_adv: torch.Tensor
     dissimilarity: torch.Tensor
@@ -123,18 +139,23 @@ def attack(
     batch_size: int = 1000,
     probe: nn.Module | None = None,
     y: torch.Tensor | None = None,
+    per_iterate: bool = False,
 ) -> AttackOutput:
     """PGD in the L-inf ball of radius `delta` (intersected with [0, 1]) against `model`'s encoder.
 
     `model` is a RavenModel (its `.encoder` maps (N, 784) to (mu, logvar)); `x` (N, 784)
     in [0, 1]. With `probe` (a module on mu) and labels `y`, `correct` reports per image
-    whether the probe survives every restart; kind "ce" needs both. delta = 0 returns x.
+    whether the probe survives every restart (with `per_iterate`, every iterate of every
+    restart; a chunk then stops early once all its rows have been fooled, so x_adv and
+    dissimilarity are no longer maximised); kind "ce" and per_iterate need both. delta = 0
+    returns x.
     Everything runs on x's device; move the model there first.
     """
     if kind not in ATTACKS:
         raise ValueError(f"unknown attack {kind!r}; choose one of {', '.join(ATTACKS)}")
-    if kind == "ce" and (probe is None or y is None):
-        raise ValueError("the 'ce' attack needs the linear probe and the labels")
+    if (kind == "ce" or per_iterate) and (probe is None or y is None):
+        raise ValueError(f"the {kind!r} attack{' per iterate' if per_iterate else ''} needs the linear probe "
+                         "and the labels")
     if delta < 0:
         raise ValueError(f"delta must be >= 0, got {delta}")
     if restarts < 1 or steps < 1 or batch_size < 1:
@@ -164,9 +185,24 @@ def attack(
             best_x = xb
             best_value = None
             correct = None
-            for _ in range(restarts if delta > 0 else 1):
+            record = None
+            if per_iterate:
+                # One flag per row, updated in place on the device; a host sync only every
+                # STOP_CHECK_EVERY iterates, to stop once every row has been fooled.
+                ever_wrong = torch.zeros(len(xb), dtype=torch.bool, device=xb.device)
+                iterates = 0
+
+                def record(x_it: torch.Tensor) -> bool:
+                    nonlocal iterates
+                    ever_wrong.logical_or_(probe(encoder(x_it)[0]).argmax(dim=1) != yb)
+                    iterates += 1
+                    return iterates % STOP_CHECK_EVERY == 0 and bool(ever_wrong.all())
+
+            for restart in range(restarts if delta > 0 else 1):
+                if per_iterate and restart > 0 and bool(ever_wrong.all()):
+                    break  # every row already fooled: further restarts cannot change `correct`
                 x_adv = pgd_linf(objective, xb, delta, steps, step, random_start=random_start,
-                                 generator=generator, keep_best=True)
+                                 generator=generator, keep_best=True, on_iterate=record)
                 with torch.no_grad():
                     mu_adv, logvar_adv = encoder(x_adv)
                     if kind == "ce":
@@ -182,6 +218,8 @@ def attack(
                     if probe is not None and yb is not None:
                         right = probe(mu_adv).argmax(dim=1) == yb
                         correct = right if correct is None else correct & right
+            if per_iterate:
+                correct = correct & ~ever_wrong
             outputs_x.append(best_x)
             outputs_value.append(best_value)
             if correct is not None:

@@ -1,5 +1,5 @@
 """PGD attacks on the encoder: the budget, their strength against random noise, the KL direction,
-restarts, and an independent plain PGD that the batched attack must match or beat."""
+restarts, per-iterate correctness, and an independent plain PGD that the batched attack must match or beat."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import torch
 
 from raven.attacks import attack, dissimilarity, encoder_dissimilarity, frozen, random_perturbation
 from raven.config import TrainConfig
-from raven.evaluate import encode_mean, train_linear_probe
 from raven.gaussians import diag_gaussian_kl, diag_gaussian_log_prob, diag_gaussian_w2_squared
+from raven.pgd import pgd_linf
+from raven.probe import encode_mean, train_linear_probe
 from raven.train import train
 
 
@@ -29,7 +30,7 @@ def images(mnist_small):
     return mnist_small.test_x[:200], mnist_small.test_y[:200]
 
 
-@pytest.mark.parametrize("kind", ["kl", "w2", "ce"])
+@pytest.mark.parametrize("kind", ["kl", "w2", "ce", "rkl", "mean"])
 def test_perturbations_stay_in_the_ball_and_the_pixel_range(kind, vae, probe, images):
     x, y = images
     delta = 0.1
@@ -147,3 +148,41 @@ def test_frozen_restores_flags_and_mode(vae):
         assert not any(p.requires_grad for p in vae.parameters()) and not vae.training
     assert all(p.requires_grad for p in vae.parameters()) and vae.training
     vae.eval()
+
+
+def test_reverse_kl_and_mean_attacks_measure_what_they_say():
+    generator = torch.Generator().manual_seed(2)
+    mu, mu_adv = torch.randn(5, 4, generator=generator), torch.randn(5, 4, generator=generator)
+    logvar, logvar_adv = torch.randn(5, 4, generator=generator), torch.randn(5, 4, generator=generator)
+    z = mu_adv + (0.5 * logvar_adv).exp() * torch.randn(400_000, 5, 4, generator=generator)
+    monte_carlo = (diag_gaussian_log_prob(z, mu_adv, logvar_adv) - diag_gaussian_log_prob(z, mu, logvar)).mean(0)
+    torch.testing.assert_close(dissimilarity("rkl", mu, logvar, mu_adv, logvar_adv).float(), monte_carlo,
+                               rtol=0.03, atol=0.03)
+    torch.testing.assert_close(dissimilarity("mean", mu, logvar, mu_adv, logvar_adv),
+                               ((mu - mu_adv) ** 2).sum(1).double())
+
+
+def test_pgd_reports_every_iterate_to_the_callback():
+    x = torch.rand(6, 10, generator=torch.Generator().manual_seed(0))
+    seen = []
+    target = torch.randn(10, generator=torch.Generator().manual_seed(1))
+    best = pgd_linf(lambda v: -(v - target).pow(2).sum(1), x, 0.1, steps=7, step_size=0.02,
+                    generator=torch.Generator().manual_seed(2), on_iterate=lambda v: seen.append(v.clone()))
+    assert len(seen) == 8  # the start and the point after each of the 7 steps
+    for point in seen:
+        assert (point - x).abs().max() <= 0.1 + 1e-6 and point.min() >= 0 and point.max() <= 1
+    assert not torch.equal(seen[0], seen[-1])
+    # the kept iterate is one of those the callback saw
+    assert all(any(torch.equal(best[i], point[i]) for point in seen) for i in range(len(x)))
+
+
+def test_per_iterate_rule_counts_any_fooled_iterate(vae, probe, images):
+    x, y = images
+    # Same stream, hence the same trajectories: per iterate can only remove survivors.
+    kept = attack(vae, x, 0.1, "kl", steps=30, restarts=2, probe=probe, y=y, generator=torch.Generator().manual_seed(4))
+    every = attack(vae, x, 0.1, "kl", steps=30, restarts=2, probe=probe, y=y, per_iterate=True,
+                   generator=torch.Generator().manual_seed(4))
+    assert torch.all(kept.correct | ~every.correct)
+    assert every.correct.sum() < kept.correct.sum()  # the KL's kept iterate hides misclassified ones
+    with pytest.raises(ValueError, match="per iterate needs the linear probe"):
+        attack(vae, x, 0.1, "kl", per_iterate=True)
