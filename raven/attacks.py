@@ -31,10 +31,10 @@ returned adversarial image is, per image, the one with the highest Delta over re
 for accuracy an image counts as robust only when the probe classifies it correctly after
 *every* restart (misclassified if any restart misclassifies). The accuracy reported is
 thus at most that of any one of its restarts, each a plain 50-step PGD, so the evaluator
-never reports more robustness than a correct PGD finds. With `per_iterate` (the strong
-protocol) an image is robust only if the probe is right at *every iterate* of every
-restart, not only at the kept one: any point PGD visits lies in the ball, so a
-misclassified one is an adversarial example whatever its Delta.
+never reports more robustness than a correct PGD finds. `survives` (the strong protocol)
+counts an image robust only if the probe is right at *every iterate* of every restart,
+not only at the kept one: any point PGD visits lies in the ball, so a misclassified one
+is an adversarial example whatever its Delta.
 
 Images are attacked in chunks of `batch_size` rows at once, on the model's device, with
 the model's parameters frozen (requires_grad False) for the duration: gradients are
@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -59,7 +59,7 @@ ENCODER_ATTACKS = ("kl", "w2", "rkl", "mean")
 PAPER_ATTACKS = ("kl", "w2")
 PAPER_STEPS = 50
 PAPER_STEP_DIVISOR = 25.0  # step size delta / 25 (Section 4.1.1)
-STOP_CHECK_EVERY = 10  # per-iterate attacks: iterates between checks that every row is fooled
+SEGMENT = 10  # survives(): steps between the host syncs that drop the rows already fooled
 
 
 def default_step_size(delta: float) -> float:
@@ -113,12 +113,38 @@ def frozen(module: nn.Module) -> Iterator[nn.Module]:
         module.train(was_training)
 
 
+def _objective(kind: str, encoder: nn.Module, probe: nn.Module | None, x: torch.Tensor,
+               y: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """What PGD ascends for the rows x (labels y): the probe's cross-entropy for "ce", else Delta to q(.|x)."""
+    if kind == "ce":
+        return lambda x_adv: F.cross_entropy(probe(encoder(x_adv)[0]), y, reduction="none")
+    with torch.no_grad():
+        mu, logvar = encoder(x)
+
+    def objective(x_adv: torch.Tensor) -> torch.Tensor:
+        mu_adv, logvar_adv = encoder(x_adv)
+        return _ascent_objective(kind, mu, logvar, mu_adv, logvar_adv)
+
+    return objective
+
+
+def _check(kind: str, delta: float, steps: int, restarts: int, batch_size: int, needs_probe: bool,
+           probe: nn.Module | None, y: torch.Tensor | None) -> None:
+    if kind not in ATTACKS:
+        raise ValueError(f"unknown attack {kind!r}; choose one of {', '.join(ATTACKS)}")
+    if needs_probe and (probe is None or y is None):
+        raise ValueError(f"the {kind!r} attack needs the linear probe and the labels")
+    if delta < 0:
+        raise ValueError(f"delta must be >= 0, got {delta}")
+    if restarts < 1 or steps < 1 or batch_size < 1:
+        raise ValueError("steps, restarts and batch_size must be >= 1")
+
+
 @dataclass
 class AttackOutput:
     """x_adv: worst-case image per row (highest Delta, or highest CE for "ce", over restarts);
     dissimilarity: Delta at x_adv for encoder attacks (for "ce", the probe's cross-entropy);
-    correct: per row, True when the probe is right after every restart (with per_iterate:
-    at every iterate of every restart); None without a probe."""
+    correct: per row, True when the probe is right after every restart (None without a probe)."""
 
     x_adv: torch.Tensor
     dissimilarity: torch.Tensor
@@ -139,27 +165,15 @@ def attack(
     batch_size: int = 1000,
     probe: nn.Module | None = None,
     y: torch.Tensor | None = None,
-    per_iterate: bool = False,
 ) -> AttackOutput:
     """PGD in the L-inf ball of radius `delta` (intersected with [0, 1]) against `model`'s encoder.
 
     `model` is a RavenModel (its `.encoder` maps (N, 784) to (mu, logvar)); `x` (N, 784)
     in [0, 1]. With `probe` (a module on mu) and labels `y`, `correct` reports per image
-    whether the probe survives every restart (with `per_iterate`, every iterate of every
-    restart; a chunk then stops early once all its rows have been fooled, so x_adv and
-    dissimilarity are no longer maximised); kind "ce" and per_iterate need both. delta = 0
-    returns x.
+    whether the probe survives every restart; kind "ce" needs both. delta = 0 returns x.
     Everything runs on x's device; move the model there first.
     """
-    if kind not in ATTACKS:
-        raise ValueError(f"unknown attack {kind!r}; choose one of {', '.join(ATTACKS)}")
-    if (kind == "ce" or per_iterate) and (probe is None or y is None):
-        raise ValueError(f"the {kind!r} attack{' per iterate' if per_iterate else ''} needs the linear probe "
-                         "and the labels")
-    if delta < 0:
-        raise ValueError(f"delta must be >= 0, got {delta}")
-    if restarts < 1 or steps < 1 or batch_size < 1:
-        raise ValueError("steps, restarts and batch_size must be >= 1")
+    _check(kind, delta, steps, restarts, batch_size, kind == "ce", probe, y)
     step = default_step_size(delta) if step_size is None else float(step_size)
     x = x.detach()
     outputs_x, outputs_value, outputs_correct = [], [], []
@@ -173,36 +187,13 @@ def attack(
             yb = y[start:start + batch_size] if y is not None else None
             with torch.no_grad():
                 mu, logvar = encoder(xb)
-
-            if kind == "ce":
-                def objective(x_adv: torch.Tensor) -> torch.Tensor:
-                    return F.cross_entropy(probe(encoder(x_adv)[0]), yb, reduction="none")
-            else:
-                def objective(x_adv: torch.Tensor) -> torch.Tensor:
-                    mu_adv, logvar_adv = encoder(x_adv)
-                    return _ascent_objective(kind, mu, logvar, mu_adv, logvar_adv)
-
+            objective = _objective(kind, encoder, probe, xb, yb)
             best_x = xb
             best_value = None
             correct = None
-            record = None
-            if per_iterate:
-                # One flag per row, updated in place on the device; a host sync only every
-                # STOP_CHECK_EVERY iterates, to stop once every row has been fooled.
-                ever_wrong = torch.zeros(len(xb), dtype=torch.bool, device=xb.device)
-                iterates = 0
-
-                def record(x_it: torch.Tensor) -> bool:
-                    nonlocal iterates
-                    ever_wrong.logical_or_(probe(encoder(x_it)[0]).argmax(dim=1) != yb)
-                    iterates += 1
-                    return iterates % STOP_CHECK_EVERY == 0 and bool(ever_wrong.all())
-
-            for restart in range(restarts if delta > 0 else 1):
-                if per_iterate and restart > 0 and bool(ever_wrong.all()):
-                    break  # every row already fooled: further restarts cannot change `correct`
+            for _ in range(restarts if delta > 0 else 1):
                 x_adv = pgd_linf(objective, xb, delta, steps, step, random_start=random_start,
-                                 generator=generator, keep_best=True, on_iterate=record)
+                                 generator=generator, keep_best=True)
                 with torch.no_grad():
                     mu_adv, logvar_adv = encoder(x_adv)
                     if kind == "ce":
@@ -218,8 +209,6 @@ def attack(
                     if probe is not None and yb is not None:
                         right = probe(mu_adv).argmax(dim=1) == yb
                         correct = right if correct is None else correct & right
-            if per_iterate:
-                correct = correct & ~ever_wrong
             outputs_x.append(best_x)
             outputs_value.append(best_value)
             if correct is not None:
@@ -229,6 +218,60 @@ def attack(
         dissimilarity=torch.cat(outputs_value),
         correct=torch.cat(outputs_correct) if outputs_correct else None,
     )
+
+
+def survives(
+    model: nn.Module,
+    probe: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    delta: float,
+    kind: str,
+    *,
+    steps: int,
+    step_size: float | None = None,
+    restarts: int = 1,
+    generator: torch.Generator | None = None,
+    batch_size: int = 1000,
+) -> torch.Tensor:
+    """Per image, True when the probe is right at every iterate of every restart of PGD `kind` (strong protocol).
+
+    The same PGD as `attack` (random start, `steps` sign steps of `step_size`, default
+    delta/25), judged at every point it visits: any of them lies in the ball, so a
+    misclassified one is an adversarial example whatever its Delta. Work goes only where
+    it can change the answer: every SEGMENT steps (one host sync) the rows already fooled
+    leave the batch, each row's path staying what it would have been, and every restart
+    runs on the rows no earlier restart fooled.
+    """
+    _check(kind, delta, steps, restarts, batch_size, True, probe, y)
+    step = default_step_size(delta) if step_size is None else float(step_size)
+    x = x.detach()
+    encoder = model.encoder
+    with torch.no_grad(), frozen(probe):
+        alive = probe(encoder(x)[0]).argmax(dim=1) == y
+    if delta <= 0:
+        return alive
+    with frozen(model), frozen(probe):
+        for _ in range(restarts):
+            rows = alive.nonzero().squeeze(1)
+            for chunk in rows.split(batch_size):
+                x_adv = None
+                for done in range(0, steps, SEGMENT):
+                    xs, ys = x[chunk], y[chunk]
+                    wrong = torch.zeros(len(chunk), dtype=torch.bool, device=x.device)
+
+                    def record(x_it: torch.Tensor) -> None:
+                        wrong.logical_or_(probe(encoder(x_it)[0]).argmax(dim=1) != ys)
+
+                    objective = _objective(kind, encoder, probe, xs, ys)
+                    x_adv = pgd_linf(objective, xs, delta, min(SEGMENT, steps - done), step, generator=generator,
+                                     keep_best=False, on_iterate=record, start=x_adv)
+                    alive[chunk] &= ~wrong
+                    kept = ~wrong
+                    if not bool(kept.any()):
+                        break
+                    chunk, x_adv = chunk[kept], x_adv[kept]
+    return alive
 
 
 def random_perturbation(x: torch.Tensor, delta: float, mode: str = "uniform",
