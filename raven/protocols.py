@@ -286,7 +286,7 @@ def strong_protocol(model: nn.Module, probe: nn.Module, x: torch.Tensor, y: torc
 
 def _largest_rise(curve: dict[str, float]) -> float:
     values = [curve[k] for k in sorted(curve, key=float)]
-    return max([b - a for a, b in zip(values, values[1:])], default=0.0)
+    return max([0.0] + [b - a for a, b in zip(values, values[1:])])
 
 
 def bite_checks(model: nn.Module, probe: nn.Module, x: torch.Tensor, y: torch.Tensor, deltas: tuple[float, ...],
