@@ -232,8 +232,7 @@ def strong_protocol(model: nn.Module, probe: nn.Module, x: torch.Tensor, y: torc
 
     Returns {"robust_accuracy": {delta_key: fraction}, "robust_accuracy_by_attack":
     {attack: {delta_key: fraction}}, "autoattack_survivors": {delta_key: {part: images}},
-    "noise_accuracy": {delta_key: fraction}, "checks": {...}, "seconds": float,
-    "check_seconds": float}.
+    "checks": {...} (bite_checks), "seconds": float, "check_seconds": float}.
     """
     if config.autoattack:
         ok, reason = torchattacks_available()
@@ -249,7 +248,7 @@ def strong_protocol(model: nn.Module, probe: nn.Module, x: torch.Tensor, y: torc
     survivors: dict[str, dict[str, int]] = {}
     noise: dict[str, float] = {}
     masks: dict[str, torch.Tensor] = {}
-    for delta in deltas:
+    for done, delta in enumerate(deltas):
         key = delta_key(delta)
         overall, alone, survivors[key] = worst_case(model, probe, x, y, delta, config, seed=seed,
                                                     batch_size=batch_size, correct=clean)
@@ -264,8 +263,12 @@ def strong_protocol(model: nn.Module, probe: nn.Module, x: torch.Tensor, y: torc
             noise[key] = _fraction(probe(encode_mean(model, noisy)).argmax(1) == y)
         if log:
             worst = min(by_attack, key=lambda k: by_attack[k][key])
+            elapsed = time.perf_counter() - started
+            left = sum(1 for d in deltas[done + 1:] if d > 0)
+            nonzero = sum(1 for d in deltas[:done + 1] if d > 0)
+            estimate = f", about {elapsed / nonzero * left:.0f} s left before the checks" if left and nonzero else ""
             log(f"  strong delta={key}: robust accuracy {robust[key]:.4f} (strongest alone: {worst} "
-                f"{by_attack[worst][key]:.4f}; random signs {noise[key]:.4f})")
+                f"{by_attack[worst][key]:.4f}; random signs {noise[key]:.4f}) [{elapsed:.0f} s{estimate}]")
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - started
@@ -278,7 +281,7 @@ def strong_protocol(model: nn.Module, probe: nn.Module, x: torch.Tensor, y: torc
         for line in format_checks(checks):
             log(f"  {line}")
     return {"robust_accuracy": robust, "robust_accuracy_by_attack": by_attack, "autoattack_survivors": survivors,
-            "noise_accuracy": noise, "checks": checks, "seconds": seconds, "check_seconds": check_seconds}
+            "checks": checks, "seconds": seconds, "check_seconds": check_seconds}
 
 
 # ----------------------------------------------------------------------------- checks
