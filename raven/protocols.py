@@ -22,7 +22,8 @@ with [0, 1].
 Checks that the strong attack bites (`checks` in robustness.json, printed with every
 evaluation):
 
-* monotone: no strong curve rises with delta by more than one image;
+* monotone: robust accuracy does not rise with delta by more than one image (the largest
+  rise of any single attack's curve is reported beside it);
 * flat grey: at delta = 0.5 every image can be moved to the flat grey image 0.5, so an
   attack that works leaves at most the largest class share correct (on the grid's 0.5
   if it has one, else on the first `check_images` images);
@@ -299,11 +300,12 @@ def bite_checks(model: nn.Module, probe: nn.Module, x: torch.Tensor, y: torch.Te
     """The four checks of the module docstring, as plain data with an "ok" per check and overall."""
     n = len(x)
     one_image = 1.0 / n
-    curves = {"robust": robust, **by_attack}
-    rises = {name: _largest_rise(curve) for name, curve in curves.items()}
-    worst_curve = max(rises, key=rises.get)
-    monotone = {"ok": rises[worst_curve] <= one_image + 1e-12, "largest_rise": rises[worst_curve],
-                "curve": worst_curve, "tolerance": one_image}
+    # Judged on the protocol's answer, the worst case; a single attack's curve may wobble by an
+    # image or two with its random starts, which is reported, not failed.
+    rises = {name: _largest_rise(curve) for name, curve in by_attack.items()}
+    alone = max(rises, key=rises.get) if rises else None
+    monotone = {"ok": _largest_rise(robust) <= one_image + 1e-12, "largest_rise": _largest_rise(robust),
+                "tolerance": one_image, "largest_rise_alone": rises.get(alone, 0.0), "attack_alone": alone}
 
     m = n if config.check_images is None else min(n, config.check_images)
     grey_key = delta_key(FLAT_GREY_DELTA)
@@ -350,8 +352,9 @@ def format_checks(checks: dict[str, Any]) -> list[str]:
     """One line per check, saying plainly what failed."""
     lines = []
     mono = checks["monotone"]
-    lines.append(f"check monotone: {'ok' if mono['ok'] else 'FAILED'} (largest rise with delta "
-                 f"{mono['largest_rise']:+.4f}, curve {mono['curve']}; tolerance one image {mono['tolerance']:.4f})")
+    lines.append(f"check monotone: {'ok' if mono['ok'] else 'FAILED: robust accuracy rises with delta'} "
+                 f"(largest rise {mono['largest_rise']:+.4f}, tolerance one image {mono['tolerance']:.4f}; "
+                 f"a single attack's curve: {mono['largest_rise_alone']:+.4f}, {mono['attack_alone']})")
     grey = checks["flat_grey"]
     lines.append(f"check flat grey: {'ok' if grey['ok'] else 'FAILED: the attack misses the flat grey image'} "
                  f"(robust accuracy {grey['robust_accuracy']:.4f} at delta={grey['delta']} on {grey['images']} "

@@ -301,7 +301,10 @@ def plot_figure2(summary: pd.DataFrame, path: str | os.PathLike | None = None, t
             ax.set_ylabel("accuracy (%)")
             ax.set_ylim(0, 100)
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
+            if part.empty:  # e.g. a dataset whose runs were not evaluated with the strong protocol
+                ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes, color="gray")
+            else:
+                ax.legend(fontsize=7)
     if title:
         fig.suptitle(textwrap.fill(title, 110), fontsize=9)
     if path is not None:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from raven.autoattack import COMPONENTS, ProbeOnMean, autoattack
 from raven.config import ConfigError, TrainConfig
 from raven.probe import encode_mean, train_linear_probe
-from raven.protocols import (StrongConfig, StrongObjectiveSettings, format_checks, strong_protocol,
+from raven.protocols import (StrongConfig, StrongObjectiveSettings, bite_checks, format_checks, strong_protocol,
                              strong_validation_objective)
 from raven.train import train
 
@@ -138,3 +138,20 @@ def test_strong_objective_reads_the_validation_split_only(vae, mnist_small):
     parts = [metrics[f"val_strong_acc_delta_{k}"] for k in ("0.025", "0.05", "0.1")]
     assert metrics["val_strong_robust_accuracy"] == pytest.approx(sum(parts) / 3)
     assert all(0 <= p <= metrics["val_clean_accuracy"] for p in parts) and parts == sorted(parts, reverse=True)
+
+
+def test_checks_fail_when_accuracy_rises_or_the_flat_grey_image_is_missed():
+    y = torch.tensor([0] * 5 + [1, 2, 3, 4, 5])  # 10 images: one image is 0.1, the largest class share 0.5
+    x = torch.zeros(10, 784)
+    robust = {"0": 0.8, "0.1": 0.3, "0.2": 0.5, "0.5": 0.7}
+    by_attack = {"ce": {"0": 0.8, "0.1": 0.4, "0.2": 0.7, "0.5": 0.7}}
+    noise = {"0": 0.8, "0.1": 0.3, "0.2": 0.3, "0.5": 0.7}
+    checks = bite_checks(None, None, x, y, (0.0, 0.1, 0.2, 0.5), StrongConfig(convergence=False), robust, by_attack,
+                         noise, {}, seed=0, batch_size=10)
+    assert not checks["ok"] and not checks["monotone"]["ok"]
+    assert checks["monotone"]["largest_rise"] == pytest.approx(0.2) and checks["monotone"]["tolerance"] == 0.1
+    assert checks["monotone"]["attack_alone"] == "ce" and checks["monotone"]["largest_rise_alone"] == pytest.approx(0.3)
+    assert not checks["flat_grey"]["ok"] and checks["flat_grey"]["largest_class_share"] == 0.5
+    assert not checks["noise"]["ok"] and checks["noise"]["smallest_margin"] == pytest.approx(-0.2)
+    lines = format_checks(checks)
+    assert sum("FAILED" in line for line in lines) == 3 and "not run" in lines[-1]
