@@ -12,6 +12,11 @@ maximises a dissimilarity Delta between the posteriors q(.|x) and q(.|x + e):
   for diagonal Gaussians. PGD ascends W2^2: its gradient is W2's times 2 W2 > 0, so the
   sign steps, and the best iterate per image, are the same, without sqrt's infinite
   slope at 0.
+* ``"rkl"`` (beyond the paper, strong protocol): KL[q(.|x + e) || q(.|x)], the other
+  direction. "kl" can grow without bound by shrinking the adversarial variance, which the
+  probe never reads; the reverse KL weighs a moved mean by the clean variance instead.
+* ``"mean"`` (beyond the paper, strong protocol): ||mu(x + e) - mu(x)||^2, the movement of
+  the representation the probe actually reads, with no variance term at all.
 * ``"ce"`` (beyond the paper): end to end, the cross-entropy of the linear probe on
   mu(x + e) against the true label.
 
@@ -26,7 +31,10 @@ returned adversarial image is, per image, the one with the highest Delta over re
 for accuracy an image counts as robust only when the probe classifies it correctly after
 *every* restart (misclassified if any restart misclassifies). The accuracy reported is
 thus at most that of any one of its restarts, each a plain 50-step PGD, so the evaluator
-never reports more robustness than a correct PGD finds.
+never reports more robustness than a correct PGD finds. `survives` (the strong protocol)
+counts an image robust only if the probe is right at *every iterate* of every restart,
+not only at the kept one: any point PGD visits lies in the ball, so a misclassified one
+is an adversarial example whatever its Delta.
 
 Images are attacked in chunks of `batch_size` rows at once, on the model's device, with
 the model's parameters frozen (requires_grad False) for the duration: gradients are
@@ -37,7 +45,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -46,10 +54,12 @@ from torch import nn
 from raven.gaussians import diag_gaussian_kl, diag_gaussian_w2_squared
 from raven.pgd import pgd_linf
 
-ATTACKS = ("kl", "w2", "ce")
-ENCODER_ATTACKS = ("kl", "w2")
+ATTACKS = ("kl", "w2", "ce", "rkl", "mean")
+ENCODER_ATTACKS = ("kl", "w2", "rkl", "mean")
+PAPER_ATTACKS = ("kl", "w2")
 PAPER_STEPS = 50
 PAPER_STEP_DIVISOR = 25.0  # step size delta / 25 (Section 4.1.1)
+SEGMENT = 10  # survives(): steps between the host syncs that drop the rows already fooled
 
 
 def default_step_size(delta: float) -> float:
@@ -61,9 +71,10 @@ def dissimilarity(kind: str, mu: torch.Tensor, logvar: torch.Tensor, mu_adv: tor
                   logvar_adv: torch.Tensor) -> torch.Tensor:
     """Delta between q(.|x) = N(mu, e^logvar) and q(.|x+e) = N(mu_adv, e^logvar_adv), one value per row.
 
-    "kl": KL[q(.|x) || q(.|x + e)] in nats; "w2": the 2-Wasserstein distance (not squared).
-    Computed in float64 (the (N, d) tensors are tiny): posteriors with variances ~1e-8, as
-    RAVEN's with a small sigma_aug, give KLs of 1e7 nats and more, and exp(-logvar) must not
+    "kl": KL[q(.|x) || q(.|x + e)] in nats; "w2": the 2-Wasserstein distance (not squared);
+    "rkl": KL[q(.|x + e) || q(.|x)] in nats; "mean": ||mu_adv - mu||^2. Computed in
+    float64 (the (N, d) tensors are tiny): posteriors with variances ~1e-8, as RAVEN's
+    with a small sigma_aug, give KLs of 1e7 nats and more, and exp(-logvar) must not
     overflow while an attack drives logvar down.
     """
     mu, logvar, mu_adv, logvar_adv = (t.double() for t in (mu, logvar, mu_adv, logvar_adv))
@@ -71,6 +82,10 @@ def dissimilarity(kind: str, mu: torch.Tensor, logvar: torch.Tensor, mu_adv: tor
         return diag_gaussian_kl(mu, logvar, mu_adv, logvar_adv)
     if kind == "w2":
         return diag_gaussian_w2_squared(mu, logvar, mu_adv, logvar_adv).clamp_min(0.0).sqrt()
+    if kind == "rkl":
+        return diag_gaussian_kl(mu_adv, logvar_adv, mu, logvar)
+    if kind == "mean":
+        return (mu_adv - mu).pow(2).sum(dim=-1)
     raise ValueError(f"unknown encoder attack {kind!r}; choose one of {', '.join(ENCODER_ATTACKS)}")
 
 
@@ -96,6 +111,33 @@ def frozen(module: nn.Module) -> Iterator[nn.Module]:
         for p, flag in flags:
             p.requires_grad_(flag)
         module.train(was_training)
+
+
+def _objective(kind: str, encoder: nn.Module, probe: nn.Module | None, x: torch.Tensor,
+               y: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """What PGD ascends for the rows x (labels y): the probe's cross-entropy for "ce", else Delta to q(.|x)."""
+    if kind == "ce":
+        return lambda x_adv: F.cross_entropy(probe(encoder(x_adv)[0]), y, reduction="none")
+    with torch.no_grad():
+        mu, logvar = encoder(x)
+
+    def objective(x_adv: torch.Tensor) -> torch.Tensor:
+        mu_adv, logvar_adv = encoder(x_adv)
+        return _ascent_objective(kind, mu, logvar, mu_adv, logvar_adv)
+
+    return objective
+
+
+def _check(kind: str, delta: float, steps: int, restarts: int, batch_size: int, needs_probe: bool,
+           probe: nn.Module | None, y: torch.Tensor | None) -> None:
+    if kind not in ATTACKS:
+        raise ValueError(f"unknown attack {kind!r}; choose one of {', '.join(ATTACKS)}")
+    if needs_probe and (probe is None or y is None):
+        raise ValueError(f"the {kind!r} attack needs the linear probe and the labels")
+    if delta < 0:
+        raise ValueError(f"delta must be >= 0, got {delta}")
+    if restarts < 1 or steps < 1 or batch_size < 1:
+        raise ValueError("steps, restarts and batch_size must be >= 1")
 
 
 @dataclass
@@ -131,14 +173,7 @@ def attack(
     whether the probe survives every restart; kind "ce" needs both. delta = 0 returns x.
     Everything runs on x's device; move the model there first.
     """
-    if kind not in ATTACKS:
-        raise ValueError(f"unknown attack {kind!r}; choose one of {', '.join(ATTACKS)}")
-    if kind == "ce" and (probe is None or y is None):
-        raise ValueError("the 'ce' attack needs the linear probe and the labels")
-    if delta < 0:
-        raise ValueError(f"delta must be >= 0, got {delta}")
-    if restarts < 1 or steps < 1 or batch_size < 1:
-        raise ValueError("steps, restarts and batch_size must be >= 1")
+    _check(kind, delta, steps, restarts, batch_size, kind == "ce", probe, y)
     step = default_step_size(delta) if step_size is None else float(step_size)
     x = x.detach()
     outputs_x, outputs_value, outputs_correct = [], [], []
@@ -152,15 +187,7 @@ def attack(
             yb = y[start:start + batch_size] if y is not None else None
             with torch.no_grad():
                 mu, logvar = encoder(xb)
-
-            if kind == "ce":
-                def objective(x_adv: torch.Tensor) -> torch.Tensor:
-                    return F.cross_entropy(probe(encoder(x_adv)[0]), yb, reduction="none")
-            else:
-                def objective(x_adv: torch.Tensor) -> torch.Tensor:
-                    mu_adv, logvar_adv = encoder(x_adv)
-                    return _ascent_objective(kind, mu, logvar, mu_adv, logvar_adv)
-
+            objective = _objective(kind, encoder, probe, xb, yb)
             best_x = xb
             best_value = None
             correct = None
@@ -191,6 +218,60 @@ def attack(
         dissimilarity=torch.cat(outputs_value),
         correct=torch.cat(outputs_correct) if outputs_correct else None,
     )
+
+
+def survives(
+    model: nn.Module,
+    probe: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    delta: float,
+    kind: str,
+    *,
+    steps: int,
+    step_size: float | None = None,
+    restarts: int = 1,
+    generator: torch.Generator | None = None,
+    batch_size: int = 1000,
+) -> torch.Tensor:
+    """Per image, True when the probe is right at every iterate of every restart of PGD `kind` (strong protocol).
+
+    The same PGD as `attack` (random start, `steps` sign steps of `step_size`, default
+    delta/25), judged at every point it visits: any of them lies in the ball, so a
+    misclassified one is an adversarial example whatever its Delta. Work goes only where
+    it can change the answer: every SEGMENT steps (one host sync) the rows already fooled
+    leave the batch, each row's path staying what it would have been, and every restart
+    runs on the rows no earlier restart fooled.
+    """
+    _check(kind, delta, steps, restarts, batch_size, True, probe, y)
+    step = default_step_size(delta) if step_size is None else float(step_size)
+    x = x.detach()
+    encoder = model.encoder
+    with torch.no_grad(), frozen(probe):
+        alive = probe(encoder(x)[0]).argmax(dim=1) == y
+    if delta <= 0:
+        return alive
+    with frozen(model), frozen(probe):
+        for _ in range(restarts):
+            rows = alive.nonzero().squeeze(1)
+            for chunk in rows.split(batch_size):
+                x_adv = None
+                for done in range(0, steps, SEGMENT):
+                    xs, ys = x[chunk], y[chunk]
+                    wrong = torch.zeros(len(chunk), dtype=torch.bool, device=x.device)
+
+                    def record(x_it: torch.Tensor) -> None:
+                        wrong.logical_or_(probe(encoder(x_it)[0]).argmax(dim=1) != ys)
+
+                    objective = _objective(kind, encoder, probe, xs, ys)
+                    x_adv = pgd_linf(objective, xs, delta, min(SEGMENT, steps - done), step, generator=generator,
+                                     keep_best=False, on_iterate=record, start=x_adv)
+                    alive[chunk] &= ~wrong
+                    kept = ~wrong
+                    if not bool(kept.any()):
+                        break
+                    chunk, x_adv = chunk[kept], x_adv[kept]
+    return alive
 
 
 def random_perturbation(x: torch.Tensor, delta: float, mode: str = "uniform",

@@ -2,6 +2,7 @@
 
     python -m raven.bench train [--steps N] [--device D] [--data-dir DIR]
     python -m raven.bench attack [--images N] [--steps 50] [--batch-size B] [--device D] [--checkpoint DIR]
+                                 [--no-strong]
 
 `train`: training images per second of this package's loop (in-memory tensors, one
 slice per batch) for the plain VAE and for paired RAVEN (two images per training
@@ -10,7 +11,10 @@ torchvision's MNIST with ToTensor through a DataLoader, batch 128.
 
 `attack`: test images attacked per second by a full 50-step L-inf PGD on the encoder
 (KL and W2 attacks of raven.attacks, chunked), against a plain reference PGD loop
-written out below (batches of 100, one autograd.grad per step, last iterate).
+written out below (batches of 100, one autograd.grad per step, last iterate). Then the
+strong protocol (raven.protocols, its default settings, probe fitted on 10,000 training
+images): images per second at delta 0.1, and the seconds of the whole protocol over the
+paper's delta grid with and without its checks (`--no-strong` skips both).
 """
 
 from __future__ import annotations
@@ -192,9 +196,24 @@ def bench_attack(args: argparse.Namespace) -> list[tuple[str, float]]:
         measure[f"raven.attacks {kind}, chunks of {args.batch_size}, {args.steps} steps"] = (
             lambda kind=kind: timed(lambda: attack(model, x, delta, kind, steps=args.steps, batch_size=args.batch_size,
                                                    generator=torch.Generator(device=device).manual_seed(0))))
+    if args.strong:
+        from raven.evaluate import PAPER_DELTAS
+        from raven.probe import encode_mean, train_linear_probe
+        from raven.protocols import StrongConfig, strong_protocol, worst_case
+
+        probe, _ = train_linear_probe(encode_mean(model, splits.train_x[:10000]), splits.train_y[:10000])
+        y = splits.test_y[:args.images]
+        strong = StrongConfig()
+        measure["strong protocol (5 PGD attacks per iterate + AutoAttack), one delta"] = lambda: timed(
+            lambda: worst_case(model, probe, x, y, delta, strong, seed=0, batch_size=args.batch_size))
     rows = [(name, run()) for name, run in measure.items()]
     print_table(f"PGD attack throughput on {device} ({torch.get_num_threads()} threads, {len(x)} test images, "
                 f"delta {delta}, best of {args.repeats}, torch {torch.__version__})", rows, "images/s", baseline)
+    if args.strong:
+        out = strong_protocol(model, probe, x, y, PAPER_DELTAS, strong, seed=0, batch_size=args.batch_size)
+        robust = ", ".join(f"{k} {v:.3f}" for k, v in out["robust_accuracy"].items())
+        print(f"\nstrong protocol over the paper's grid ({len(PAPER_DELTAS)} deltas, {len(x)} images): "
+              f"{out['seconds']:.1f} s, checks {out['check_seconds']:.1f} s more; robust accuracy {robust}")
     return rows
 
 
@@ -218,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-warmup", dest="warmup", action="store_false", help="skip the untimed first pass")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--checkpoint", default=None, help="a trained model (default: a freshly initialised VAE)")
+    p.add_argument("--no-strong", dest="strong", action="store_false", help="skip the strong protocol")
     p.add_argument("--device", default="auto")
     p.add_argument("--data-dir", default=None)
     p.set_defaults(run=bench_attack)

@@ -92,7 +92,11 @@ def add_evaluate_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Fit a linear probe on encoder means, attack every test image with PGD per attack and "
                     "budget, and write robustness.json, robustness.csv and plots next to each checkpoint.")
     p.add_argument("dirs", nargs="+", metavar="DIR", help="checkpoint folders (or checkpoint.pt files) of `raven train`")
-    p.add_argument("--attacks", default="kl,w2", help="comma-separated: kl, w2, ce (default kl,w2)")
+    p.add_argument("--protocol", default="both",
+                   help="paper (the paper's PGD on the encoder), strong (worst case over every attack, per iterate, "
+                        "with AutoAttack on the probe) or both (default)")
+    p.add_argument("--attacks", default="kl,w2", help="paper protocol, comma-separated: kl, w2, ce, rkl, mean "
+                                                      "(default kl,w2)")
     p.add_argument("--deltas", default="0,0.025,0.05,0.075,0.1,0.15,0.2,0.25,0.3",
                    help="comma-separated L-inf budgets in [0, 1] (default 0,0.025,...,0.3)")
     p.add_argument("--steps", type=int, default=50, help="PGD iterations (default 50, the paper's)")
@@ -147,7 +151,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         attacks=tuple(_csv_words(args.attacks)), deltas=_parse_deltas(args.deltas), steps=args.steps,
         step_size=args.step_size, restarts=args.restarts, limit=args.limit, probe_limit=args.probe_limit,
         fid=not args.no_fid, tsne=not args.no_tsne, seed=args.seed, batch_size=args.batch_size,
-        fid_images=args.fid_images,
+        fid_images=args.fid_images, protocol=args.protocol,
     )
     files = [checkpoint_file(d) for d in args.dirs]  # every checkpoint must exist before any work
     device = resolve_device(args.device)

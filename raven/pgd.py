@@ -20,6 +20,8 @@ def pgd_linf(
     random_start: bool = True,
     generator: torch.Generator | None = None,
     keep_best: bool = True,
+    on_iterate: Callable[[torch.Tensor], None] | None = None,
+    start: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Maximise objective(x_adv) per row subject to ||x_adv - x||_inf <= epsilon, 0 <= x_adv <= 1.
 
@@ -29,13 +31,21 @@ def pgd_linf(
     there never moves. keep_best returns, per row, the best iterate seen (including the
     final one) rather than the last, which can only make the attack stronger.
     Gradients are taken with respect to the input alone; the result is detached.
+
+    on_iterate, when given, is called under no_grad with every iterate (the start, and the
+    point after each step, steps + 1 in all), e.g. to record whether a classifier is ever
+    fooled along the path; it must not modify its argument. start, when given, is the first
+    iterate instead of a (random) start, to continue an ascent from where an earlier call
+    left it; it must lie in the ball. Without either nothing extra runs.
     """
     x = x.detach()
     if epsilon <= 0:
         return x.clone()
     low = (x - epsilon).clamp(min=0.0)
     high = (x + epsilon).clamp(max=1.0)
-    if random_start:
+    if start is not None:
+        x_adv = start.detach().clone()
+    elif random_start:
         noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         x_adv = low + noise * (high - low)
     else:
@@ -44,6 +54,9 @@ def pgd_linf(
     best_value = torch.full((x.shape[0],), -torch.inf, device=x.device, dtype=x.dtype)
     row = (-1,) + (1,) * (x.dim() - 1)  # broadcasts a per-row flag over the row
     for _ in range(steps):
+        if on_iterate is not None:
+            with torch.no_grad():
+                on_iterate(x_adv)
         x_adv.requires_grad_(True)
         value = objective(x_adv)
         (grad,) = torch.autograd.grad(value.sum(), x_adv)
@@ -57,6 +70,9 @@ def pgd_linf(
                 best = torch.where(improved.view(row), x_adv, best)
             # In place (the graph that saw x_adv is gone): x_adv + step * sign(grad), then project.
             x_adv.add_(grad.sign_(), alpha=step_size).clamp_(min=low, max=high)
+    if on_iterate is not None:
+        with torch.no_grad():
+            on_iterate(x_adv)
     if not keep_best:
         return x_adv
     with torch.no_grad():

@@ -1,8 +1,10 @@
 """Figures of the robustness evaluation, drawn with matplotlib's Agg backend (no display needed).
 
 * `plot_accuracy_curves`: adversarial accuracy against the attack budget delta, one panel
-  per attack, one line per label (Figure 2). Runs sharing a label (seeds of one setting)
-  are drawn as their mean with a +-1 standard deviation band (sample std over runs).
+  per attack of the paper's protocol and, beside them, one for the strong protocol's
+  worst case (robust accuracy), one line per label (Figure 2). Runs sharing a label (seeds
+  of one setting) are drawn as their mean with a +-1 standard deviation band (sample std
+  over runs).
 * `plot_reconstructions`: test images above their mean reconstructions sigmoid(Dec(mu_x)).
 * `plot_tsne`: a 2-d t-SNE of clean and noisy test encodings coloured by class, clean as
   dots and noisy as crosses (Figure 1).
@@ -21,7 +23,17 @@ matplotlib.use("Agg")  # before pyplot: headless, and safe in worker processes
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-ATTACK_TITLES = {"kl": "KL attack", "w2": "Wasserstein-2 attack", "ce": "end-to-end cross-entropy attack"}
+ATTACK_TITLES = {"kl": "KL attack", "w2": "Wasserstein-2 attack", "ce": "end-to-end cross-entropy attack",
+                 "rkl": "reverse-KL attack", "mean": "posterior-mean attack"}
+STRONG = "strong"  # the panel of the strong protocol's robust accuracy
+STRONG_TITLE = "strong protocol: worst case over all attacks"
+
+
+def curve(run: dict[str, Any], attack: str) -> dict[str, float]:
+    """One accuracy-vs-delta curve of a robustness.json dict: a paper attack's, or STRONG's robust accuracy."""
+    if attack == STRONG:
+        return run.get("robust_accuracy") or {}
+    return (run.get("adversarial_accuracy") or {}).get(attack, {})
 
 
 def _save(fig: plt.Figure, path: str | os.PathLike) -> Path:
@@ -35,17 +47,17 @@ def _save(fig: plt.Figure, path: str | os.PathLike) -> Path:
 
 
 def accuracy_curve_data(runs: Sequence[dict[str, Any]], attack: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(deltas, mean, std) over `runs` (robustness.json dicts) for one attack, on the deltas all runs share.
+    """(deltas, mean, std) over `runs` (robustness.json dicts) for one attack (or STRONG), on the deltas all share.
 
     std is the sample standard deviation over runs (0 for a single run).
     """
     keys = None
     for run in runs:
-        run_keys = set(run["adversarial_accuracy"].get(attack, {}))
+        run_keys = set(curve(run, attack))
         keys = run_keys if keys is None else keys & run_keys
     keys = sorted(keys or (), key=float)
     deltas = np.array([float(k) for k in keys])
-    values = np.array([[run["adversarial_accuracy"][attack][k] for k in keys] for run in runs], dtype=float)
+    values = np.array([[curve(run, attack)[k] for k in keys] for run in runs], dtype=float)
     if len(keys) == 0:
         return deltas, np.zeros(0), np.zeros(0)
     mean = values.mean(axis=0)
@@ -58,18 +70,22 @@ def plot_accuracy_curves(entries: Iterable[tuple[str, dict[str, Any]]], path: st
     """Figure 2: accuracy vs delta per attack for labelled robustness results; returns the file written.
 
     `entries` are (label, robustness.json dict) pairs; several entries with one label are
-    averaged (mean line, +-std band).
+    averaged (mean line, +-std band). `attacks` (default: every paper attack present) that
+    no run measured are left out; the STRONG panel is added when any run has the strong
+    protocol's robust accuracy.
     """
     groups: OrderedDict[str, list[dict[str, Any]]] = OrderedDict()
     for label, result in entries:
         groups.setdefault(label, []).append(result)
     if not groups:
         raise ValueError("no results to plot")
-    if attacks is None:
-        attacks = []
-        for runs in groups.values():
-            for run in runs:
-                attacks += [a for a in run["adversarial_accuracy"] if a not in attacks]
+    runs_all = [run for runs in groups.values() for run in runs]
+    present = list(dict.fromkeys(a for run in runs_all for a in (run.get("adversarial_accuracy") or {})))
+    attacks = [a for a in (present if attacks is None else attacks) if a in present]
+    if any(curve(run, STRONG) for run in runs_all):
+        attacks.append(STRONG)
+    if not attacks:
+        raise ValueError("the results hold no accuracy curve to plot")
     fig, axes = plt.subplots(1, len(attacks), figsize=(4.6 * len(attacks), 3.8), squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, attack in zip(axes[0], attacks):
@@ -82,7 +98,7 @@ def plot_accuracy_curves(entries: Iterable[tuple[str, dict[str, Any]]], path: st
             ax.plot(deltas, 100 * mean, marker="o", markersize=3, color=color, label=label + suffix)
             if len(runs) > 1:
                 ax.fill_between(deltas, 100 * (mean - std), 100 * (mean + std), color=color, alpha=0.2, linewidth=0)
-        ax.set_title(ATTACK_TITLES.get(attack, attack))
+        ax.set_title(STRONG_TITLE if attack == STRONG else ATTACK_TITLES.get(attack, attack), fontsize=10)
         ax.set_xlabel(r"attack budget $\delta$ ($L_\infty$)")
         ax.set_ylabel("linear-probe accuracy (%)")
         ax.set_ylim(0, 100)

@@ -75,8 +75,13 @@ DATASET_LABELS = {"mnist": "MNIST", "fashion-mnist": "F-MNIST"}
 # RAVEN in blue as in the paper's Figure 2.
 METHOD_COLORS = {"raven": "tab:blue", "raven-gmm": "tab:purple", "vae": "tab:gray", "vae-noise": "tab:orange",
                  "se": "tab:green"}
-ATTACK_LABELS = {"kl": "KL attack", "w2": "Wasserstein attack", "ce": "cross-entropy attack"}
+ATTACK_LABELS = {"kl": "KL attack", "w2": "Wasserstein attack", "ce": "cross-entropy attack",
+                 "rkl": "reverse-KL attack", "mean": "posterior-mean attack", "strong": "strong protocol (worst case)"}
+# Figure 2's curves: the paper protocol's adv_acc_{attack}_delta_{delta}, and the strong protocol's
+# robust_acc_delta_{delta} as the attack "strong" (raven.evaluate.EvalResult.metrics).
 _CURVE_COLUMN = re.compile(r"^metrics\.adv_acc_([a-z0-9]+)_delta_([0-9.e-]+)$")
+_STRONG_COLUMN = re.compile(r"^metrics\.robust_acc_delta_([0-9.e-]+)$")
+STRONG = "strong"
 TSNE_ARTIFACT = "robustness/tsne.png"
 
 
@@ -233,17 +238,21 @@ def table2(repro: Reproduction) -> pd.DataFrame:
 
 
 def curves(repro: Reproduction) -> pd.DataFrame:
-    """Long table of adversarial accuracy: dataset, method, seed, attack, delta, accuracy (one row per point)."""
+    """Long table of adversarial accuracy: dataset, method, seed, attack, delta, accuracy (one row per point).
+
+    The strong protocol's robust accuracy, where the runs logged it, is the attack "strong".
+    """
     rows = []
     for column in repro.runs.columns:
-        match = _CURVE_COLUMN.match(column)
-        if not match:
+        match, strong = _CURVE_COLUMN.match(column), _STRONG_COLUMN.match(column)
+        if not (match or strong):
             continue
+        attack, delta = (match.group(1), match.group(2)) if match else (STRONG, strong.group(1))
         values = pd.to_numeric(repro.runs[column], errors="coerce")
         for (_, run), value in zip(repro.runs.iterrows(), values):
             if np.isfinite(value):
                 rows.append({"dataset": run["dataset"], "method": run["method"], "seed": run["seed"],
-                             "attack": match.group(1), "delta": float(match.group(2)), "accuracy": float(value)})
+                             "attack": attack, "delta": float(delta), "accuracy": float(value)})
     if not rows:
         raise ReportError(f"reproduction {repro.run_id} logged no adversarial accuracy (metrics adv_acc_*_delta_*)")
     return pd.DataFrame(rows).sort_values(["dataset", "method", "attack", "delta", "seed"]).reset_index(drop=True)
@@ -255,6 +264,30 @@ def curve_summary(points: pd.DataFrame) -> pd.DataFrame:
     return grouped.agg(seeds="count", accuracy_mean="mean", accuracy_std=lambda s: s.std(ddof=1)).reset_index()
 
 
+def protocol_table(summary: pd.DataFrame, deltas: tuple[float, ...] = (0.05, 0.1, 0.2)) -> pd.DataFrame:
+    """The paper's attacks beside the strong protocol: accuracy (%) mean over seeds per (dataset, method).
+
+    One column per (attack, delta) at the `deltas` the runs measured; empty when no run has the strong protocol.
+    """
+    if not (summary["attack"] == STRONG).any():
+        return pd.DataFrame()
+    part = summary[summary["delta"].round(6).isin([round(d, 6) for d in deltas])].copy()
+    part["column"] = part["attack"] + " δ=" + part["delta"].map(lambda d: f"{d:g}")
+    table = part.pivot_table(index=["dataset", "method"], columns="column", values="accuracy_mean", sort=False) * 100
+    attacks = [a for a in _ordered(part["attack"], ("kl", "w2", "ce", "rkl", "mean")) if a != STRONG] + [STRONG]
+    columns = [f"{a} δ={d:g}" for a in attacks for d in deltas if f"{a} δ={d:g}" in table.columns]
+    order = {name: i for i, name in enumerate(DATASETS + METHODS)}
+    table = table[columns].reset_index()
+    return table.sort_values(["dataset", "method"], key=lambda c: c.map(order)).reset_index(drop=True)
+
+
+def protocol_markdown(table: pd.DataFrame) -> str:
+    header = ["Dataset", "Method"] + [c for c in table.columns if c not in ("dataset", "method")]
+    rows = [[DATASET_LABELS.get(r["dataset"], r["dataset"]), METHOD_LABELS.get(r["method"], r["method"])]
+            + [_num(r[c], 1) for c in header[2:]] for _, r in table.iterrows()]
+    return markdown_table(header, rows)
+
+
 # ----------------------------------------------------------------------------- figures
 
 
@@ -264,9 +297,13 @@ def _ordered(values: Any, order: tuple[str, ...]) -> list[str]:
 
 
 def plot_figure2(summary: pd.DataFrame, path: str | os.PathLike | None = None, title: str | None = None) -> Figure:
-    """Figure 2: accuracy (%) vs delta, rows = datasets, columns = attacks, mean line and +-std band per method."""
+    """Figure 2: accuracy (%) vs delta, rows = datasets, columns = attacks, mean line and +-std band per method.
+
+    The strong protocol's worst case, where present, is the last column, beside the paper's attacks.
+    """
     datasets = _ordered(summary["dataset"], DATASETS)
-    attacks = _ordered(summary["attack"], ("kl", "w2", "ce"))
+    attacks = _ordered(summary["attack"], ("kl", "w2", "ce", "rkl", "mean"))
+    attacks = [a for a in attacks if a != STRONG] + ([STRONG] if STRONG in attacks else [])
     fig = Figure(figsize=(4.6 * len(attacks), 3.7 * len(datasets)), layout="constrained")
     axes = fig.subplots(len(datasets), len(attacks), squeeze=False)
     panel = iter("abcdefghijklmnop")
@@ -286,11 +323,40 @@ def plot_figure2(summary: pd.DataFrame, path: str | os.PathLike | None = None, t
             ax.set_ylabel("accuracy (%)")
             ax.set_ylim(0, 100)
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
+            if part.empty:  # e.g. a dataset whose runs were not evaluated with the strong protocol
+                ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes, color="gray")
+            else:
+                ax.legend(fontsize=7)
     if title:
         fig.suptitle(textwrap.fill(title, 110), fontsize=9)
     if path is not None:
         _save(fig, path)
+    return fig
+
+
+def plot_protocol_curves(points: pd.DataFrame, title: str | None = None) -> Figure:
+    """One panel per method: each paper attack's accuracy (%) against delta, and the strong protocol's, dashed.
+
+    `points` is `curves(...)`'s long table cut to the runs to show; several seeds are averaged.
+    """
+    methods = _ordered(points["method"], METHODS)
+    fig = Figure(figsize=(3.4 * len(methods), 3.2), layout="constrained")
+    axes = fig.subplots(1, len(methods), squeeze=False)[0]
+    for ax, method in zip(axes, methods):
+        part = points[points["method"] == method].groupby(["attack", "delta"])["accuracy"].mean().reset_index()
+        for attack in _ordered(part["attack"], ("kl", "w2", "ce", "rkl", "mean", STRONG)):
+            line = part[part["attack"] == attack].sort_values("delta")
+            style = dict(color="black", linestyle="--", linewidth=2) if attack == STRONG else {}
+            ax.plot(line["delta"], 100 * line["accuracy"], marker="o", markersize=3,
+                    label=ATTACK_LABELS.get(attack, attack), **style)
+        ax.set_title(METHOD_LABELS.get(method, method), fontsize=10)
+        ax.set_xlabel(r"$\delta$ ($L_\infty$)")
+        ax.set_ylabel("accuracy (%)")
+        ax.set_ylim(0, 100)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    if title:
+        fig.suptitle(title, fontsize=9)
     return fig
 
 
@@ -560,6 +626,12 @@ def write_report(out: str | os.PathLike = "report", tracking_uri: str | None = N
     plot_figure2(summary, out / "figure2.png", title=repro.budget)
     plot_figure1(repro, out / "figure1.png", data_dir=data_dir)
 
+    comparison = protocol_table(summary)
+    strong_note = ("\nThe last column is the strong protocol (`raven evaluate --protocol strong`, attack `strong` in "
+                   "`figure2.csv`): an image counts as correct only if the probe is right at every iterate of every "
+                   "attack, AutoAttack on the probe included. It bounds the probe's true robust accuracy from above "
+                   "far more tightly than the paper's attacks on the encoder. Accuracy (%), mean over seeds:\n\n"
+                   f"{protocol_markdown(comparison)}\n" if not comparison.empty else "")
     fid_note = ""
     if t2["fid_mean"].isna().all():
         fid_note = "\nFID was not computed in this reproduction (its budget has no FID), so its columns are empty.\n"
@@ -603,7 +675,7 @@ model's std over test images, averaged over seeds.
 
 Linear-probe accuracy on PGD-attacked test images (L∞ ball of radius δ), mean line and ± std band
 over seeds. The paper publishes this figure as a plot only; the points are in `figure2.csv`.
-
+{strong_note}
 ![Figure 2](figure2.png)
 
 ## Figure 1: t-SNE of clean and noisy test encodings

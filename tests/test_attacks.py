@@ -1,15 +1,16 @@
 """PGD attacks on the encoder: the budget, their strength against random noise, the KL direction,
-restarts, and an independent plain PGD that the batched attack must match or beat."""
+restarts, per-iterate correctness, and an independent plain PGD that the batched attack must match or beat."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from raven.attacks import attack, dissimilarity, encoder_dissimilarity, frozen, random_perturbation
+from raven.attacks import attack, dissimilarity, encoder_dissimilarity, frozen, random_perturbation, survives
 from raven.config import TrainConfig
-from raven.evaluate import encode_mean, train_linear_probe
 from raven.gaussians import diag_gaussian_kl, diag_gaussian_log_prob, diag_gaussian_w2_squared
+from raven.pgd import pgd_linf
+from raven.probe import encode_mean, train_linear_probe
 from raven.train import train
 
 
@@ -29,7 +30,7 @@ def images(mnist_small):
     return mnist_small.test_x[:200], mnist_small.test_y[:200]
 
 
-@pytest.mark.parametrize("kind", ["kl", "w2", "ce"])
+@pytest.mark.parametrize("kind", ["kl", "w2", "ce", "rkl", "mean"])
 def test_perturbations_stay_in_the_ball_and_the_pixel_range(kind, vae, probe, images):
     x, y = images
     delta = 0.1
@@ -147,3 +148,69 @@ def test_frozen_restores_flags_and_mode(vae):
         assert not any(p.requires_grad for p in vae.parameters()) and not vae.training
     assert all(p.requires_grad for p in vae.parameters()) and vae.training
     vae.eval()
+
+
+def test_reverse_kl_and_mean_attacks_measure_what_they_say():
+    generator = torch.Generator().manual_seed(2)
+    mu, mu_adv = torch.randn(5, 4, generator=generator), torch.randn(5, 4, generator=generator)
+    logvar, logvar_adv = torch.randn(5, 4, generator=generator), torch.randn(5, 4, generator=generator)
+    z = mu_adv + (0.5 * logvar_adv).exp() * torch.randn(400_000, 5, 4, generator=generator)
+    monte_carlo = (diag_gaussian_log_prob(z, mu_adv, logvar_adv) - diag_gaussian_log_prob(z, mu, logvar)).mean(0)
+    torch.testing.assert_close(dissimilarity("rkl", mu, logvar, mu_adv, logvar_adv).float(), monte_carlo,
+                               rtol=0.03, atol=0.03)
+    torch.testing.assert_close(dissimilarity("mean", mu, logvar, mu_adv, logvar_adv),
+                               ((mu - mu_adv) ** 2).sum(1).double())
+
+
+def test_pgd_reports_every_iterate_to_the_callback():
+    x = torch.rand(6, 10, generator=torch.Generator().manual_seed(0))
+    seen = []
+    target = torch.randn(10, generator=torch.Generator().manual_seed(1))
+    best = pgd_linf(lambda v: -(v - target).pow(2).sum(1), x, 0.1, steps=7, step_size=0.02,
+                    generator=torch.Generator().manual_seed(2), on_iterate=lambda v: seen.append(v.clone()))
+    assert len(seen) == 8  # the start and the point after each of the 7 steps
+    for point in seen:
+        assert (point - x).abs().max() <= 0.1 + 1e-6 and point.min() >= 0 and point.max() <= 1
+    assert not torch.equal(seen[0], seen[-1])
+    # the kept iterate is one of those the callback saw
+    assert all(any(torch.equal(best[i], point[i]) for point in seen) for i in range(len(x)))
+
+
+def _plain_per_iterate_kl(model, probe, x, y, delta, steps, seed):
+    """An independent PGD on the KL, one restart, the whole batch every step: is the probe right at every iterate?"""
+    with torch.no_grad():
+        right = probe(encode_mean(model, x)).argmax(1) == y
+    x, y = x[right], y[right]
+    generator = torch.Generator().manual_seed(seed)
+    low, high = (x - delta).clamp(min=0), (x + delta).clamp(max=1)
+    x_adv = low + torch.rand(x.shape, generator=generator) * (high - low)
+    with torch.no_grad():
+        mu, logvar = model.encoder(x)
+    ever_wrong = torch.zeros(len(x), dtype=torch.bool)
+    for step in range(steps + 1):
+        with torch.no_grad():
+            ever_wrong |= probe(model.encoder(x_adv)[0]).argmax(1) != y
+        if step == steps:
+            break
+        x_adv = x_adv.detach().requires_grad_(True)
+        value = diag_gaussian_kl(mu, logvar, *model.encoder(x_adv)).sum()
+        (grad,) = torch.autograd.grad(value, x_adv)
+        x_adv = torch.min(torch.max(x_adv.detach() + delta / 25 * grad.sign(), low), high)
+    survived = right.clone()
+    survived[right] = ~ever_wrong
+    return survived
+
+
+def test_survives_judges_every_iterate_like_an_independent_loop(vae, probe, images):
+    x, y = images
+    reference = _plain_per_iterate_kl(vae, probe, x, y, 0.1, steps=30, seed=4)
+    # The same random start (one chunk, one restart): the same paths, cut into segments that drop fooled rows.
+    ours = survives(vae, probe, x, y, 0.1, "kl", steps=30, restarts=1, batch_size=1000,
+                    generator=torch.Generator().manual_seed(4))
+    assert (ours == reference).float().mean() >= 0.98  # float rounding may flip a sign on a smaller batch
+    kept = attack(vae, x, 0.1, "kl", steps=30, probe=probe, y=y, generator=torch.Generator().manual_seed(4))
+    assert ours.sum() < kept.correct.sum()  # the KL's kept iterate hides misclassified ones
+    more = survives(vae, probe, x, y, 0.1, "kl", steps=30, restarts=3, generator=torch.Generator().manual_seed(4))
+    assert torch.all(ours | ~more)  # later restarts run on the survivors only: they can only remove
+    with pytest.raises(ValueError, match="needs the linear probe"):
+        survives(vae, None, x, y, 0.1, "kl", steps=3)

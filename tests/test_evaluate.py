@@ -1,5 +1,5 @@
-"""The robustness evaluator: probe + attacks protocol, metric definitions, clustering accuracy, FID,
-plots, MLflow logging, and `raven evaluate` end to end on a checkpoint of `raven train`."""
+"""The robustness evaluator: probe + attacks protocols, metric definitions, clustering accuracy, FID,
+plots, MLflow logging, and `raven evaluate` end to end (both protocols) on a checkpoint of `raven train`."""
 
 from __future__ import annotations
 
@@ -14,23 +14,18 @@ import torch
 from raven.cli import main
 from raven.config import ConfigError, TrainConfig
 from raven.data import noisy_copy
-from raven.evaluate import (
-    EvalConfig,
-    cluster_accuracy,
-    delta_key,
-    encode_mean,
-    evaluate_model,
-    latent_pair_distance,
-    mixture_assignments,
-    probe_and_attack,
-    reconstruction_mse_255,
-    sampled_latent_pair_distance,
-)
+from raven.evaluate import EvalConfig, delta_key, evaluate_model, probe_and_attack
+from raven.metrics import (cluster_accuracy, latent_pair_distance, mixture_assignments, reconstruction_mse_255,
+                           sampled_latent_pair_distance)
 from raven.objectives import aug_variance, mixture_component_log_prob
+from raven import plots
 from raven.plots import accuracy_curve_data, plot_accuracy_curves
+from raven.probe import encode_mean, train_linear_probe
+from raven.protocols import StrongConfig
 from raven.train import train
 
 CLI_DELTAS = "0,0.05,0.1,0.2"
+STRONG_ATTACKS = {"kl", "rkl", "w2", "mean", "ce", "autoattack"}
 
 
 @pytest.fixture(scope="module")
@@ -46,13 +41,13 @@ def gmm(mnist_small):
 
 @pytest.fixture(scope="module")
 def cli_run(tmp_path_factory, data_dir):
-    """`raven train --limit 2000 --epochs 1`, then `raven evaluate --limit 500` with MLflow, in process."""
+    """`raven train --limit 2000 --epochs 1`, then `raven evaluate --limit 300` (both protocols) with MLflow."""
     root = tmp_path_factory.mktemp("cli")
     run_dir = root / "vae"
     assert main(["train", "--method", "vae", "--limit", "2000", "--epochs", "1", "--out", str(run_dir),
                  "--data-dir", str(data_dir), "--device", "cpu"]) == 0
     tracking = f"sqlite:///{root / 'mlflow.db'}"
-    code = main(["evaluate", str(run_dir), "--limit", "500", "--deltas", CLI_DELTAS, "--no-fid",
+    code = main(["evaluate", str(run_dir), "--limit", "300", "--deltas", CLI_DELTAS, "--no-fid",
                  "--data-dir", str(data_dir), "--device", "cpu", "--tracking-uri", tracking,
                  "--experiment", "raven-test", "--plots-dir", str(root / "plots")])
     return {"code": code, "run_dir": run_dir, "root": root, "tracking": tracking}
@@ -74,6 +69,8 @@ def test_delta_keys_are_the_decimals_as_written():
         ({"step_size": -0.1}, "step_size must be"),
         ({"restarts": 3, "random_start": False}, "restarts > 1 needs random_start"),
         ({"limit": 0}, "limit must be"),
+        ({"protocol": "fast"}, "protocol must be one of paper, strong, both, got 'fast'"),
+        ({"strong": {"restarts": 0}}, "strong.restarts must be an integer >= 1"),
     ],
 )
 def test_eval_config_rejects_bad_values(changes, message):
@@ -104,8 +101,6 @@ def test_clean_accuracy_is_the_probe_accuracy_on_clean_means(vae, mnist_small):
     config = EvalConfig(attacks=("kl",), deltas=(0.0,), limit=200, probe_limit=2000)
     result = probe_and_attack(vae, mnist_small.train_x, mnist_small.train_y, mnist_small.test_x, mnist_small.test_y,
                               config)
-    from raven.evaluate import train_linear_probe
-
     probe, info = train_linear_probe(encode_mean(vae, mnist_small.train_x[:2000]), mnist_small.train_y[:2000])
     expected = (probe(encode_mean(vae, mnist_small.test_x[:200])).argmax(1) == mnist_small.test_y[:200]).double().mean()
     assert result["clean_accuracy"] == pytest.approx(float(expected))
@@ -157,14 +152,34 @@ def test_sampled_pair_distance_adds_both_posterior_variances(vae, mnist_small):
     assert mean - latent_pair_distance(mu, mu_n)[0] > 10 * std / math.sqrt(len(x))  # the variances count
 
 
-def test_evaluate_model_without_out_dir_and_with_fid(gmm, mnist_small):
+def test_curves_and_metrics_carry_both_protocols(vae, mnist_small):
+    small = StrongConfig(attacks=("ce",), steps=10, restarts=1, autoattack_steps=5, square_queries=20, check_images=50,
+                         convergence=False)
+    both = EvalConfig(protocol="both", strong=small, deltas=(0.0, 0.1), limit=80, probe_limit=2000, fid=False,
+                      tsne=False)
+    result = evaluate_model(vae, mnist_small, both)
+    paper = evaluate_model(vae, mnist_small, both.replace(protocol="paper"))
+    assert result.adversarial_accuracy == paper.adversarial_accuracy  # the strong run leaves the paper's untouched
+    assert paper.robust_accuracy is None and "robust_acc" not in paper.curves()
+    curves = result.curves()
+    assert set(curves) == {"adv_acc_kl", "adv_acc_w2", "robust_acc"}
+    assert curves["robust_acc"] == result.robust_accuracy and list(curves["adv_acc_kl"]) == ["0", "0.1"]
+    assert result.metrics()["robust_acc_delta_0.1"] == result.robust_accuracy["0.1"]
+    strong_only = evaluate_model(vae, mnist_small, both.replace(protocol="strong"))
+    assert strong_only.adversarial_accuracy == {} and strong_only.robust_accuracy == result.robust_accuracy
+    assert not any(name.startswith("adv_acc") for name in strong_only.metrics())
+
+
+def test_evaluate_model_without_out_dir_and_with_fid(gmm, mnist_small, tmp_path, monkeypatch):
     from raven.fid import fid_available
 
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # the test images' Inception statistics land here
     available, reason = fid_available()
     config = EvalConfig(attacks=("kl",), deltas=(0.0, 0.1), limit=64, probe_limit=1000, fid=True, tsne=False)
     result = evaluate_model(gmm, mnist_small, config)
     if available:
         assert result.fid is not None and math.isfinite(result.fid) and result.fid >= 0
+        assert len(list((tmp_path / "raven" / "fid").glob("inception-64-*.npz"))) == 1
     else:
         assert result.fid is None and result.fid_note == reason
     assert result.cluster_accuracy is not None and 0 <= result.cluster_accuracy <= 1
@@ -175,7 +190,7 @@ def test_evaluate_model_without_out_dir_and_with_fid(gmm, mnist_small):
     assert "cluster_accuracy" in metrics and all(isinstance(v, float) for v in metrics.values())
 
 
-def test_accuracy_curves_average_runs_sharing_a_label(tmp_path):
+def test_accuracy_curves_average_runs_sharing_a_label(tmp_path, monkeypatch):
     def fake(values):
         return {"adversarial_accuracy": {"kl": dict(zip(["0", "0.1", "0.2"], values))}}
 
@@ -187,6 +202,15 @@ def test_accuracy_curves_average_runs_sharing_a_label(tmp_path):
     path = plot_accuracy_curves([("raven", runs[0]), ("raven", runs[1]), ("vae", fake([0.9, 0.2, 0.0]))],
                                 tmp_path / "curves.png")
     assert path.stat().st_size > 1000
+    strong = [{**fake([0.9, 0.6, 0.3]), "robust_accuracy": {"0": 0.9, "0.1": 0.2, "0.2": 0.0}},
+              {**fake([0.8, 0.4, 0.1]), "robust_accuracy": {"0": 0.8, "0.1": 0.1, "0.2": 0.0}}]
+    deltas, mean, _ = accuracy_curve_data(strong, "strong")
+    np.testing.assert_allclose(mean, [0.85, 0.15, 0.0])
+    panels, subplots = [], plots.plt.subplots
+    monkeypatch.setattr(plots.plt, "subplots",
+                        lambda rows, cols, **kw: panels.append(cols) or subplots(rows, cols, **kw))
+    plot_accuracy_curves([("raven", r) for r in strong], tmp_path / "strong.png", attacks=("kl", "ce"))
+    assert panels == [2]  # kl (ce was not measured) beside the strong protocol's panel
 
 
 def test_evaluate_command_writes_complete_outputs(cli_run, capsys):
@@ -206,14 +230,27 @@ def test_evaluate_command_writes_complete_outputs(cli_run, capsys):
     assert report["mse"] > 0 and report["latent_pair_distance"]["mean"] >= 0
     assert report["latent_pair_distance"]["std"] >= 0
     settings = report["settings"]
-    assert settings["steps"] == 50 and settings["step_size"] == "delta/25" and settings["test_images"] == 500
+    assert settings["steps"] == 50 and settings["step_size"] == "delta/25" and settings["test_images"] == 300
     assert settings["seed"] == 0 and settings["dataset"] == "mnist" and settings["method"] == "vae"
     assert settings["checkpoint"].endswith("checkpoint.pt")
     assert settings["probe"]["train_images"] == 55000
+    assert report["protocol"] == settings["protocol"] == "both"  # the command's default
+    assert list(report["robust_accuracy"]) == CLI_DELTAS.split(",")
+    assert report["robust_accuracy"]["0"] == report["clean_accuracy"]
+    assert set(report["robust_accuracy_by_attack"]) == STRONG_ATTACKS
+    for key, robust in report["robust_accuracy"].items():
+        assert robust <= min(by_delta[key] for by_delta in report["robust_accuracy_by_attack"].values())
+        assert robust <= min(by_delta[key] for by_delta in report["adversarial_accuracy"].values())
+    assert report["robust_accuracy"]["0.2"] < report["adversarial_accuracy"]["kl"]["0.2"]
+    assert report["checks"]["ok"] and set(report["checks"]) == {"monotone", "flat_grey", "noise", "convergence", "ok"}
+    assert settings["strong"]["steps"] == StrongConfig().steps and settings["strong"]["square_queries"] == 5000
     with open(run_dir / "robustness.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 2 * 4
-    assert {(r["attack"], r["delta"]) for r in rows} == {(a, d) for a in ("kl", "w2") for d in CLI_DELTAS.split(",")}
+    paper = [r for r in rows if r["protocol"] == "paper"]
+    assert len(paper) == 2 * 4 and len(rows) == len(paper) + (1 + len(STRONG_ATTACKS)) * 4
+    assert {(r["attack"], r["delta"]) for r in paper} == {(a, d) for a in ("kl", "w2") for d in CLI_DELTAS.split(",")}
+    assert float(next(r for r in rows if r["attack"] == "all" and r["delta"] == "0.1")["accuracy"]) == \
+        report["robust_accuracy"]["0.1"]
     for png in (run_dir / "reconstructions.png", run_dir / "tsne.png",
                 cli_run["root"] / "plots" / "robustness_curves.png"):
         assert png.is_file() and png.stat().st_size > 1000, png
@@ -230,9 +267,12 @@ def test_evaluate_command_logs_to_mlflow(cli_run):
     metrics = run.data.metrics
     assert metrics["adv_acc_kl_delta_0.1"] == pytest.approx(report["adversarial_accuracy"]["kl"]["0.1"])
     assert metrics["clean_accuracy"] == pytest.approx(report["clean_accuracy"])
+    assert metrics["robust_acc_delta_0.1"] == pytest.approx(report["robust_accuracy"]["0.1"])
     assert {"mse_255", "latent_pair_distance_mean", "latent_pair_distance_std"} <= set(metrics)
     history = client.get_metric_history(run.info.run_id, "adv_acc_w2")
     assert sorted(m.step for m in history) == [0, 50, 100, 200]
+    strong = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "robust_acc")}
+    assert strong == pytest.approx({round(1000 * float(k)): v for k, v in report["robust_accuracy"].items()})
     assert run.data.params["eval.steps"] == "50"
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "robustness")}
     assert {"robustness/robustness.json", "robustness/robustness.csv", "robustness/tsne.png"} <= artifacts
@@ -246,6 +286,7 @@ def test_evaluate_command_logs_to_mlflow(cli_run):
         (["--deltas", "0,2"], "every delta must be a number in [0, 1]"),
         (["--attacks", "kl,pgd"], "unknown attack 'pgd'"),
         (["--steps", "0"], "steps must be an integer >= 1"),
+        (["--protocol", "strongest"], "protocol must be one of paper, strong, both, got 'strongest'"),
     ],
 )
 def test_evaluate_errors_are_one_line(args, message, cli_run, capsys):

@@ -1,4 +1,5 @@
-"""raven.fid: the Fréchet distance against independent computations, and FID on real MNIST digits."""
+"""raven.fid: the Fréchet distance against independent computations, FID on real MNIST digits, and the
+cached statistics of the reference images."""
 
 import gzip
 import warnings
@@ -10,7 +11,7 @@ import scipy.linalg
 import torch
 
 import raven.fid
-from raven.fid import InceptionFeatures, fid, fid_available, frechet_distance
+from raven.fid import InceptionFeatures, default_cache_dir, fid, fid_available, frechet_distance, images_digest
 
 FID_AVAILABLE, FID_REASON = fid_available()
 needs_inception = pytest.mark.skipif(not FID_AVAILABLE, reason=FID_REASON)
@@ -166,3 +167,59 @@ def test_disjoint_real_halves_are_much_closer_than_heavy_noise(mnist_features):
     between_real = frechet_distance(first, second)
     against_noise = frechet_distance(second, mnist_features["noisy"][max(NOISE_STDS)])
     assert between_real < 0.5 * against_noise, (between_real, against_noise)
+
+
+class CountingFeatures:
+    """A stand-in extractor (any features work for the cache's bookkeeping) that counts the images it sees."""
+
+    def __init__(self):
+        self.images = 0
+
+    def __call__(self, images, desc=""):
+        self.images += len(images)
+        return np.concatenate([images[:, ::37].double().numpy(), images[:, 5::41].double().numpy() ** 2], axis=1)
+
+
+def test_reference_statistics_are_cached_keyed_by_the_images_and_reused(tmp_path):
+    generator = torch.Generator().manual_seed(0)
+    reference, other = torch.rand(40, 784, generator=generator), torch.rand(30, 784, generator=generator)
+    extractor = CountingFeatures()
+    uncached = fid(reference, other, extractor=extractor)
+    assert extractor.images == 70
+    extractor.images = 0
+    first = fid(reference, other, extractor=extractor, reference_cache=tmp_path)
+    (saved,) = tmp_path.glob("inception-40-*.npz")
+    again = fid(reference, other, extractor=extractor, reference_cache=tmp_path)
+    assert extractor.images == 40 + 30 + 30  # the second evaluation paid for `other` only
+    assert first == uncached and again == uncached  # the same arithmetic on the same statistics
+    # Other images (even one pixel step of 1/255) get their own file; equal 8-bit images share it.
+    changed = reference.clone()
+    changed[0, 0] = 0.0 if changed[0, 0] > 0.5 else 1.0
+    assert images_digest(changed) != images_digest(reference)
+    quantised = (reference * 255).round() / 255
+    assert images_digest((quantised + 0.2 / 255).clamp(0, 1)) == images_digest(quantised)
+    fid(changed, other, extractor=extractor, reference_cache=tmp_path)
+    assert len(list(tmp_path.glob("inception-40-*.npz"))) == 2
+    # A damaged file is recomputed and replaced, not trusted.
+    saved.write_bytes(b"not an npz")
+    extractor.images = 0
+    assert fid(reference, other, extractor=extractor, reference_cache=tmp_path) == uncached
+    assert extractor.images == 70 and np.load(saved)["images"] == 40
+
+
+def test_default_cache_dir_follows_xdg_cache_home(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert default_cache_dir() == tmp_path / "raven" / "fid"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert default_cache_dir() == Path.home() / ".cache" / "raven" / "fid"
+
+
+@needs_inception
+def test_cached_fid_equals_uncached_fid_with_inception_and_shows_progress(mnist_features, tmp_path, capsys):
+    images = mnist_features["images"][:4]
+    noisy = (images + 0.2).clamp(0, 1)
+    uncached = fid(images, noisy)
+    cached = fid(images, noisy, reference_cache=tmp_path)
+    hit = fid(images, noisy, reference_cache=tmp_path)
+    assert cached == pytest.approx(uncached, rel=1e-9, abs=1e-9) and hit == cached
+    assert "Inception features" in capsys.readouterr().err  # tqdm's bar with the rate and time left

@@ -9,6 +9,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
+from raven import report
 from test_reproduce import smoke_store  # noqa: F401  (the session's shared store)
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
@@ -40,6 +41,11 @@ def text_of(book: nbformat.NotebookNode) -> str:
     return "\n".join(parts)
 
 
+def store_has_strong_protocol(store) -> bool:
+    """Whether the smoke reproduction's runs logged the strong protocol (its budget decides)."""
+    return "strong" in set(report.curves(report.load_reproduction(store.tracking_uri)).attack)
+
+
 @pytest.mark.parametrize("name", ["results.ipynb", "latent_space.ipynb"])
 def test_notebook_is_committed_without_outputs_and_has_one_parameter_cell(name):
     book = nbformat.read(NOTEBOOKS / name, as_version=4)
@@ -60,6 +66,10 @@ def test_results_notebook_draws_tables_figure2_and_the_sigma_sweep(smoke_store):
     assert "| MNIST | RAVEN | 2 |" in text and "92.49 ± 0.51" in text  # Table 2 next to the paper
     assert "0.89 ± 1.29" in text  # Table 1's paper column
     assert "best sigma_aug" in text  # the smoke sweep was found
+    if store_has_strong_protocol(smoke_store):
+        assert "| MNIST | RAVEN |" in text and " δ=0.1 |" in text  # the paper's attacks beside the strong protocol
+    else:
+        assert "No strong protocol in this reproduction" in text
     images = [out for out in outputs(book) if "image/png" in out.get("data", {})]
     assert len(images) == 2  # Figure 2 and the sweep plot
     assert not [out for out in outputs(book) if out.output_type == "error"]
@@ -80,5 +90,6 @@ def test_latent_space_notebook_loads_logged_models_and_draws_tsne(smoke_store): 
     text = text_of(book)
     assert "mnist, seed 0: models of vae, vae-noise, raven, raven-gmm, se" in text
     assert "150.0" in text  # the pair-distance summary counts 150 test images per method
+    assert ("No strong protocol in these runs" in text) != store_has_strong_protocol(smoke_store)
     images = [out for out in outputs(book) if "image/png" in out.get("data", {})]
-    assert len(images) == 2  # the pair-distance histogram and the t-SNE panels
+    assert len(images) == 3  # the pair-distance histogram, the t-SNE panels, the accuracy curves per method

@@ -112,3 +112,26 @@ def test_report_without_a_reproduction_fails_in_one_line(tmp_path):
     errors = [line for line in proc.stderr.splitlines() if "error" in line]
     assert len(errors) == 1 and "no MLflow experiment 'raven-reproduction'" in errors[0], proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_figure2_reads_the_strong_protocol_beside_the_paper(tmp_path):
+    from raven.report import Reproduction, curve_summary, curves, plot_figure2, protocol_markdown, protocol_table
+
+    rows = []
+    for method, seed, paper, strong in (("vae", 0, 0.40, 0.05), ("vae", 1, 0.50, 0.07), ("raven", 0, 0.70, 0.20)):
+        rows.append({"dataset": "mnist", "method": method, "seed": seed, "run_id": f"{method}{seed}",
+                     "metrics.adv_acc_kl_delta_0": 0.9, "metrics.adv_acc_kl_delta_0.1": paper,
+                     "metrics.adv_acc_w2_delta_0.1": paper - 0.1, "metrics.robust_acc_delta_0": 0.9,
+                     "metrics.robust_acc_delta_0.1": strong})
+    repro = Reproduction("sqlite:///none", "raven-reproduction", pd.Series({"run_id": "p"}), pd.DataFrame(rows))
+    summary = curve_summary(curves(repro))
+    strong = summary[(summary["attack"] == "strong") & (summary["delta"] == 0.1)].set_index("method")
+    assert strong.loc["vae", "accuracy_mean"] == pytest.approx(0.06) and strong.loc["vae", "seeds"] == 2
+    table = protocol_table(summary, deltas=(0.1,))
+    assert list(table.columns) == ["dataset", "method", "kl δ=0.1", "w2 δ=0.1", "strong δ=0.1"]
+    assert list(table["method"]) == ["vae", "raven"] and table["strong δ=0.1"].tolist() == pytest.approx([6.0, 20.0])
+    assert "| MNIST | RAVEN | 70.0 | 60.0 | 20.0 |" in protocol_markdown(table)
+    figure = plot_figure2(summary, tmp_path / "figure2.png")
+    titles = [ax.get_title() for ax in figure.axes]
+    assert len(titles) == 3 and titles[-1] == "(c) MNIST, strong protocol (worst case)"
+    assert protocol_table(summary[summary["attack"] != "strong"]).empty

@@ -1,0 +1,165 @@
+"""The outputs of one evaluation: EvalResult (robustness.json, robustness.csv, flat metrics, curves) and its summary.
+
+robustness.json holds the paper's protocol (`adversarial_accuracy`, per attack and
+delta) and the strong one (`robust_accuracy`, `robust_accuracy_by_attack`, `checks`),
+side by side; delta keys are raven.protocols.delta_key's decimals.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from raven.protocols import format_checks
+
+JSON_NAME = "robustness.json"
+CSV_NAME = "robustness.csv"
+CSV_FIELDS = ["protocol", "attack", "delta", "accuracy", "mean_dissimilarity", "images"]
+
+
+@dataclass
+class EvalResult:
+    """Everything one evaluation measured; `to_json()` is the robustness.json format.
+
+    adversarial_accuracy: the paper's protocol ({} when not run). robust_accuracy,
+    robust_accuracy_by_attack, autoattack_survivors, checks: the strong protocol (None
+    when not run).
+    """
+
+    clean_accuracy: float
+    adversarial_accuracy: dict[str, dict[str, float]]
+    attack_dissimilarity: dict[str, dict[str, float]]
+    mse: float
+    fid: float | None
+    fid_note: str | None
+    latent_pair_distance: dict[str, float]
+    cluster_accuracy: float | None
+    settings: dict[str, Any]
+    label: str
+    robust_accuracy: dict[str, float] | None = None
+    robust_accuracy_by_attack: dict[str, dict[str, float]] | None = None
+    autoattack_survivors: dict[str, dict[str, int]] | None = None
+    checks: dict[str, Any] | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    artifacts: list[Path] = field(default_factory=list)
+    latent_pair_distance_sampled: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "label": self.label,
+            "protocol": self.settings.get("protocol"),
+            "clean_accuracy": self.clean_accuracy,
+            "adversarial_accuracy": self.adversarial_accuracy,
+            "attack_dissimilarity": self.attack_dissimilarity,
+            "robust_accuracy": self.robust_accuracy,
+            "robust_accuracy_by_attack": self.robust_accuracy_by_attack,
+            "autoattack_survivors": self.autoattack_survivors,
+            "checks": self.checks,
+            "mse": self.mse,
+            "fid": self.fid,
+            "fid_note": self.fid_note,
+            "latent_pair_distance": dict(self.latent_pair_distance),
+            "latent_pair_distance_sampled": dict(self.latent_pair_distance_sampled),
+            "cluster_accuracy": self.cluster_accuracy,
+            "settings": self.settings,
+            "timings": self.timings,
+        }
+
+    def csv_rows(self) -> list[dict[str, Any]]:
+        """One row per (protocol, attack, delta); the strong protocol's worst case is attack "all"."""
+        images = self.settings.get("test_images")
+        rows = []
+        for kind, by_delta in self.adversarial_accuracy.items():
+            for key, acc in by_delta.items():
+                rows.append({"protocol": "paper", "attack": kind, "delta": key, "accuracy": acc,
+                             "mean_dissimilarity": self.attack_dissimilarity.get(kind, {}).get(key), "images": images})
+        if self.robust_accuracy is not None:
+            curves = {"all": self.robust_accuracy, **(self.robust_accuracy_by_attack or {})}
+            for kind, by_delta in curves.items():
+                for key, acc in by_delta.items():
+                    rows.append({"protocol": "strong", "attack": kind, "delta": key, "accuracy": acc,
+                                 "mean_dissimilarity": None, "images": images})
+        return rows
+
+    def metrics(self) -> dict[str, float]:
+        """Flat metrics for MLflow: adv_acc_{attack}_delta_{key}, robust_acc_delta_{key}, clean_accuracy, ..."""
+        out = {"clean_accuracy": self.clean_accuracy, "mse_255": self.mse,
+               "latent_pair_distance_mean": self.latent_pair_distance["mean"],
+               "latent_pair_distance_std": self.latent_pair_distance["std"]}
+        if self.latent_pair_distance_sampled:
+            out["latent_pair_distance_sampled_mean"] = self.latent_pair_distance_sampled["mean"]
+            out["latent_pair_distance_sampled_std"] = self.latent_pair_distance_sampled["std"]
+        for kind, by_delta in self.adversarial_accuracy.items():
+            for key, acc in by_delta.items():
+                out[f"adv_acc_{kind}_delta_{key}"] = acc
+        for key, acc in (self.robust_accuracy or {}).items():
+            out[f"robust_acc_delta_{key}"] = acc
+        if self.fid is not None:
+            out["fid"] = self.fid
+        if self.cluster_accuracy is not None:
+            out["cluster_accuracy"] = self.cluster_accuracy
+        return out
+
+    def curves(self) -> dict[str, dict[str, float]]:
+        """Accuracy-vs-delta curves {metric name: {delta_key: value}}: adv_acc_{attack} (paper), robust_acc (strong).
+
+        MLflow logs each at step round(1000 delta), so its chart is accuracy against delta.
+        """
+        out = {f"adv_acc_{kind}": dict(by_delta) for kind, by_delta in self.adversarial_accuracy.items()}
+        if self.robust_accuracy is not None:
+            out["robust_acc"] = dict(self.robust_accuracy)
+        return out
+
+    def write(self, out_dir: str | os.PathLike) -> list[Path]:
+        """robustness.json and robustness.csv into out_dir (added to `artifacts`)."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        json_path = out / JSON_NAME
+        tmp = json_path.with_name(json_path.name + ".tmp")
+        tmp.write_text(json.dumps(self.to_json(), indent=2))
+        os.replace(tmp, json_path)
+        csv_path = out / CSV_NAME
+        tmp = csv_path.with_name(csv_path.name + ".tmp")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+            writer.writeheader()
+            writer.writerows(self.csv_rows())
+        os.replace(tmp, csv_path)
+        for path in (json_path, csv_path):
+            if path not in self.artifacts:
+                self.artifacts.insert(0, path)
+        return [json_path, csv_path]
+
+
+def format_summary(results: list[EvalResult]) -> str:
+    """A plain-text table: one block per model, rows = attacks (paper, then strong), columns = deltas; then checks."""
+    lines = []
+    for result in results:
+        extra = f", cluster acc {result.cluster_accuracy:.4f}" if result.cluster_accuracy is not None else ""
+        fid_text = f"{result.fid:.3f}" if result.fid is not None else "n/a"
+        lines.append(f"{result.label}  ({result.settings.get('test_images')} test images; "
+                     f"clean acc {result.clean_accuracy:.4f}, MSE(0-255) {result.mse:.1f}, FID {fid_text}, "
+                     f"latent pair dist: means {result.latent_pair_distance['mean']:.4g} "
+                     f"+- {result.latent_pair_distance['std']:.4g}, sampled z "
+                     f"{result.latent_pair_distance_sampled.get('mean', math.nan):.4g} "
+                     f"+- {result.latent_pair_distance_sampled.get('std', math.nan):.4g}{extra})")
+        rows = [(f"paper {kind}", by_delta) for kind, by_delta in result.adversarial_accuracy.items()]
+        if result.robust_accuracy is not None:
+            rows.append(("STRONG (all)", result.robust_accuracy))
+            rows += [(f"strong {kind}", curve) for kind, curve in (result.robust_accuracy_by_attack or {}).items()]
+        keys: list[str] = []
+        for _, by_delta in rows:
+            keys += [k for k in by_delta if k not in keys]
+        width = max([len(name) for name, _ in rows] + [6])
+        lines.append(f"  {'attack':<{width}}" + "".join(f"{'d=' + k:>9}" for k in keys))
+        for name, by_delta in rows:
+            lines.append(f"  {name:<{width}}" + "".join(f"{by_delta[k]:>9.4f}" if k in by_delta else f"{'':>9}"
+                                                       for k in keys))
+        if result.checks is not None:
+            lines += [f"  {line}" for line in format_checks(result.checks)]
+    return "\n".join(lines)
