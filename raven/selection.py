@@ -5,7 +5,10 @@
   `probe_limit` images), then PGD attacks (kl and w2, `steps` steps, delta in {0.05, 0.1,
   0.2}) on the first `val_limit` validation images; the objective is the probe's accuracy on
   the adversarial images averaged over attacks and deltas (maximised). The test set is touched
-  only by the final evaluation.
+  only by the final evaluation. With `protocol="strong"` (`--objective strong`) it is
+  raven.protocols.strong_validation_objective instead: val_strong_robust_accuracy, APGD-CE on
+  the probe end to end at delta in {0.025, 0.05, 0.1}, the objective that ranks models as the
+  strong protocol does (README: "What the strong protocol shows").
 * `Objective`: a metric the trial reports at its last epoch and a direction, written
   `val_robust_accuracy:max`. A sweep has one (Optuna's TPE on that value) or several
   (multi-objective TPE, and the configurations on the Pareto front are the candidates).
@@ -27,9 +30,13 @@ import pandas as pd
 from raven.config import ConfigError
 from raven.data import DataSplits
 from raven.evaluate import EvalConfig, probe_and_attack
+from raven.protocols import STRONG_OBJECTIVE, StrongObjectiveSettings, strong_validation_objective
 
 OBJECTIVE = "val_robust_accuracy"
-DEFAULT_OBJECTIVES = (f"{OBJECTIVE}:max",)
+# The selection protocols: the paper's attacks on the encoder, or APGD-CE on the probe end to end.
+PROTOCOLS = ("paper", "strong")
+PROTOCOL_OBJECTIVE = {"paper": OBJECTIVE, "strong": STRONG_OBJECTIVE}
+PROTOCOL_STEPS = {"paper": 10, "strong": StrongObjectiveSettings.steps}
 # Validation metrics of raven.train every epoch reports, besides the objective's own.
 TRAIN_METRICS = ("val_elbo", "val_loss", "val_mse_255")
 _NAME = re.compile(r"^[A-Za-z0-9_.]+$")
@@ -65,16 +72,35 @@ def parse_objectives(texts: Iterable[str]) -> tuple[Objective, ...]:
 
 @dataclass(frozen=True)
 class ObjectiveSettings:
-    """The cheap validation-robustness objective (see the module docstring)."""
+    """The cheap validation-robustness objective (see the module docstring).
+
+    protocol "paper": `attacks` x `deltas` PGD of `steps` steps on the encoder; "strong": APGD-CE
+    of `steps` iterations on the probe at StrongObjectiveSettings' deltas (`attacks` and
+    `deltas` are the paper protocol's only).
+    """
 
     attacks: tuple[str, ...] = ("kl", "w2")
     deltas: tuple[float, ...] = (0.05, 0.1, 0.2)
-    steps: int = 10
+    steps: int = PROTOCOL_STEPS["paper"]
     val_limit: int = 1000
     probe_limit: int = 10000
     every: int = 0  # 0: only at the last epoch
     seed: int = 0
     batch_size: int = 1000
+    protocol: str = "paper"
+
+    def __post_init__(self) -> None:
+        if self.protocol not in PROTOCOLS:
+            raise ConfigError(f"--objective must be one of {', '.join(PROTOCOLS)}, got {self.protocol!r}")
+
+    @property
+    def objective(self) -> str:
+        """The metric the objective averages into: val_robust_accuracy or val_strong_robust_accuracy."""
+        return PROTOCOL_OBJECTIVE[self.protocol]
+
+    def strong_settings(self) -> StrongObjectiveSettings:
+        return StrongObjectiveSettings(steps=self.steps, val_limit=self.val_limit, probe_limit=self.probe_limit,
+                                       seed=self.seed, batch_size=self.batch_size)
 
     def eval_config(self) -> EvalConfig:
         return EvalConfig(attacks=tuple(self.attacks), deltas=tuple(self.deltas), steps=self.steps,
@@ -86,6 +112,9 @@ class ObjectiveSettings:
 
     def metrics(self) -> tuple[str, ...]:
         """Every metric `validation_objective` reports with these settings."""
+        if self.protocol == "strong":
+            keys = EvalConfig(deltas=self.strong_settings().deltas).to_dict()["deltas"]
+            return (STRONG_OBJECTIVE, "val_clean_accuracy", *(f"val_strong_acc_delta_{key}" for key in keys))
         parts = tuple(f"val_adv_acc_{kind}_delta_{key}" for kind in self.attacks
                       for key in self.eval_config().to_dict()["deltas"])
         return (OBJECTIVE, "val_clean_accuracy", *parts)
@@ -98,8 +127,11 @@ def validation_objective(model, splits: DataSplits, settings: ObjectiveSettings)
     """val_robust_accuracy (mean probe accuracy over attacks x deltas on validation images) and its parts.
 
     The probe is fitted on the first `probe_limit` training-split images, the attacks run on
-    the first `val_limit` validation images; the test split is never read.
+    the first `val_limit` validation images; the test split is never read. Under the strong
+    protocol: raven.protocols.strong_validation_objective.
     """
+    if settings.protocol == "strong":
+        return strong_validation_objective(model, splits, settings.strong_settings())
     out = probe_and_attack(model, splits.train_x, splits.train_y, splits.val_x, splits.val_y,
                            settings.eval_config())
     metrics = {"val_clean_accuracy": float(out["clean_accuracy"])}

@@ -28,7 +28,8 @@ from typing import Any, Sequence
 
 from raven.config import DATASETS, PAPER_ETA, PAPER_SE_ETA_GRID, PAPER_SIGMA_AUG, ConfigError, TrainConfig
 from raven.evaluate import EvalConfig
-from raven.selection import DEFAULT_OBJECTIVES, TRAIN_METRICS, ObjectiveSettings, parse_objectives
+from raven.protocols import PROTOCOLS as EVAL_PROTOCOLS
+from raven.selection import PROTOCOL_STEPS, PROTOCOLS, TRAIN_METRICS, ObjectiveSettings, parse_objectives
 from raven.provenance import git_version
 from raven.tracking import DEFAULT_TRACKING_URI, resolve_tracking_uri
 from raven.write_queue import write_atomic
@@ -100,12 +101,19 @@ class SweepSpec:
                                         "0.25 on a cluster with GPUs, else 0)", RESOURCES, low=0)
     max_failures: int = flag(3, "restarts of a failed trial (a lost node, a crashed worker) from its last "
                              "checkpoint, on any node (default 3; 0: a failure ends the trial)", RESOURCES, low=0)
-    objectives: tuple[str, ...] = flag(DEFAULT_OBJECTIVES, "what the search optimises: METRIC:max|min, "
+    objective: str = flag("paper", "the robustness objective on validation: 'paper' (val_robust_accuracy: the "
+                          "paper's KL and W2 PGD on the encoder) or 'strong' (val_strong_robust_accuracy: APGD-CE on "
+                          "the probe end to end, delta in {0.025, 0.05, 0.1}, which ranks models as the strong "
+                          "protocol does); default paper", SELECTION, choices=PROTOCOLS)
+    objectives: tuple[str, ...] = flag((), "what the search optimises: METRIC:max|min, "
                                        "comma-separated; several make a multi-objective search whose Pareto front "
-                                       "is evaluated (default val_robust_accuracy:max)", SELECTION,
+                                       "is evaluated (default val_robust_accuracy:max, or "
+                                       "val_strong_robust_accuracy:max with --objective strong)", SELECTION,
                                        metavar="METRIC:MODE,...")
     objective_images: int = flag(1000, "validation images attacked (default 1000)", SELECTION, smoke=200, low=1)
-    objective_steps: int = flag(10, "PGD steps (default 10)", SELECTION, smoke=5, low=1)
+    objective_steps: int | None = flag(None, f"PGD steps (default {PROTOCOL_STEPS['paper']}; APGD-CE iterations "
+                                       f"with --objective strong, default {PROTOCOL_STEPS['strong']})", SELECTION,
+                                       smoke=5, low=1)
     objective_probe_images: int = flag(10000, "training images for the probe (default 10000)", SELECTION,
                                        smoke=1000, low=1)
     objective_every: int | None = flag(None, "compute the objective every K epochs (default: last epoch only; "
@@ -116,6 +124,9 @@ class SweepSpec:
     eval_steps: int = flag(50, "PGD steps (default 50)", EVALUATION, smoke=10, low=1)
     eval_deltas: tuple[float, ...] | None = flag(None, "attack budgets (default the paper's grid)", EVALUATION,
                                                  smoke=(0.0, 0.1, 0.2))
+    eval_protocol: str | None = flag(None, "the protocol of the final evaluation: paper, strong or both (raven "
+                                     "evaluate --protocol; default paper, both with --objective strong)", EVALUATION,
+                                     choices=EVAL_PROTOCOLS)
     eval_probe_images: int | None = flag(None, "training images for the probe (default all)", EVALUATION,
                                          smoke=1000, low=1)
     eval_gpus: float | None = flag(None, "GPUs per evaluation task (default 1 if any)", EVALUATION, low=0)
@@ -143,6 +154,10 @@ class SweepSpec:
                 raise ConfigError(f"--{f.name.replace('_', '-')} must be {bound}, got {value!r}")
         if self.name and not _NAME.match(self.name):
             raise ConfigError(f"--name may hold letters, digits, '.', '_' and '-' only, got {self.name!r}")
+        if self.objective not in PROTOCOLS:
+            raise ConfigError(f"--objective must be one of {', '.join(PROTOCOLS)}, got {self.objective!r}")
+        if not self.objectives:  # the default follows the protocol
+            object.__setattr__(self, "objectives", (f"{self.objective_settings.objective}:max",))
         objectives = parse_objectives(self.objectives)
         known = (*self.objective_settings.metrics(), *TRAIN_METRICS)
         for objective in objectives:
@@ -167,7 +182,8 @@ class SweepSpec:
     @property
     def objective_settings(self) -> ObjectiveSettings:
         every = self.objective_every if self.objective_every is not None else (1 if self.asha else 0)
-        return ObjectiveSettings(val_limit=self.objective_images, steps=self.objective_steps,
+        steps = self.objective_steps if self.objective_steps is not None else PROTOCOL_STEPS[self.objective]
+        return ObjectiveSettings(val_limit=self.objective_images, steps=steps, protocol=self.objective,
                                  probe_limit=self.objective_probe_images, every=every, seed=self.seed)
 
     @property
@@ -177,6 +193,7 @@ class SweepSpec:
                   "fid": self.fid, "tsne": self.tsne, "tsne_points": self.tsne_points, "seed": self.seed}
         if self.eval_deltas is not None:
             values["deltas"] = list(self.eval_deltas)
+        values["protocol"] = self.eval_protocol or ("both" if self.objective == "strong" else "paper")
         return values
 
     @property

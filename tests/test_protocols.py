@@ -14,6 +14,7 @@ from raven.config import ConfigError, TrainConfig
 from raven.probe import encode_mean, train_linear_probe
 from raven.protocols import (StrongConfig, StrongObjectiveSettings, bite_checks, format_checks, strong_protocol,
                              strong_validation_objective)
+from raven.selection import ObjectiveSettings, validation_objective
 from raven.train import train
 
 DELTAS = (0.0, 0.03, 0.1, 0.5)
@@ -138,6 +139,12 @@ def test_strong_objective_reads_the_validation_split_only(vae, mnist_small):
     parts = [metrics[f"val_strong_acc_delta_{k}"] for k in ("0.025", "0.05", "0.1")]
     assert metrics["val_strong_robust_accuracy"] == pytest.approx(sum(parts) / 3)
     assert all(0 <= p <= metrics["val_clean_accuracy"] for p in parts) and parts == sorted(parts, reverse=True)
+    # The sweeps' --objective strong is this objective, reporting exactly the metrics it declares.
+    chosen = ObjectiveSettings(protocol="strong", val_limit=100, probe_limit=2000, steps=10)
+    assert validation_objective(vae, poisoned, chosen) == metrics
+    assert set(metrics) == set(chosen.metrics())
+    with pytest.raises(ConfigError, match="--objective must be one of paper, strong"):
+        ObjectiveSettings(protocol="autoattack")
 
 
 def test_checks_fail_when_accuracy_rises_or_the_flat_grey_image_is_missed():

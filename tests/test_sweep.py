@@ -152,6 +152,7 @@ def _bad_flag_cases(tmp: Path) -> list[tuple[Path, list[str], dict[str, str], st
         (SIGMA_SCRIPT, ["--num-samples", "-3"], {}, "--num-samples"),
         (SIGMA_SCRIPT, ["--epochs", "0", "--smoke"], {}, "--epochs"),
         (SIGMA_SCRIPT, ["--dataset", "cifar10"], {}, "invalid choice"),
+        (SIGMA_SCRIPT, ["--objective", "autoattack"], {}, "invalid choice"),
         (SIGMA_SCRIPT, ["--address", dead], {}, "cannot reach a Ray cluster"),
         (SIGMA_SCRIPT, ["--address", "auto"], {"RAY_ADDRESS": dead}, "cannot reach a Ray cluster"),
         (ETA_SCRIPT, ["--eta-min", "100", "--eta-max", "10"], {}, "eta range"),

@@ -56,10 +56,28 @@ def test_presets_and_explicit_flags(tmp_path):
     (["--objectives", "test_accuracy:max"], "unknown metric 'test_accuracy'"),
     (["--objectives", "val_robust_accuracy:max,val_elbo:max", "--asha"], "--asha stops trials on one metric"),
     (["--eval-deltas", "0,2"], "every delta must be a number in [0, 1]"),
+    (["--objective", "strong", "--objectives", "val_robust_accuracy:max"], "unknown metric 'val_robust_accuracy'"),
 ])
 def test_bad_values_are_rejected_in_one_line_naming_the_flag(flags, message, tmp_path):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
         parse(*flags, "--storage-path", str(tmp_path))
+
+
+def test_the_strong_objective_sets_its_metric_steps_and_protocol(tmp_path):
+    paper = parse("--storage-path", str(tmp_path))
+    strong = parse("--objective", "strong", "--storage-path", str(tmp_path))
+    assert paper.objectives == ("val_robust_accuracy:max",) and paper.objective_settings.steps == 10
+    assert strong.objectives == ("val_strong_robust_accuracy:max",)
+    settings = strong.objective_settings
+    assert (settings.protocol, settings.steps, settings.val_limit) == ("strong", 20, 1000)
+    assert settings.metrics() == ("val_strong_robust_accuracy", "val_clean_accuracy", "val_strong_acc_delta_0.025",
+                                  "val_strong_acc_delta_0.05", "val_strong_acc_delta_0.1")
+    both = parse("--objective", "strong", "--objective-steps", "7", "--objectives",
+                 "val_strong_robust_accuracy:max,val_elbo:max", "--storage-path", str(tmp_path))
+    assert both.objective_settings.strong_settings().steps == 7 and len(both.objective_list) == 2
+    # The final evaluation adds the strong protocol when the search selected on it; a flag overrides.
+    assert (paper.eval_config.protocol, strong.eval_config.protocol) == ("paper", "both")
+    assert parse("--eval-protocol", "strong", "--storage-path", str(tmp_path)).eval_config.protocol == "strong"
 
 
 def test_passwords_stay_out_of_what_is_shown():
