@@ -173,13 +173,16 @@ def load_splits(
     )
 
 
-def noisy_copy(x: torch.Tensor, noise_std: float, generator: torch.Generator | None = None) -> torch.Tensor:
+def noisy_copy(x: torch.Tensor, noise_std: float, generator: torch.Generator | None = None,
+               eps: torch.Tensor | None = None) -> torch.Tensor:
     """The augmented partner x' = clip(x + eps, 0, 1), eps ~ N(0, noise_std^2 I).
 
     Clipping keeps x' a valid image and a valid Bernoulli target: binary cross-entropy
     against a target outside [0, 1] is unbounded below (for t > 1 it falls without limit
     as the logit grows), which a decoder would exploit. The attacks project onto the
     same pixel range, so training and evaluation agree on what an image is.
+    `eps` passes the standard normal draw (shaped like x) instead of drawing it from `generator`.
     """
-    eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    if eps is None:
+        eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
     return (x + noise_std * eps).clamp_(0.0, 1.0)

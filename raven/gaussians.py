@@ -49,7 +49,13 @@ def diag_gaussian_entropy(logvar: torch.Tensor) -> torch.Tensor:
     return 0.5 * (1.0 + LOG_2PI + logvar).sum(dim=-1)
 
 
-def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """z = mu + sigma * eps with eps drawn from `generator` so that runs replay exactly."""
-    eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None = None,
+                   eps: torch.Tensor | None = None) -> torch.Tensor:
+    """z = mu + sigma * eps with eps drawn from `generator` so that runs replay exactly.
+
+    `eps` passes a standard normal draw shaped like mu instead (a caller that draws its
+    randomness up front, such as a pack of models with one generator per member).
+    """
+    if eps is None:
+        eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
     return mu + (0.5 * logvar).exp() * eps

@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from raven.config import ConfigError, TrainConfig
-from raven.data import DataSplits, load_splits, noisy_copy
+from raven.data import IMAGE_SIZE, DataSplits, load_splits, noisy_copy
 from raven.gaussians import (
     diag_gaussian_kl,
     diag_gaussian_log_prob,
@@ -80,6 +80,9 @@ class TrainResult:
     config: TrainConfig
     history: list[dict[str, float]] = field(default_factory=list)
     out_dir: Path | None = None
+    # Set by raven.pack for a member whose loss became non-finite (train() raises instead):
+    # the divergence message; model and history are then those of its last good epoch.
+    diverged: str | None = None
 
     @property
     def final_metrics(self) -> dict[str, float]:
@@ -106,7 +109,27 @@ def build_model(config: TrainConfig) -> RavenModel:
         return RavenModel(config.latent_dim, config.n_components if config.method == "raven-gmm" else None)
 
 
-def se_partner(model: RavenModel, x: torch.Tensor, config: TrainConfig, generator: torch.Generator) -> torch.Tensor:
+def draw_step_noise(config: TrainConfig, batch_size: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Every random number one training step of `config` consumes, in the order it always drew them.
+
+    "start": U(0, 1) of the Smooth Encoder's PGD start, (batch, 784); "pixel": N(0, 1) of
+    the noisy partner, (batch, 784); "latent": N(0, 1) of the reparameterisation, (rows, d),
+    rows = 2 * batch for paired methods (clean rows, then partner rows). Drawing up front
+    rather than inside the step gives the same values from the same generator, and lets a
+    pack (raven.pack) draw each member's from that member's own generator and stack them.
+    """
+    device = generator.device
+    noise = {}
+    if config.method == "se":
+        noise["start"] = torch.rand((batch_size, IMAGE_SIZE), generator=generator, device=device)
+    elif config.paired:
+        noise["pixel"] = torch.randn((batch_size, IMAGE_SIZE), generator=generator, device=device)
+    rows = 2 * batch_size if config.paired else batch_size
+    noise["latent"] = torch.randn((rows, config.latent_dim), generator=generator, device=device)
+    return noise
+
+
+def se_partner(model: RavenModel, x: torch.Tensor, config: TrainConfig, start_noise: torch.Tensor) -> torch.Tensor:
     """The Smooth Encoder's partner x_b: PGD maximising W2(q(.|x), q(.|x_b)) in the eps_train ball."""
     with torch.no_grad():
         mu, logvar = model.encoder(x)
@@ -117,39 +140,61 @@ def se_partner(model: RavenModel, x: torch.Tensor, config: TrainConfig, generato
 
     # Step size 2.5 eps / steps (Madry et al.'s rule) lets the iterate cross the ball.
     return pgd_linf(w2, x, config.se_epsilon, config.se_steps, 2.5 * config.se_epsilon / config.se_steps,
-                    random_start=True, generator=generator, keep_best=False)
+                    random_start=True, keep_best=False, start_noise=start_noise)
 
 
 def method_loss(model: RavenModel, config: TrainConfig, x: torch.Tensor, generator: torch.Generator) -> Terms:
     """The method's objective on a batch of clean images, partners drawn from `generator`."""
+    return step_terms(model, config, x, draw_step_noise(config, len(x), generator))
+
+
+def step_terms(model: RavenModel, config: TrainConfig, x: torch.Tensor, noise: dict[str, torch.Tensor]) -> Terms:
+    """The method's objective on clean images x (batch, 784), given the step's draws (draw_step_noise).
+
+    Written over the last two dimensions, so a pack (raven.pack) passes (K, batch, 784)
+    images, its K-member model, stacked draws and per-member settings as tensors that
+    broadcast over the pack, and gets one value per member in every term.
+    """
     if config.method == "vae":
         mu, logvar = model.encoder(x)
-        logits = model.decoder(reparameterize(mu, logvar, generator))
+        logits = model.decoder(reparameterize(mu, logvar, eps=noise["latent"]))
         return vae_loss(x, logits, mu, logvar, config.beta)
     if config.method == "se":
-        x_adv = se_partner(model, x, config, generator)
-        mu, logvar = model.encoder(torch.cat([x, x_adv]))
-        mu, mu_adv = mu.chunk(2)
-        logvar, logvar_adv = logvar.chunk(2)
-        logits = model.decoder(reparameterize(mu, logvar, generator))
+        x_adv = se_partner(model, x, config, noise["start"])
+        mu, logvar = model.encoder(torch.cat([x, x_adv], dim=-2))
+        mu, mu_adv = mu.chunk(2, dim=-2)
+        logvar, logvar_adv = logvar.chunk(2, dim=-2)
+        logits = model.decoder(reparameterize(mu, logvar, eps=noise["latent"]))
         return smooth_encoder_loss(x, logits, mu, logvar, mu_adv, logvar_adv, config.eta, config.beta)
 
-    x_pair = noisy_copy(x, config.noise_std, generator)
+    x_pair = noisy_copy(x, config.noise_std, eps=noise["pixel"])
     # One pass over the stacked pair: twice the rows per matrix product, half the kernel launches.
-    both = torch.cat([x, x_pair])
+    both = torch.cat([x, x_pair], dim=-2)
     mu_both, logvar_both = model.encoder(both)
-    z_both = reparameterize(mu_both, logvar_both, generator)
-    logits, logits_pair = model.decoder(z_both).chunk(2)
-    mu, mu_pair = mu_both.chunk(2)
-    logvar, logvar_pair = logvar_both.chunk(2)
+    z_both = reparameterize(mu_both, logvar_both, eps=noise["latent"])
+    logits, logits_pair = model.decoder(z_both).chunk(2, dim=-2)
+    mu, mu_pair = mu_both.chunk(2, dim=-2)
+    logvar, logvar_pair = logvar_both.chunk(2, dim=-2)
     if config.method == "vae-noise":
         return vae_noise_loss(x, x_pair, logits, logits_pair, mu, logvar, mu_pair, logvar_pair, config.beta)
     if config.method == "raven":
         return raven_loss(x, x_pair, logits, logits_pair, mu, logvar, mu_pair, logvar_pair, config.sigma_aug, config.beta)
-    z, z_pair = z_both.chunk(2)
+    z, z_pair = z_both.chunk(2, dim=-2)
     prior = model.prior
     return raven_gmm_loss(x, x_pair, logits, logits_pair, mu, logvar, mu_pair, logvar_pair, z, z_pair,
                           prior.logits, prior.means, prior.logvars, config.sigma_aug, config.beta)
+
+
+def train_step(model: RavenModel, optimizer: torch.optim.Optimizer, config: TrainConfig, x: torch.Tensor,
+               generator: torch.Generator) -> Terms:
+    """One optimiser step of the solo loop on batch x: objective, backward, norm cap, RAdam."""
+    terms = method_loss(model, config, x, generator)
+    optimizer.zero_grad(set_to_none=True)
+    terms["loss"].backward()
+    if config.grad_clip_norm is not None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip_norm)
+    optimizer.step()
+    return terms
 
 
 def single_image_kl(model: RavenModel, config: TrainConfig, mu: torch.Tensor, logvar: torch.Tensor,
@@ -256,6 +301,44 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     return model
 
 
+def resume_state(checkpoint_path: Path, config: TrainConfig, device: torch.device) -> dict[str, Any] | None:
+    """The checkpoint to resume `config` from, None when there is none; epochs and patience may change."""
+    if not checkpoint_path.is_file():
+        return None
+    state = load_state(checkpoint_path, device)
+    saved = TrainConfig.from_dict(state["config"])
+    if saved.replace(epochs=config.epochs, patience=config.patience) != config:
+        raise ConfigError(f"{checkpoint_path} was trained with a different config; "
+                          "use another --out, or --fresh to start over")
+    return state
+
+
+def write_checkpoint(out_path: Path, config: TrainConfig, model_state: dict[str, torch.Tensor],
+                     optimizer_state: dict[str, Any], generator: torch.Generator, history: list[dict[str, float]],
+                     device: torch.device, train_images: int) -> None:
+    """DIR/checkpoint.pt (everything resume needs) and DIR/metrics.json after epoch len(history)."""
+    _atomic_torch_save({
+        "format": CHECKPOINT_FORMAT,
+        "config": config.to_dict(),
+        "model": model_state,
+        "optimizer": optimizer_state,
+        "generator": generator.get_state(),
+        "epoch": len(history),
+        "history": history,
+        "torch_version": torch.__version__,
+    }, out_path / CHECKPOINT_NAME)
+    _write_json({"config": config.to_dict(), "device": str(device), "train_images": train_images,
+                 "history": history, "final": history[-1]}, out_path / METRICS_NAME)
+
+
+def divergence_message(epoch: int, bad_step: int, steps_per_epoch: int, out_path: Path | None) -> str:
+    """What TrainingDiverged says: epoch (from 0) and step (from 0) of the first non-finite loss."""
+    return (f"loss became NaN or infinite at epoch {epoch + 1}, step {bad_step + 1} of {steps_per_epoch} "
+            f"(global step {epoch * steps_per_epoch + bad_step + 1})"
+            f"{'; the last good checkpoint is kept in ' + str(out_path) if out_path else ''}"
+            "; try a lower --lr or --beta")
+
+
 def train(
     config: TrainConfig,
     splits: DataSplits | None = None,
@@ -295,12 +378,8 @@ def train(
     checkpoint_path = out_path / CHECKPOINT_NAME if out_path else None
     if out_path:
         out_path.mkdir(parents=True, exist_ok=True)
-        if resume and checkpoint_path.is_file():
-            state = load_state(checkpoint_path, device)
-            saved = TrainConfig.from_dict(state["config"])
-            if saved.replace(epochs=config.epochs, patience=config.patience) != config:
-                raise ConfigError(f"{checkpoint_path} was trained with a different config; "
-                                  "use another --out, or --fresh to start over")
+        state = resume_state(checkpoint_path, config, device) if resume else None
+        if state is not None:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             generator.set_state(state["generator"].cpu())
@@ -324,13 +403,8 @@ def train(
             first_bad_step = torch.tensor(-1, device=device)
             for step in range(steps_per_epoch):
                 x = train_x[order[step * config.batch_size:(step + 1) * config.batch_size]]
-                terms = method_loss(model, config, x, generator)
+                terms = train_step(model, optimizer, config, x, generator)
                 loss = terms["loss"]
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if config.grad_clip_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip_norm)
-                optimizer.step()
                 with torch.no_grad():
                     for name, value in terms.items():
                         totals[name] = totals.get(name, 0.0) + value.detach()
@@ -338,13 +412,7 @@ def train(
                     first_bad_step = torch.where(bad_now, step, first_bad_step)
                 if (step + 1) % FINITE_CHECK_EVERY == 0 or step + 1 == steps_per_epoch:
                     if int(first_bad_step) >= 0:
-                        bad = int(first_bad_step)
-                        raise TrainingDiverged(
-                            f"loss became NaN or infinite at epoch {epoch + 1}, step {bad + 1} of {steps_per_epoch} "
-                            f"(global step {epoch * steps_per_epoch + bad + 1})"
-                            f"{'; the last good checkpoint is kept in ' + str(out_path) if out_path else ''}"
-                            "; try a lower --lr or --beta"
-                        )
+                        raise TrainingDiverged(divergence_message(epoch, int(first_bad_step), steps_per_epoch, out_path))
                 bar.update(1)
             seconds = time.perf_counter() - started
             metrics = {f"train_{name}": float(total) / steps_per_epoch for name, total in totals.items()}
@@ -354,18 +422,8 @@ def train(
             metrics["images_per_second"] = len(train_x) / seconds
             history.append(metrics)
             if out_path:
-                _atomic_torch_save({
-                    "format": CHECKPOINT_FORMAT,
-                    "config": config.to_dict(),
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "generator": generator.get_state(),
-                    "epoch": epoch + 1,
-                    "history": history,
-                    "torch_version": torch.__version__,
-                }, checkpoint_path)
-                _write_json({"config": config.to_dict(), "device": str(device), "train_images": len(train_x),
-                             "history": history, "final": metrics}, out_path / METRICS_NAME)
+                write_checkpoint(out_path, config, model.state_dict(), optimizer.state_dict(), generator, history,
+                                 device, len(train_x))
             if log:
                 log(f"epoch {epoch + 1}/{config.epochs}  loss {metrics['train_loss']:.2f}  "
                     f"val_elbo {metrics['val_elbo']:.2f}  val_mse_255 {metrics['val_mse_255']:.1f}  "
