@@ -242,8 +242,10 @@ class PackedTrainer:
         device = train_x.device
         self.model = PackedModel(models).to(device)
         self.model.train()
-        self.optimizer = torch.optim.RAdam(self.model.parameters(), lr=configs[0].lr, capturable=cuda_graphs)
-        self._load_optimizer_states(optimizer_states, device, cuda_graphs)
+        # A captured step needs RAdam's step count on the device (no host read of it).
+        capturable = cuda_graphs and device.type == "cuda"
+        self.optimizer = torch.optim.RAdam(self.model.parameters(), lr=configs[0].lr, capturable=capturable)
+        self._load_optimizer_states(optimizer_states, device, capturable)
         self.generators = generators
         self.settings = PackSettings.of(configs, device)
         caps = [c.grad_clip_norm for c in configs]
