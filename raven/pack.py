@@ -255,7 +255,7 @@ class PackedTrainer:
         self.totals: dict[str, torch.Tensor] | None = None
         self.first_bad = torch.full((len(configs),), -1, dtype=torch.long, device=device)
         self.step_count = torch.zeros((), dtype=torch.long, device=device)
-        self._graphs = _GraphedStep(self._step, generators, log) if cuda_graphs else None
+        self._graphs = _GraphedStep(self._step, generators, list(self.model.parameters()), log) if cuda_graphs else None
 
     def _load_optimizer_states(self, states: list[dict[str, Any] | None], device: torch.device,
                                capturable: bool) -> None:
@@ -355,9 +355,10 @@ class _GraphedStep:
     same tensors in place and may alternate (the epoch's last, smaller batch)."""
 
     def __init__(self, step: Callable[[torch.Tensor], None], generators: list[torch.Generator],
-                 log: Callable[[str], None] | None) -> None:
+                 parameters: list[nn.Parameter], log: Callable[[str], None] | None) -> None:
         self.step_fn = step
         self.generators = generators
+        self.parameters = parameters
         self.log = log
         self.graphs: dict[tuple[int, ...], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.eager_steps: Counter[tuple[int, ...]] = Counter()
@@ -384,6 +385,9 @@ class _GraphedStep:
         static_index = index.clone()
         graph = torch.cuda.CUDAGraph()
         states = [g.get_state() for g in self.generators]
+        for p in self.parameters:
+            # The captured backward then allocates the gradients in the graph's own memory.
+            p.grad = None
         try:
             for g in self.generators:
                 graph.register_generator_state(g)

@@ -412,7 +412,8 @@ def train(
                     first_bad_step = torch.where(bad_now, step, first_bad_step)
                 if (step + 1) % FINITE_CHECK_EVERY == 0 or step + 1 == steps_per_epoch:
                     if int(first_bad_step) >= 0:
-                        raise TrainingDiverged(divergence_message(epoch, int(first_bad_step), steps_per_epoch, out_path))
+                        bad = int(first_bad_step)
+                        raise TrainingDiverged(divergence_message(epoch, bad, steps_per_epoch, out_path))
                 bar.update(1)
             seconds = time.perf_counter() - started
             metrics = {f"train_{name}": float(total) / steps_per_epoch for name, total in totals.items()}

@@ -122,7 +122,7 @@ def test_a_diverging_member_stops_and_the_others_go_on(tiny, tmp_path):
     # Its last good checkpoint (epoch 1) stays, equal to the solo run's, and is its result.
     kept, solo_kept = load_state(dirs[0]), load_state(tmp_path / "solo-wild")
     assert kept["epoch"] == solo_kept["epoch"] == 1 and len(wild_result.history) == 1
-    assert max_abs_diff(kept["model"], solo_kept["model"]) == 0.0
+    assert max_abs_diff(kept["model"], solo_kept["model"]) < 1e-5
     assert max_abs_diff(kept["model"], wild_result.model.state_dict()) == 0.0
     assert all(torch.isfinite(t).all() for t in wild_result.model.state_dict().values())
     # The other member never noticed.
