@@ -369,6 +369,16 @@ def estimate_reproduction(args: argparse.Namespace, device: torch.device, graphs
     return total
 
 
+def _pack_sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(k) for k in text.split(",")]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated pack sizes >= 1, got {text!r}")
+    return sizes
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m raven.bench", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="bench", required=True)
@@ -394,8 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=bench_attack)
     p = sub.add_parser("pack", help="pairs/s of K seeds trained as one pack against K solo runs, "
                                     "and the estimated device time of the full reproduction")
-    p.add_argument("--ks", type=lambda text: [int(k) for k in text.split(",")], default=[1, 5, 25],
-                   help="pack sizes (default 1,5,25)")
+    p.add_argument("--ks", type=_pack_sizes, default=[1, 5, 25], help="pack sizes (default 1,5,25)")
     p.add_argument("--steps", type=int, default=100, help="timed steps per member (default 100)")
     p.add_argument("--warmup", type=int, default=10, help="untimed steps first, CUDA graph capture included")
     p.add_argument("--method", default="raven", choices=METHODS)
