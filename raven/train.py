@@ -6,7 +6,9 @@ validation metrics, a checkpoint, and the callbacks (Ray Tune and MLflow plug in
 
 All randomness (shuffling, pixel noise, reparameterisation, PGD starts) comes from one
 torch.Generator whose state is checkpointed, so a resumed run replays exactly the steps
-an uninterrupted run would have taken.
+an uninterrupted run would have taken. A step's random numbers are drawn up front
+(draw_step_noise) and consumed by step_terms, which raven.pack also runs on K stacked
+members, each with its own generator.
 """
 
 from __future__ import annotations
