@@ -34,10 +34,22 @@ from typing import Callable, Iterator
 
 import torch
 
+from raven.attacks import attack
 from raven.config import METHODS, TrainConfig
 from raven.data import DataSplits, default_data_dir, load_splits
+from raven.evaluate import PAPER_DELTAS, encode_mean, train_linear_probe, tsne_embedding
+from raven.fid import InceptionFeatures, fid_available, frechet_distance
 from raven.pack import PackedTrainer, graphs_wanted
-from raven.train import build_model, method_loss, resolve_device, train_step, validation_metrics, write_checkpoint
+from raven.reproduce_grid import TEST_IMAGES, TRAIN_SPLIT_IMAGES, Budget
+from raven.train import (
+    build_model,
+    method_loss,
+    resolve_device,
+    train_step,
+    training_noisy_copy,
+    validation_metrics,
+    write_checkpoint,
+)
 
 
 def _sync(device: torch.device) -> None:
@@ -218,9 +230,10 @@ def _pack_step_seconds(configs: list[TrainConfig], train_x: torch.Tensor, steps:
                        graphs: bool) -> float:
     """Seconds per step of the pack of `configs` (full batches), after `warmup` untimed steps."""
     device = train_x.device
+    copies = [training_noisy_copy(c, train_x) for c in configs]
     trainer = PackedTrainer(configs, train_x, [build_model(c).to(device) for c in configs],
                             [torch.Generator(device=device).manual_seed(c.seed) for c in configs],
-                            [None] * len(configs), cuda_graphs=graphs)
+                            [None] * len(configs), None if copies[0] is None else copies, cuda_graphs=graphs)
     batch = configs[0].batch_size
     per_epoch = len(train_x) // batch
     order = trainer.epoch_order()
@@ -243,13 +256,14 @@ def _solo_step_seconds(configs: list[TrainConfig], train_x: torch.Tensor, steps:
         generator = torch.Generator(device=device).manual_seed(config.seed)
         order = torch.randperm(len(train_x), generator=generator, device=device)
         per_epoch = len(train_x) // config.batch_size
+        copy = training_noisy_copy(config, train_x)
         sums: dict[str, torch.Tensor] = {}
 
         def run(first: int, count: int) -> None:
             for i in range(first, first + count):
-                j = i % per_epoch
-                terms = train_step(model, optimizer, config, train_x[order[j * config.batch_size:(j + 1) *
-                                                                            config.batch_size]], generator)
+                index = order[(i % per_epoch) * config.batch_size:(i % per_epoch + 1) * config.batch_size]
+                terms = train_step(model, optimizer, config, train_x[index], generator,
+                                   None if copy is None else copy[index])
                 with torch.no_grad():  # the solo loop's per-step bookkeeping, on the device
                     for name, value in terms.items():
                         sums[name] = sums.get(name, 0.0) + value.detach()
@@ -299,11 +313,6 @@ def estimate_reproduction(args: argparse.Namespace, device: torch.device, graphs
     images at every nonzero delta, FID (Inception features of the test images and their
     reconstructions, then the Frechet distance on the CPU) and the t-SNE (CPU, sklearn).
     """
-    from raven.evaluate import PAPER_DELTAS, encode_mean, train_linear_probe, tsne_embedding
-    from raven.attacks import attack
-    from raven.fid import InceptionFeatures, fid_available, frechet_distance
-    from raven.reproduce import TEST_IMAGES, TRAIN_SPLIT_IMAGES, Budget
-
     budget = Budget()
     steps_per_epoch = math.ceil(TRAIN_SPLIT_IMAGES / args.batch_size)
     val_x = splits.val_x[:args.val_images]

@@ -1,7 +1,8 @@
 """The `raven` command: `raven train`, and the subcommands registered below it.
 
 User mistakes end in one line on stderr (`raven: error: ...`) and exit status 2, before
-any data is read or any model is built.
+any data is read or any model is built. Each subcommand imports what it needs when it runs
+(torch, MLflow, matplotlib take seconds to import), so `raven --help` and a bad flag answer at once.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from raven.config import DATASETS, METHODS, ConfigError, TrainConfig
+from raven.config import DATASETS, DEFAULT_ETA, METHODS, PAIR_NOISE, ConfigError, TrainConfig
 
 
 def _sigma_list(text: str) -> float | tuple[float, ...]:
@@ -32,7 +33,12 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="std of a(z|z~) (Definition 1): one number or one per latent dimension "
                         "(default: the paper's, 0.01 MNIST / 0.04 Fashion-MNIST)")
     p.add_argument("--noise-std", type=float, default=0.05, help="pixel noise of the training pair (default 0.05)")
-    p.add_argument("--eta", type=float, default=None, help="Smooth Encoder coupling (default: 500 MNIST / 5000 F-MNIST)")
+    p.add_argument("--pair-noise", choices=PAIR_NOISE, default=None,
+                   help="noisy copies: one fixed copy of the training set per seed, or fresh noise per step "
+                        "(default: fixed for vae-noise, as Appendix C.1; per-step for raven, raven-gmm)")
+    p.add_argument("--eta", type=float, default=None,
+                   help="Smooth Encoder coupling strength (default: tuned on validation, "
+                        + " / ".join(f"{v:g} {k}" for k, v in DEFAULT_ETA.items()) + ")")
     p.add_argument("--se-epsilon", type=float, default=0.1, help="Smooth Encoder training L-inf radius (default 0.1)")
     p.add_argument("--se-steps", type=int, default=5, help="PGD steps for the Smooth Encoder partner (default 5)")
     p.add_argument("--beta", type=float, default=1.0, help="weight of the KL/prior term (default 1)")
@@ -43,6 +49,8 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="stop when val_elbo has not improved for this many epochs (default: train all epochs)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--no-grad-clip", action="store_true",
+                   help="do not cap the global gradient norm at 100 (the paper has no cap)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--seeds", default=None, metavar="SEEDS",
                    help="train these seeds as one packed model (0-4 or 0,2,5) into OUT/seed-N "
@@ -59,9 +67,10 @@ def run_train(args: argparse.Namespace) -> int:
 
     config = TrainConfig(
         method=args.method, dataset=args.dataset, sigma_aug=args.sigma_aug, noise_std=args.noise_std,
-        eta=args.eta, se_epsilon=args.se_epsilon, se_steps=args.se_steps, beta=args.beta,
+        pair_noise=args.pair_noise, eta=args.eta, se_epsilon=args.se_epsilon, se_steps=args.se_steps, beta=args.beta,
         n_components=args.n_components, latent_dim=args.latent_dim, epochs=args.epochs, patience=args.patience,
         batch_size=args.batch_size, lr=args.lr, seed=args.seed, limit=args.limit,
+        **({"grad_clip_norm": None} if args.no_grad_clip else {}),
     )
     device = resolve_device(args.device)
     if args.seeds is not None:
@@ -161,7 +170,7 @@ def _run_labels(configs: list[TrainConfig]) -> list[str]:
 def run_evaluate(args: argparse.Namespace) -> int:
     import os
 
-    from raven.evaluate import CURVES_PNG, EvalConfig, evaluate_checkpoint, format_summary, log_to_mlflow
+    from raven.evaluate import CURVES_PNG, EvalConfig, evaluate_checkpoint, format_summary
     from raven.train import checkpoint_file, load_state, resolve_device
 
     config = EvalConfig(
@@ -180,10 +189,22 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if use_mlflow:
         import mlflow
 
+        from raven import provenance, tracking
+
         if args.tracking_uri:
             mlflow.set_tracking_uri(args.tracking_uri)
         if mlflow.active_run() is None and not os.environ.get("MLFLOW_RUN_ID"):
-            mlflow.set_experiment(args.experiment or "raven-evaluate")
+            tracking.use_experiment(args.experiment or tracking.EVALUATE_EXPERIMENT)
+
+        def record(result, train_config) -> None:
+            """The evaluation into the active run: raven.tracking.log_evaluation and the data it read."""
+            run_id, client = mlflow.active_run().info.run_id, mlflow.MlflowClient()
+            tracking.log_evaluation(client, run_id, result)
+            splits = splits_cache[(train_config.dataset, train_config.validation_size)]
+            tracking.log_inputs(client, run_id, provenance.dataset_inputs(
+                train_config.dataset, args.data_dir, {"train": len(splits.train_x[:config.probe_limit]),
+                                                      "test": len(splits.test_x[:config.limit])},
+                train_config.validation_size))
     plots_dir = args.plots_dir or files[0].resolve().parent.parent
     print(f"raven evaluate: {len(files)} checkpoint(s), attacks {','.join(config.attacks)}, "
           f"deltas {','.join(_csv_words(args.deltas))}, {config.steps} steps, device {device}", file=sys.stderr)
@@ -205,11 +226,11 @@ def run_evaluate(args: argparse.Namespace) -> int:
             if mlflow is not None:
                 nested = mlflow.active_run() is not None
                 if nested and len(files) == 1:
-                    log_to_mlflow(result)
+                    record(result, train_config)
                 else:
                     with mlflow.start_run(run_name=f"evaluate {label} {file.parent.name}", nested=nested):
                         mlflow.set_tag("checkpoint", str(file.resolve()))
-                        log_to_mlflow(result)
+                        record(result, train_config)
         from raven.plots import plot_accuracy_curves
 
         curves = plot_accuracy_curves([(r.label, r.to_json()) for r in results], Path(plots_dir) / CURVES_PNG,
@@ -243,10 +264,10 @@ def add_report_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run_report(args: argparse.Namespace) -> int:
     from raven.report import ReportError, write_report
-    from raven.reproduce import DEFAULT_EXPERIMENT
+    from raven.tracking import REPRODUCTION_EXPERIMENT
 
     try:
-        path = write_report(args.out, args.tracking_uri, args.experiment or DEFAULT_EXPERIMENT, args.run_id,
+        path = write_report(args.out, args.tracking_uri, args.experiment or REPRODUCTION_EXPERIMENT, args.run_id,
                             args.data_dir)
     except ReportError as exc:
         print(f"raven: error: {exc}", file=sys.stderr)

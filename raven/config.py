@@ -18,9 +18,17 @@ DATASETS = ("mnist", "fashion-mnist")
 PAPER_SIGMA_AUG = {"mnist": 0.01, "fashion-mnist": 0.04}
 PAPER_ETA = {"mnist": 500.0, "fashion-mnist": 5000.0}
 PAPER_SE_ETA_GRID = (50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0)
+# The Smooth Encoder's default eta, chosen on validation with sweeps/se_eta.py (README,
+# "Smooth Encoder"): the paper's values were tuned for its implementation of SE, and eta's
+# scale depends on the likelihood (raven.objectives.smooth_encoder_loss).
+DEFAULT_ETA = {"mnist": 10.0, "fashion-mnist": 10.0}
 
 # Methods whose objective sees a (clean, noisy) pair per image.
 PAIRED_METHODS = ("vae-noise", "raven", "raven-gmm")
+# How a paired method draws its noisy copies: "fixed", one copy of the training set drawn once
+# per seed (Appendix C.1's (B), the union of the clean set and one noisy copy); "per-step",
+# fresh noise for every batch (a Monte Carlo estimate of Eq. (3)'s expectation over A(x'|x~)).
+PAIR_NOISE = ("fixed", "per-step")
 
 
 class ConfigError(ValueError):
@@ -49,7 +57,13 @@ class TrainConfig:
     sigma_aug is the standard deviation sigma of a(z|z~) = N(z~, sigma^2 I) in
     Definition 1; a tuple gives one sigma per latent dimension (diagonal Sigma_aug).
     None picks the paper's value for the dataset (0.01 MNIST, 0.04 Fashion-MNIST).
-    noise_std is the pixel noise of the data pair x' = clip(x + eps, 0, 1).
+    noise_std is the pixel noise of the data pair x' = x + eps, eps ~ N(0, noise_std^2 I): the
+    encoder sees x' unclipped, the Bernoulli target is clip(x', 0, 1) (raven.data).
+    pair_noise is "fixed" (one noisy copy of the training set per seed) or "per-step" (fresh
+    noise per batch); None picks "fixed" for vae-noise, as Appendix C.1 defines (B), and
+    "per-step" for raven and raven-gmm, whose Eq. (3) is an expectation over the noise (the
+    paper does not say how it drew them). Ignored by the unpaired methods.
+    eta is the Smooth Encoder's coupling strength; None picks DEFAULT_ETA for the dataset.
     patience stops training once val_elbo has not improved for that many epochs
     (None trains all `epochs`); the model kept is the last one, at most `patience`
     epochs past the best.
@@ -64,6 +78,7 @@ class TrainConfig:
     dataset: str = "mnist"
     sigma_aug: float | tuple[float, ...] | None = None
     noise_std: float = 0.05
+    pair_noise: str | None = None
     beta: float = 1.0
     eta: float | None = None
     se_epsilon: float = 0.1
@@ -101,9 +116,13 @@ class TrainConfig:
             _positive("sigma_aug", self.sigma_aug)
             object.__setattr__(self, "sigma_aug", float(self.sigma_aug))
         if self.eta is None:
-            object.__setattr__(self, "eta", PAPER_ETA[self.dataset])
+            object.__setattr__(self, "eta", DEFAULT_ETA[self.dataset])
         _non_negative("eta", self.eta)
         _non_negative("noise_std", self.noise_std)
+        if self.pair_noise is None:
+            object.__setattr__(self, "pair_noise", "fixed" if self.method == "vae-noise" else "per-step")
+        if self.pair_noise not in PAIR_NOISE:
+            raise ConfigError(f"pair_noise must be one of {', '.join(PAIR_NOISE)}, got {self.pair_noise!r}")
         _non_negative("beta", self.beta)
         if not (isinstance(self.se_epsilon, (int, float)) and 0 < self.se_epsilon <= 1):
             raise ConfigError(f"se_epsilon must be in (0, 1], got {self.se_epsilon!r}")

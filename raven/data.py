@@ -1,4 +1,4 @@
-"""MNIST and Fashion-MNIST as in-memory tensors, the seeded validation split, and paired noise.
+"""MNIST and Fashion-MNIST as in-memory tensors, the seeded validation split, and the noisy pairs.
 
 Images become float32 tensors in [0, 1] of shape (N, 784), made once and kept on the
 training device, so an epoch is a permutation and a slice per batch rather than a
@@ -113,6 +113,15 @@ def load_raw(dataset: str, root: str) -> dict[str, tuple[np.ndarray, np.ndarray]
     return out
 
 
+def raw_files(dataset: str, data_dir: str | os.PathLike | None = None) -> dict[str, tuple[Path, Path]]:
+    """{'train': (images file, labels file), 'test': (...)}: the raw files `load_raw` reads (for provenance)."""
+    raw_dir = default_data_dir(data_dir) / _FOLDERS[dataset] / "raw"
+    found = {split: tuple(_raw_path(raw_dir, stem) for stem in stems) for split, stems in _FILES.items()}
+    if any(path is None for pair in found.values() for path in pair):
+        raise DataError(f"{dataset} raw files missing in {raw_dir}")
+    return found
+
+
 def to_tensor(images: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
     """uint8 (N, 28, 28) -> float32 (N, 784) in [0, 1], the same scaling as ToTensor."""
     flat = torch.from_numpy(np.array(images, copy=True)).reshape(len(images), IMAGE_SIZE)
@@ -175,14 +184,42 @@ def load_splits(
 
 def noisy_copy(x: torch.Tensor, noise_std: float, generator: torch.Generator | None = None,
                eps: torch.Tensor | None = None) -> torch.Tensor:
-    """The augmented partner x' = clip(x + eps, 0, 1), eps ~ N(0, noise_std^2 I).
+    """The noisy partner as the paper writes it, x = x~ + eps, eps ~ N(0, noise_std^2 I), unclipped.
 
-    Clipping keeps x' a valid image and a valid Bernoulli target: binary cross-entropy
-    against a target outside [0, 1] is unbounded below (for t > 1 it falls without limit
-    as the logit grows), which a decoder would exploit. The attacks project onto the
-    same pixel range, so training and evaluation agree on what an image is.
-    `eps` passes the standard normal draw (shaped like x) instead of drawing it from `generator`.
+    Sections 1 and 4.2 (and Appendix C.1) add Gaussian noise and say nothing of a clip, so this
+    is what the encoder sees, in training and in Table 1. Only a Bernoulli reconstruction
+    target must lie in [0, 1]: see `bernoulli_target`. `eps` passes the standard normal draw
+    (shaped like x) instead of drawing it from `generator` (raven.pack draws it per member).
     """
     if eps is None:
         eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-    return (x + noise_std * eps).clamp_(0.0, 1.0)
+    return x + noise_std * eps
+
+
+def bernoulli_target(x: torch.Tensor) -> torch.Tensor:
+    """clip(x, 0, 1): the target the Bernoulli likelihood reconstructs for a noisy image x.
+
+    Binary cross-entropy against a target t outside [0, 1] is unbounded below (for t > 1 it
+    falls without limit as the logit grows), which a decoder would exploit, so x~ + eps cannot
+    be the target as it stands. Its clip is the closest valid Bernoulli mean (the Euclidean
+    projection onto [0, 1]^D) and still the noisy image, so Eq. (8)'s second term keeps
+    reconstructing x', not x~; only pixels pushed out of range lose the overshoot.
+    """
+    return x.clamp(0.0, 1.0)
+
+
+# Seeds the one noisy copy of the training set apart from the training generator, so the copy
+# is the same whatever the batch order or the device, and is drawn again identically on resume.
+FIXED_NOISE_SEED_OFFSET = 7_919
+
+
+def fixed_noisy_copy(x: torch.Tensor, noise_std: float, seed: int) -> torch.Tensor:
+    """One noisy copy x~_i + eps_i of every row of x, drawn once from `seed` (Appendix C.1).
+
+    The paper's noise-augmented VAE (B) trains on {x~_i} U {x_i} with x_i = x~_i + eps_i: one
+    fixed noisy copy of the training set. Drawn on the CPU from its own generator (seed +
+    FIXED_NOISE_SEED_OFFSET), so the copy does not depend on the device, and returned on x's
+    device.
+    """
+    generator = torch.Generator().manual_seed(seed + FIXED_NOISE_SEED_OFFSET)
+    return noisy_copy(x.detach().to("cpu", torch.float32), noise_std, generator).to(device=x.device, dtype=x.dtype)

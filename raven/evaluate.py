@@ -33,6 +33,7 @@ from torch import nn
 from raven.attacks import ATTACKS, PAPER_STEP_DIVISOR, attack
 from raven.config import ConfigError
 from raven.data import DataSplits, load_splits, noisy_copy
+from raven.gaussians import reparameterize
 
 JSON_NAME = "robustness.json"
 CSV_NAME = "robustness.csv"
@@ -182,8 +183,25 @@ def reconstruction_mse_255(x: torch.Tensor, x_hat: torch.Tensor) -> float:
 
 
 def latent_pair_distance(mu_clean: torch.Tensor, mu_noisy: torch.Tensor) -> tuple[float, float]:
-    """Table 1: mean and std (ddof 0) over images of ||mu(x~) - mu(x)||^2."""
+    """Table 1, reading of the means: mean and std (ddof 0) over images of ||mu(x~) - mu(x)||^2."""
     d = (mu_clean.double() - mu_noisy.double()).pow(2).sum(dim=1)
+    return float(d.mean()), float(d.std(unbiased=False)) if len(d) > 1 else 0.0
+
+
+@torch.no_grad()
+def sampled_latent_pair_distance(model: nn.Module, x_clean: torch.Tensor, x_noisy: torch.Tensor,
+                                 generator: torch.Generator, batch_size: int = 5000) -> tuple[float, float]:
+    """Table 1, reading of sampled latents: mean and std (ddof 0) of ||z~ - z||^2, z~ ~ q(.|x~), z ~ q(.|x).
+
+    One draw of each latent per image, independent, as Theorem 1's q(z|x) q(z'|x') factorises;
+    its expectation is ||mu~ - mu||^2 + tr Sigma~ + tr Sigma, so the posterior variances count.
+    """
+    distances = []
+    for i in range(0, len(x_clean), batch_size):
+        z_clean = reparameterize(*model.encoder(x_clean[i:i + batch_size]), generator)
+        z_noisy = reparameterize(*model.encoder(x_noisy[i:i + batch_size]), generator)
+        distances.append((z_clean.double() - z_noisy.double()).pow(2).sum(dim=1))
+    d = torch.cat(distances)
     return float(d.mean()), float(d.std(unbiased=False)) if len(d) > 1 else 0.0
 
 
@@ -359,6 +377,7 @@ class EvalResult:
     label: str
     timings: dict[str, float] = field(default_factory=dict)
     artifacts: list[Path] = field(default_factory=list)
+    latent_pair_distance_sampled: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -370,6 +389,7 @@ class EvalResult:
             "fid": self.fid,
             "fid_note": self.fid_note,
             "latent_pair_distance": dict(self.latent_pair_distance),
+            "latent_pair_distance_sampled": dict(self.latent_pair_distance_sampled),
             "cluster_accuracy": self.cluster_accuracy,
             "settings": self.settings,
             "timings": self.timings,
@@ -389,6 +409,9 @@ class EvalResult:
         out = {"clean_accuracy": self.clean_accuracy, "mse_255": self.mse,
                "latent_pair_distance_mean": self.latent_pair_distance["mean"],
                "latent_pair_distance_std": self.latent_pair_distance["std"]}
+        if self.latent_pair_distance_sampled:
+            out["latent_pair_distance_sampled_mean"] = self.latent_pair_distance_sampled["mean"]
+            out["latent_pair_distance_sampled_std"] = self.latent_pair_distance_sampled["std"]
         for kind, by_delta in self.adversarial_accuracy.items():
             for key, acc in by_delta.items():
                 out[f"adv_acc_{kind}_delta_{key}"] = acc
@@ -397,6 +420,10 @@ class EvalResult:
         if self.cluster_accuracy is not None:
             out["cluster_accuracy"] = self.cluster_accuracy
         return out
+
+    def curves(self) -> dict[str, dict[str, float]]:
+        """Metrics over the attack budget, {name: {delta_key: value}}: adv_acc_{attack} (MLflow: step 1000 delta)."""
+        return {f"adv_acc_{kind}": dict(by_delta) for kind, by_delta in self.adversarial_accuracy.items()}
 
     def write(self, out_dir: str | os.PathLike) -> list[Path]:
         """robustness.json and robustness.csv into out_dir (added to `artifacts`)."""
@@ -504,6 +531,7 @@ def evaluate_model(model: nn.Module, splits: DataSplits, config: EvalConfig, out
                            for i in range(0, len(test_x), 5000)])
         mu_clean, mu_noisy = encode_mean(model, test_x), encode_mean(model, noisy)
         lpd_mean, lpd_std = latent_pair_distance(mu_clean, mu_noisy)
+        lpd_sampled_mean, lpd_sampled_std = sampled_latent_pair_distance(model, test_x, noisy, generator)
 
         cluster_acc = None
         if getattr(model, "prior", None) is not None:
@@ -536,8 +564,10 @@ def evaluate_model(model: nn.Module, splits: DataSplits, config: EvalConfig, out
         "probe_split": "training split (training set minus the 5,000 seeded validation images), first probe_limit",
         "probe_limit": config.probe_limit,
         "mse": "mean over test images and pixels of (255 (x - sigmoid(Dec(mu_x))))^2",
-        "latent_pair_distance": f"||mu(x) - mu(clip(x + eps, 0, 1))||^2, eps ~ N(0, {config.noise_std}^2 I); "
+        "latent_pair_distance": f"||mu(x) - mu(x + eps)||^2, eps ~ N(0, {config.noise_std}^2 I), x + eps unclipped; "
                                 "mean and std (ddof 0) over test images",
+        "latent_pair_distance_sampled": "||z - z'||^2, z ~ q(.|x), z' ~ q(.|x + eps) drawn independently, the same "
+                                        "noisy images; mean and std (ddof 0) over test images",
         "noise_std": config.noise_std,
         "cluster_accuracy": "argmax_c log pi_c + log N(mu_x; mu_c, Sigma_c + Sigma_aug), Hungarian matching"
                             if cluster_acc is not None else None,
@@ -556,6 +586,7 @@ def evaluate_model(model: nn.Module, splits: DataSplits, config: EvalConfig, out
         attack_dissimilarity=pa["attack_dissimilarity"], mse=mse, fid=fid_value, fid_note=fid_note,
         latent_pair_distance={"mean": lpd_mean, "std": lpd_std}, cluster_accuracy=cluster_acc,
         settings=settings, label=label, timings=timings,
+        latent_pair_distance_sampled={"mean": lpd_sampled_mean, "std": lpd_sampled_std},
     )
 
     if out_dir is not None:
@@ -605,49 +636,6 @@ def evaluate_checkpoint(path: str | os.PathLike, config: EvalConfig, data_dir: s
     return evaluate_model(model, splits, config, out_dir=file.parent, label=label, log=log, extra_settings=extra)
 
 
-# ----------------------------------------------------------------------------- MLflow
-
-
-def _flatten(prefix: str, value: Any, out: dict[str, str]) -> None:
-    if isinstance(value, dict):
-        for k, v in value.items():
-            _flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
-    else:
-        text = json.dumps(value) if isinstance(value, (list, tuple)) else str(value)
-        out[prefix] = text[:500]
-
-
-def log_to_mlflow(result: EvalResult) -> None:
-    """Log metrics, the accuracy-vs-delta curves, settings and artifacts into the ACTIVE MLflow run.
-
-    Metrics: result.metrics() (adv_acc_{attack}_delta_{key}, clean_accuracy, mse_255, fid,
-    latent_pair_distance_mean/std, cluster_accuracy) and, per attack, the curve
-    adv_acc_{attack} at step round(1000 delta). Parameters: the settings flattened under
-    "eval." (keys the run already holds are left alone). Artifacts under "robustness/".
-    """
-    import mlflow
-
-    run = mlflow.active_run()
-    if run is None:
-        raise RuntimeError("log_to_mlflow needs an active MLflow run (mlflow.start_run())")
-    mlflow.log_metrics(result.metrics())
-    for kind, by_delta in result.adversarial_accuracy.items():
-        for key, acc in sorted(by_delta.items(), key=lambda kv: float(kv[0])):
-            mlflow.log_metric(f"adv_acc_{kind}", acc, step=int(round(float(key) * 1000)))
-    params: dict[str, str] = {}
-    _flatten("eval", {k: v for k, v in result.settings.items() if k not in ("train_config", "eval_config")}, params)
-    _flatten("eval.config", result.settings.get("eval_config") or {}, params)
-    params["eval.label"] = result.label
-    existing = mlflow.get_run(run.info.run_id).data.params
-    fresh = {k: v for k, v in params.items() if k not in existing}
-    items = list(fresh.items())
-    for i in range(0, len(items), 90):  # MLflow accepts at most 100 params per batch
-        mlflow.log_params(dict(items[i:i + 90]))
-    for path in result.artifacts:
-        if Path(path).is_file():
-            mlflow.log_artifact(str(path), artifact_path="robustness")
-
-
 # ----------------------------------------------------------------------------- summary
 
 
@@ -659,8 +647,10 @@ def format_summary(results: list[EvalResult]) -> str:
         fid_text = f"{result.fid:.3f}" if result.fid is not None else "n/a"
         lines.append(f"{result.label}  ({result.settings.get('test_images')} test images; "
                      f"clean acc {result.clean_accuracy:.4f}, MSE(0-255) {result.mse:.1f}, FID {fid_text}, "
-                     f"latent pair dist {result.latent_pair_distance['mean']:.4g} "
-                     f"+- {result.latent_pair_distance['std']:.4g}{extra})")
+                     f"latent pair dist: means {result.latent_pair_distance['mean']:.4g} "
+                     f"+- {result.latent_pair_distance['std']:.4g}, sampled z "
+                     f"{result.latent_pair_distance_sampled.get('mean', math.nan):.4g} "
+                     f"+- {result.latent_pair_distance_sampled.get('std', math.nan):.4g}{extra})")
         keys = []
         for by_delta in result.adversarial_accuracy.values():
             keys += [k for k in by_delta if k not in keys]

@@ -1,15 +1,18 @@
 """Packed training: the K seeds (or settings) of one configuration trained as one model.
 
 Each member is an ordinary run: its model is initialised exactly as `build_model(config)`
-of its seed, it has its own torch.Generator (batch order, pixel noise, reparameterisation,
-PGD start), its own sigma_aug, eta and beta, its own gradient-norm cap, NaN guard, early
-stopping and checkpoint. What the members share is the arithmetic: every Linear layer of
-the K models is one batched matrix product over weights of shape (K, out, in), every
-PReLU one elementwise select, and one RAdam steps the stacked parameters (RAdam is
-elementwise, so that equals K separate RAdams). The objective is the solo loop's own
-`raven.train.step_terms`, run on (K, batch, 784) tensors, and the random numbers are the
-solo loop's own `raven.train.draw_step_noise`, drawn member by member from each member's
-generator and stacked, so a member of a pack trains exactly as it would alone:
+of its seed, it has its own torch.Generator (batch order, pixel noise, PGD start,
+reparameterisation), its own fixed noisy copy of the training set where its method uses
+one (`training_noisy_copy` of its seed, indexed by its own batch order), its own sigma_aug,
+eta and beta, its own gradient-norm cap, NaN guard, early stopping and checkpoint. What
+the members share is the arithmetic: every Linear layer of the K models is one batched
+matrix product over weights of shape (K, out, in), every PReLU one elementwise select,
+and one RAdam steps the stacked parameters (RAdam is elementwise, so that equals K
+separate RAdams). The step is the solo loop's own: the random numbers are
+`raven.train.partner_noise` and `latent_noise`, drawn member by member from each
+member's generator in the solo order and stacked, and the partner and the objective are
+`raven.train.make_partner` and `step_terms`, run on (K, batch, 784) tensors, so a member
+of a pack trains exactly as it would alone:
 
 - on CPU a pack of 1 is bitwise the solo loop; a pack of K is bitwise K solo runs with one
   thread, and equal to float rounding with more (PyTorch splits a whole-tensor sum, such
@@ -64,11 +67,14 @@ from raven.train import (
     TrainResult,
     build_model,
     divergence_message,
-    draw_step_noise,
+    latent_noise,
+    make_partner,
+    partner_noise,
     resolve_device,
     resume_state,
     should_stop,
     step_terms,
+    training_noisy_copy,
     validation_metrics,
     write_checkpoint,
 )
@@ -194,29 +200,35 @@ class PackedModel(nn.Module):
 
 @dataclass(frozen=True)
 class PackSettings:
-    """The settings step_terms reads, for a pack: per-member values as tensors that broadcast
-    over (K, batch, ...), shared ones as in TrainConfig."""
+    """The settings a step reads (raven.train.StepSettings), for a pack. A per-member value
+    that all members share stays the solo loop's own float (or tuple), so a pack of members
+    that agree computes exactly what each would alone; one that differs becomes a tensor
+    broadcasting over the pack: beta and eta (K, 1) against per-pair terms (K, batch),
+    sigma_aug (K, 1, d) against (K, batch, d)."""
 
     method: str
     noise_std: float
     se_epsilon: float
     se_steps: int
-    sigma_aug: torch.Tensor  # (K, 1, d), a standard deviation per member and latent dimension
-    beta: torch.Tensor  # (K, 1)
-    eta: torch.Tensor  # (K, 1)
+    sigma_aug: float | tuple[float, ...] | torch.Tensor
+    beta: float | torch.Tensor
+    eta: float | torch.Tensor
 
     @classmethod
     def of(cls, configs: list[TrainConfig], device: torch.device) -> "PackSettings":
         d = configs[0].latent_dim
 
-        def column(values: list[Any]) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.float32, device=device).unsqueeze(1)
+        def per_member(values: list[Any], row: Callable[[Any], Any] = lambda v: v) -> Any:
+            if all(v == values[0] for v in values):
+                return values[0]
+            return torch.tensor([row(v) for v in values], dtype=torch.float32, device=device).unsqueeze(1)
 
-        sigmas = [list(c.sigma_aug) if isinstance(c.sigma_aug, tuple) else [c.sigma_aug] * d for c in configs]
         first = configs[0]
         return cls(method=first.method, noise_std=first.noise_std, se_epsilon=first.se_epsilon,
-                   se_steps=first.se_steps, sigma_aug=column(sigmas), beta=column([c.beta for c in configs]),
-                   eta=column([c.eta for c in configs]))
+                   se_steps=first.se_steps,
+                   sigma_aug=per_member([c.sigma_aug for c in configs],
+                                        lambda s: list(s) if isinstance(s, tuple) else [s] * d),
+                   beta=per_member([c.beta for c in configs]), eta=per_member([c.eta for c in configs]))
 
 
 def _solo_param_groups(model: RavenModel, config: TrainConfig) -> list[dict[str, Any]]:
@@ -229,16 +241,20 @@ class PackedTrainer:
 
     `models`, `generators` and `optimizer_states` (solo RAdam state_dicts, None for fresh
     members) are the members' current states; all members must be at the same step.
-    `train_epoch` runs one epoch and returns its per-member loss sums and first
-    non-finite step, read from the device once.
+    `noisy_copies` holds each member's `training_noisy_copy` (N, 784) where the method
+    trains on a fixed copy, else None. `train_epoch` runs one epoch and returns its
+    per-member loss sums and first non-finite step, read from the device once.
     """
 
     def __init__(self, configs: list[TrainConfig], train_x: torch.Tensor, models: list[RavenModel],
                  generators: list[torch.Generator], optimizer_states: list[dict[str, Any] | None],
-                 cuda_graphs: bool = False, log: Callable[[str], None] | None = None) -> None:
+                 noisy_copies: list[torch.Tensor] | None = None, cuda_graphs: bool = False,
+                 log: Callable[[str], None] | None = None) -> None:
         check_packable(configs)
+        assert noisy_copies is None or len(noisy_copies) == len(configs), "one noisy copy per member"
         self.configs = configs
         self.train_x = train_x
+        self.noisy_copies = noisy_copies
         device = train_x.device
         self.model = PackedModel(models).to(device)
         self.model.train()
@@ -300,9 +316,17 @@ class PackedTrainer:
     def _step(self, index: torch.Tensor) -> None:
         """One optimiser step of every member on its batch train_x[index[k]]; nothing read back."""
         x = self.train_x[index]
-        draws = [draw_step_noise(c, index.shape[1], g) for c, g in zip(self.configs, self.generators)]
+        # Each member's rows of its own fixed copy, in its own batch order.
+        fixed = (None if self.noisy_copies is None
+                 else torch.stack([copy[rows] for copy, rows in zip(self.noisy_copies, index)]))
+        draws, eps = [], []
+        for config, generator in zip(self.configs, self.generators):
+            # The solo order: the partner's draws, then the reparameterisation's.
+            draws.append(partner_noise(config, index.shape[1], generator, fixed is not None))
+            eps.append(latent_noise(config, index.shape[1], generator))
         noise = {name: torch.stack([d[name] for d in draws]) for name in draws[0]}
-        terms = step_terms(self.model, self.settings, x, noise)
+        partner = make_partner(self.model, self.settings, x, noise, fixed)
+        terms = step_terms(self.model, self.settings, x, partner, torch.stack(eps))
         loss = terms["loss"]
         self.optimizer.zero_grad(set_to_none=True)
         # Members share no parameter, so each gets exactly the gradient of its own loss.
@@ -427,6 +451,7 @@ class _Member:
     generator: torch.Generator
     param_groups: list[dict[str, Any]]
     optimizer_state: dict[str, Any] | None = None
+    noisy_copy: torch.Tensor | None = None
     history: list[dict[str, float]] = field(default_factory=list)
     diverged: str | None = None
     stopped: bool = False
@@ -441,8 +466,10 @@ class _Member:
 
 
 def _open_member(index: int, config: TrainConfig, label: str, out_dir: str | os.PathLike | None, resume: bool,
-                 device: torch.device) -> _Member:
-    """A member as train() would start it: fresh from its seed, or from its checkpoint."""
+                 train_x: torch.Tensor) -> _Member:
+    """A member as train() would start it: fresh from its seed, or from its checkpoint, with its
+    fixed noisy copy when it has epochs left to train on it."""
+    device = train_x.device
     model = build_model(config).to(device)
     model.train()
     member = _Member(index, config, label, Path(out_dir) if out_dir is not None else None, model,
@@ -456,6 +483,8 @@ def _open_member(index: int, config: TrainConfig, label: str, out_dir: str | os.
             member.generator.set_state(state["generator"].cpu())
             member.history = state["history"]
             assert state["epoch"] == len(member.history), "checkpoint epoch and history disagree"
+    if member.running:
+        member.noisy_copy = training_noisy_copy(config, train_x)
     return member
 
 
@@ -502,7 +531,7 @@ def train_pack(
     seeds = [c.seed for c in configs]
     labels = ([f"seed {s}" for s in seeds] if len(set(seeds)) == len(seeds)
               else [f"member {i} (seed {s})" for i, s in enumerate(seeds)])
-    members = [_open_member(i, c, labels[i], out_dirs[i] if out_dirs else None, resume, device)
+    members = [_open_member(i, c, labels[i], out_dirs[i] if out_dirs else None, resume, train_x)
                for i, c in enumerate(configs)]
 
     steps_per_epoch = math.ceil(len(train_x) / first.batch_size)
@@ -529,9 +558,13 @@ def train_pack(
                 continue
             if [m.index for m in active] != packed:
                 # Repack: members that left keep their last state; those at this epoch join.
+                for m in members:
+                    if not m.running:
+                        m.noisy_copy = None  # a training set's worth of memory per member
+                copies = [m.noisy_copy for m in active]
                 trainer = PackedTrainer([m.config for m in active], train_x, [m.model for m in active],
                                         [m.generator for m in active], [m.optimizer_state for m in active],
-                                        cuda_graphs=use_graphs, log=log)
+                                        None if copies[0] is None else copies, cuda_graphs=use_graphs, log=log)
                 packed = [m.index for m in active]
             started = time.perf_counter()
             sums, first_bad = trainer.train_epoch(first.batch_size, on_step=lambda: bar.update(1))

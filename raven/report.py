@@ -46,6 +46,15 @@ from raven.reproduce import (CHECKPOINT_ARTIFACTS, CHILD_ROLE, COMPLETE_TAG, DEF
 PAPER_TABLE1: dict[str, dict[str, tuple[float, float]]] = {
     "mnist": {"vae": (0.89, 1.29), "vae-noise": (3.24, 5.12), "raven": (0.53, 0.36)},
 }
+# Erratum to the paper's Table 1, found by measurement (README, "Table 1: which reading"): the paper
+# does not say which distance it reports, and only the sampled reading with sigma_aug near 0.2 fits.
+TABLE1_ERRATUM = """**Erratum (Table 1, next to Eq. (7)'s constant).** The paper does not say whether z is the
+posterior mean or a sample. Measured on MNIST (one seed, 20 epochs on 55,000 images, all 10⁴ test
+images), its numbers fit the *sampled* reading, and RAVEN's 0.53 ± 0.36 fits σ_aug ≈ 0.2, not the
+σ_aug = 0.01 it reports: sampled, the VAE gives 0.85 ± 0.94 (paper 0.89 ± 1.29) and RAVEN 0.0041 ±
+0.0020 (σ_aug 0.01), 0.21 ± 0.11 (0.1), 0.51 ± 0.27 (0.2), 0.92 ± 0.57 (0.4); with the means, RAVEN
+stays below 0.05 for every σ_aug ≤ 0.4 (its bound charges ‖Δμ‖²/(4σ_aug²)). No reading reproduces VAE (noise)'s
+3.24 ± 5.12 (measured 0.86 ± 0.97 sampled, 0.036 ± 0.033 means)."""
 PAPER_TABLE2: dict[str, dict[str, dict[str, tuple[float, float]]]] = {
     "mnist": {
         "vae": {"accuracy": (91.45, 0.26), "mse": (862.114, 10.96), "fid": (21.766, 0.27)},
@@ -158,7 +167,10 @@ def per_run_table(repro: Reproduction) -> pd.DataFrame:
     """One row per (dataset, method, seed): the headline numbers of every run."""
     columns = {"metrics.clean_accuracy": "clean_accuracy", "metrics.mse_255": "mse_255", "metrics.fid": "fid",
                "metrics.latent_pair_distance_mean": "pair_distance_mean",
-               "metrics.latent_pair_distance_std": "pair_distance_std", "metrics.cluster_accuracy": "cluster_accuracy",
+               "metrics.latent_pair_distance_std": "pair_distance_std",
+               "metrics.latent_pair_distance_sampled_mean": "sampled_pair_distance_mean",
+               "metrics.latent_pair_distance_sampled_std": "sampled_pair_distance_std",
+               "metrics.cluster_accuracy": "cluster_accuracy",
                "metrics.epochs_trained": "epochs_trained", "metrics.best_val_elbo": "best_val_elbo"}
     out = repro.runs[["dataset", "method", "seed", "run_id"]].copy()
     for source, name in columns.items():
@@ -175,18 +187,28 @@ def _seed_stats(frame: pd.DataFrame, column: str) -> pd.DataFrame:
 
 
 def table1(repro: Reproduction) -> pd.DataFrame:
-    """Latent pair distance ||mu(x) - mu(x + eps)||^2 on the test images, next to the paper's Table 1."""
+    """Table 1 in both readings on the test images, next to the paper's: the distance between the
+    posterior means ||mu(x) - mu(x + eps)||^2 (pair_distance_*) and between sampled latents
+    ||z - z'||^2, z ~ q(.|x), z' ~ q(.|x + eps) (sampled_pair_distance_*; NaN for runs evaluated
+    before it was measured)."""
     runs = per_run_table(repro)
     means = _seed_stats(runs, "pair_distance_mean")
     per_image = _seed_stats(runs, "pair_distance_std")
+    sampled = _seed_stats(runs, "sampled_pair_distance_mean")
+    sampled_per_image = _seed_stats(runs, "sampled_pair_distance_std")
     rows = []
     for (dataset, method), stats in means.iterrows():
         paper = PAPER_TABLE1.get(dataset, {}).get(method, (np.nan, np.nan))
+        s_stats = sampled.loc[(dataset, method)]
         rows.append({"dataset": dataset, "method": method, "seeds": int(stats["n"]),
                      "pair_distance_mean": stats["mean"], "pair_distance_mean_std_over_seeds": stats["std"],
                      "pair_distance_per_image_std": per_image.loc[(dataset, method), "mean"],
+                     "sampled_pair_distance_mean": s_stats["mean"],
+                     "sampled_pair_distance_mean_std_over_seeds": s_stats["std"],
+                     "sampled_pair_distance_per_image_std": sampled_per_image.loc[(dataset, method), "mean"],
                      "paper_mean": paper[0], "paper_per_image_std": paper[1],
-                     "difference_mean": stats["mean"] - paper[0]})
+                     "difference_mean": stats["mean"] - paper[0],
+                     "difference_sampled_mean": s_stats["mean"] - paper[0]})
     return pd.DataFrame(rows)
 
 
@@ -315,7 +337,7 @@ def latent_pairs(model: Any, dataset: str, n: int = 1000, noise_std: float = 0.0
                  data_dir: str | os.PathLike | None = None) -> dict[str, np.ndarray]:
     """Encoder means of the first n test images and of their noisy copies, labels, and pair distances.
 
-    The noisy copy is the training pair's: clip(x + eps, 0, 1), eps ~ N(0, noise_std^2 I).
+    The noisy copy is the paper's x + eps, eps ~ N(0, noise_std^2 I), unclipped (as the encoder sees it).
     """
     import torch
 
@@ -416,7 +438,7 @@ def load_sweep(param: str = "sigma_aug", dataset: str | None = None, experiment:
     """The latest sweep of `param` ("sigma_aug" or "eta") recorded by sweeps/*.py, or None when there is none."""
     import mlflow
 
-    from raven.sweep import OBJECTIVE
+    from raven.selection import OBJECTIVE
 
     use_store(tracking_uri)
     experiment = experiment or (SIGMA_SWEEP_EXPERIMENT if param == "sigma_aug" else ETA_SWEEP_EXPERIMENT)
@@ -442,7 +464,7 @@ def load_sweep(param: str = "sigma_aug", dataset: str | None = None, experiment:
 
 def plot_sweep(sweep: Sweep, path: str | os.PathLike | None = None) -> Figure:
     """The selection objective against the searched value (log x): trials, mean per value, best and paper's value."""
-    from raven.sweep import OBJECTIVE
+    from raven.selection import OBJECTIVE
 
     fig = Figure(figsize=(6.0, 4.0), layout="constrained")
     ax = fig.subplots()
@@ -488,12 +510,14 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def table1_markdown(t1: pd.DataFrame) -> str:
-    header = ["Dataset", "Method", "Seeds", "‖z̃ − z‖² mean ± std over seeds", "per-image std",
-              "Paper (mean ± per-image std)", "Difference (ours − paper)"]
+    header = ["Dataset", "Method", "Seeds", "Means ‖μ̃ − μ‖²", "per-image std", "Sampled ‖z̃ − z‖²", "per-image std",
+              "Paper (mean ± per-image std)", "Diff. means", "Diff. sampled"]
     rows = [[DATASET_LABELS.get(r.dataset, r.dataset), METHOD_LABELS.get(r.method, r.method), str(r.seeds),
              _pm(r.pair_distance_mean, r.pair_distance_mean_std_over_seeds, 3, "g"),
-             _num(r.pair_distance_per_image_std, 3, kind="g"), _pm(r.paper_mean, r.paper_per_image_std, 2),
-             _num(r.difference_mean, 3, signed=True, kind="g")]
+             _num(r.pair_distance_per_image_std, 3, kind="g"),
+             _pm(r.sampled_pair_distance_mean, r.sampled_pair_distance_mean_std_over_seeds, 3, "g"),
+             _num(r.sampled_pair_distance_per_image_std, 3, kind="g"), _pm(r.paper_mean, r.paper_per_image_std, 2),
+             _num(r.difference_mean, 3, signed=True, kind="g"), _num(r.difference_sampled_mean, 3, signed=True, kind="g")]
             for r in t1.itertuples()]
     return markdown_table(header, rows)
 
@@ -561,11 +585,15 @@ Generating Process of Noise Augmented Data*); "RAVEN" is the paper's "Ours". Mea
 
 ## Table 1: latent pair distance
 
-‖μ(x) − μ(x + ε)‖² over the test images (x + ε clipped to [0, 1], ε ~ N(0, 0.05² I)). The paper's
-mean ± std is over the 10⁴ MNIST test images of one model; here the mean is averaged over seeds (± its
-std over seeds) and the per-image std is each model's std over test images, averaged over seeds.
+Two readings over the test images, with ε ~ N(0, 0.05² I) and x + ε unclipped: the distance between
+the posterior means, ‖μ(x) − μ(x + ε)‖², and between sampled latents, ‖z − z'‖² with z ~ q(·|x) and
+z' ~ q(·|x + ε) drawn independently. The paper's mean ± std is over the 10⁴ MNIST test images of one
+model; here the mean is averaged over seeds (± its std over seeds) and the per-image std is each
+model's std over test images, averaged over seeds.
 
 {table1_markdown(t1)}
+
+{TABLE1_ERRATUM}
 
 ## Table 2: clean linear-probe accuracy, reconstruction MSE (0–255 scale) and FID
 {fid_note}

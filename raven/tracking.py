@@ -1,9 +1,6 @@
-"""The MLflow record of a sweep: one parent run, a child run per trial, an evaluation run per evaluated trial.
+"""The MLflow record: every tag, role and experiment name, one `log_evaluation`, dataset inputs, the registry.
 
-Every write goes through `SweepTracker`, which lives on the driver (the head node), so a
-sweep works where only the head can reach the tracking store. Runs are found again by
-tags, never remembered only in memory, which makes every call idempotent and lets an
-interrupted sweep (`--resume`) continue its record without duplicates:
+Sweeps, the reproduction and `raven evaluate` all write through this module. A sweep's record:
 
     parent      tags raven.role=sweep,      raven.sweep_name=NAME
     trial       tags raven.role=trial,      raven.trial_id=ID, raven.parent_sweep=NAME,
@@ -11,27 +8,23 @@ interrupted sweep (`--resume`) continue its record without duplicates:
     evaluation  tags raven.role=evaluation, raven.trial_id=ID, raven.parent_sweep=NAME,
                      mlflow.parentRunId=<parent>, raven.trial_run_id=<trial run>
 
-The trial run also carries raven.evaluation_run_id once its evaluation exists, and
-raven.node_id / raven.node_ids / raven.node_ip: the Ray node its latest epoch ran on and every
-node it ran on (a trial restarted after a lost node shows two). Per-epoch metrics are logged
-with step=epoch, and an epoch whose `epoch` metric is already in the run is never logged again.
+A trial run also carries raven.evaluation_run_id once evaluated, and raven.node_id / node_ids /
+node_ip: the Ray node of its latest epoch and every node it ran on (two after a lost node).
+Per-epoch metrics are logged at step=epoch; an epoch whose `epoch` metric is in the run is never
+logged again. Every raven experiment is tagged mlflow.experimentKind = custom_model_development,
+MLflow's marker of model development (MLflow 3.17's UI itself lands on the runs in its Model
+training mode, which the link a sweep prints selects).
 
-**A tracking store that goes away.** The Tune callback does not write to MLflow directly: it
-queues each write (`SweepTracker.submit`) and flushes the queue in order on every callback.
-A write that fails because the store cannot be reached (connection refused or reset, a
-timeout) or is overloaded (HTTP 5xx / 429: up to 10 tries per write) stays at the head of the
-queue, and later ones wait behind it; a write the store rejects (a bad request) is reported
-and dropped. The next flush is tried after a backoff (0.5 s doubling to 15 s), so an outage
-costs the driver one failed request per backoff step, not minutes per write. While writes
-wait they are also saved to `<Tune folder>/mlflow_pending.json`, which `--resume` replays, so
-a driver that dies during an outage loses nothing either. At the end of the sweep the queue is drained,
-retrying for up to RAVEN_TRACKING_RETRY_S seconds (default 300). Replaying is idempotent:
-runs are found by their tags before any is created, an epoch is skipped when its marker is in
-the run, and after a failed attempt each metric of the epoch is checked at its step before
-it is logged. For http(s) stores, MLflow's own retries are turned down (unless set already):
+`SweepTracker` lives on the driver (the head node), so only the head needs the tracking store.
+Runs are found again by tags, never remembered only in memory, so every call is idempotent and
+`--resume` continues a record without duplicates. Trial writes go through a
+`raven.write_queue.WriteQueue` (ordered, saved to `<Tune folder>/mlflow_pending.json` while the
+store is unreachable, replayed by `--resume`); a retried write may have reached the store, so it
+is read back first (runs by their tags, epochs by their marker, each metric of a retried epoch at
+its step). For http(s) stores MLflow's own retries are turned down (unless set already) to
 MLFLOW_HTTP_REQUEST_MAX_RETRIES=1, MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR=1,
-MLFLOW_HTTP_REQUEST_TIMEOUT=15; the defaults (7 retries, 120 s timeout) would block the
-driver for minutes on every write.
+MLFLOW_HTTP_REQUEST_TIMEOUT=15: the defaults (7 retries, 120 s timeout) would block the driver
+for minutes on every write.
 """
 
 from __future__ import annotations
@@ -39,43 +32,86 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+import mlflow
+import mlflow.pytorch
+import requests
+import torch
+from mlflow import MlflowClient
+from mlflow.data import get_dataset_source_from_json
+from mlflow.data.meta_dataset import MetaDataset
+from mlflow.entities import Dataset as DatasetEntity
+from mlflow.entities import DatasetInput, InputTag, Metric, Param
+from mlflow.exceptions import MlflowException
+
+from raven.evaluate import EvalResult
+from raven.write_queue import WriteQueue
+
+# Experiments (the sweeps' defaults are also where the reproduction looks their results up).
+SIGMA_SWEEP_EXPERIMENT = "raven-sigma-aug"
+ETA_SWEEP_EXPERIMENT = "raven-se-eta"
+REPRODUCTION_EXPERIMENT = "raven-reproduction"
+EVALUATE_EXPERIMENT = "raven-evaluate"
+EXPERIMENT_KIND = "mlflow.experimentKind"
+MODEL_DEVELOPMENT = "custom_model_development"
+
+# Roles: the value of the raven.role tag.
 ROLE = "raven.role"
+SWEEP_ROLE, TRIAL_ROLE, EVALUATION_ROLE = "sweep", "trial", "evaluation"
+REPRODUCTION_ROLE, REPRODUCTION_RUN_ROLE = "reproduction", "reproduction-run"
+
+# Tags of a sweep's runs.
 SWEEP_NAME = "raven.sweep_name"
+SWEEP_KIND = "raven.sweep_kind"
+CODE_VERSION = "raven.code_version"
+EXPERIMENT_DIR = "raven.experiment_dir"
+RAY_CLUSTER = "raven.ray_cluster"
+RAY_NODES = "raven.ray_nodes"
+OPTUNA_STORAGE = "raven.optuna_storage"
+OPTUNA_STUDY = "raven.optuna_study"
 PARENT_SWEEP = "raven.parent_sweep"
+PARENT_RUN_ID = "mlflow.parentRunId"
 TRIAL_ID = "raven.trial_id"
 TRIAL_RUN_ID = "raven.trial_run_id"
+TRIAL_STATUS = "raven.trial_status"
+TRIAL_RESTARTS = "raven.trial_restarts"
+ERROR_FILE = "raven.error_file"
 EVALUATION_RUN_ID = "raven.evaluation_run_id"
 CHECKPOINT = "raven.checkpoint"
 MODEL_URI = "raven.model_uri"
-PARENT_RUN_ID = "mlflow.parentRunId"
-EPOCH_MARKER = "epoch"
+REGISTERED_MODEL = "raven.registered_model"
+EVAL_DEVICE = "raven.eval_device"
+EVAL_NODE = "raven.eval_node"
 NODE_ID = "raven.node_id"
 NODE_IDS = "raven.node_ids"
 NODE_IP = "raven.node_ip"
+EPOCH_MARKER = "epoch"  # the metric logged last in an epoch: with it in the run, the epoch counts as logged
+
+# Tags of a reproduction's runs.
+DATASET, METHOD, SEED = "raven.dataset", "raven.method", "raven.seed"
+BUDGET, BUDGET_TEXT, HYPERPARAMETERS = "raven.budget", "raven.budget_text", "raven.hyperparameters"
+COMPLETE_TAG = "raven.complete"  # set last on a reproduction run: its numbers and files are all in the store
+FAILED_RUNS, ERROR, IMPORTED_FROM, NOTE = "raven.failed_runs", "raven.error", "raven.imported_from", "raven.note"
+
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 PENDING_NAME = "mlflow_pending.json"
-_PARAM_BATCH = 90  # MLflow accepts at most 100 params per log_batch
-_METRIC_BATCH = 900  # and at most 1000 metrics
-# MLflow's HTTP client retries a failed request 7 times with a 120 s timeout by default (minutes
-# per write while a server is down); the write queue below retries instead.
 HTTP_RETRY_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                   "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}
 RETRY_SECONDS_ENV = "RAVEN_TRACKING_RETRY_S"
-_BACKOFF_FIRST, _BACKOFF_MAX = 0.5, 15.0
 _TRANSIENT_CODES = {"TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "INTERNAL_ERROR"}
-_SERVER_ERROR_ATTEMPTS = 10  # a write the server keeps answering with an error is given up after this
+
+
+# ----------------------------------------------------------------------------- the store
 
 
 def resolve_tracking_uri(uri: str | None) -> str:
-    """Pin a relative SQLite or file store to an absolute path (the driver's folder at sweep start).
+    """Pin a relative SQLite or file store to an absolute path (the driver's folder at start).
 
-    The URI is stored with the sweep and reused by `--resume`, which may run from elsewhere.
+    The URI is stored with a sweep and reused by `--resume`, which may run from elsewhere.
     """
     uri = uri or DEFAULT_TRACKING_URI
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
@@ -83,33 +119,6 @@ def resolve_tracking_uri(uri: str | None) -> str:
     if "://" not in uri:  # a bare folder: MLflow's file store
         return Path(uri).resolve().as_uri()
     return uri
-
-
-def git_version(path: str | os.PathLike | None = None) -> str:
-    """`<commit>` of the checkout holding `path` (this package by default), `+dirty` when modified."""
-    where = Path(path) if path else Path(__file__).resolve().parent
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True,
-                                timeout=10).stdout.strip()
-        if not commit:
-            return "unknown"
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=where,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return commit + ("+dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def _param_text(value: Any) -> str:
-    if isinstance(value, float):
-        return repr(value)
-    if isinstance(value, (list, tuple)):
-        return ",".join(_param_text(v) for v in value)
-    return str(value)[:6000]
-
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def configure_http_retries(tracking_uri: str) -> None:
@@ -120,6 +129,7 @@ def configure_http_retries(tracking_uri: str) -> None:
 
 
 def retry_seconds() -> float:
+    """RAVEN_TRACKING_RETRY_S (default 300): how long the end of a sweep waits for an unreachable store."""
     try:
         return max(0.0, float(os.environ.get(RETRY_SECONDS_ENV, "300")))
     except ValueError:
@@ -129,19 +139,9 @@ def retry_seconds() -> float:
 def failure_kind(exc: BaseException) -> str | None:
     """'unreachable' (no answer: refused, reset, timed out), 'server' (HTTP 5xx / 429, an overloaded or
     broken store), or None (the store rejected the request: retrying will not help)."""
-    try:
-        import requests
-
-        if isinstance(exc, (requests.exceptions.ConnectionError, requests.exceptions.Timeout)):
-            return "unreachable"
-    except ImportError:  # pragma: no cover - mlflow depends on requests
-        pass
-    if isinstance(exc, (ConnectionError, TimeoutError)):
+    if isinstance(exc, (requests.exceptions.ConnectionError, requests.exceptions.Timeout, ConnectionError,
+                        TimeoutError)):
         return "unreachable"
-    try:
-        from mlflow.exceptions import MlflowException
-    except ImportError:  # pragma: no cover
-        return None
     if isinstance(exc, MlflowException):
         text = str(exc)
         if text.startswith("API request to") and ("failed with exception" in text or "timeout" in text):
@@ -155,9 +155,144 @@ def failure_kind(exc: BaseException) -> str | None:
     return None
 
 
-def is_transient(exc: BaseException) -> bool:
-    """True for failures worth retrying later (see failure_kind)."""
-    return failure_kind(exc) is not None
+def experiment_id(client: MlflowClient, name: str) -> str:
+    """The experiment `name` (created when missing, restored when deleted), marked as model development."""
+    found = client.get_experiment_by_name(name)
+    if found is None:
+        return client.create_experiment(name, tags={EXPERIMENT_KIND: MODEL_DEVELOPMENT})
+    if found.lifecycle_stage == "deleted":
+        client.restore_experiment(found.experiment_id)
+    if EXPERIMENT_KIND not in found.tags:  # an experiment someone marked otherwise keeps its kind
+        client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND, MODEL_DEVELOPMENT)
+    return found.experiment_id
+
+
+def use_experiment(name: str) -> str:
+    """mlflow.set_experiment for the fluent API, through `experiment_id` (so the kind tag is set)."""
+    return mlflow.set_experiment(experiment_id=experiment_id(MlflowClient(), name)).experiment_id
+
+
+# ----------------------------------------------------------------------------- params, metrics, evaluations
+
+
+def param_text(value: Any) -> str:
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return ",".join(param_text(v) for v in value)
+    return str(value)[:6000]
+
+
+def flatten(prefix: str, value: Any) -> dict[str, str]:
+    """Nested settings as flat params: {"eval.probe.max_iter": "500", ...} (lists as JSON)."""
+    if isinstance(value, dict):
+        out: dict[str, str] = {}
+        for key, item in value.items():
+            out.update(flatten(f"{prefix}.{key}" if prefix else str(key), item))
+        return out
+    return {prefix: (json.dumps(value) if isinstance(value, (list, tuple)) else str(value))[:500]}
+
+
+def finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def log_params(client: MlflowClient, run_id: str, params: Mapping[str, Any]) -> None:
+    """Log the params the run does not hold yet (MLflow refuses to change a logged param)."""
+    existing = client.get_run(run_id).data.params
+    fresh = [Param(str(k), param_text(v)) for k, v in params.items() if str(k) not in existing]
+    client.log_batch(run_id, params=fresh)  # log_batch splits into MLflow's per-request limits itself
+
+
+def log_metrics(client: MlflowClient, run_id: str, metrics: Mapping[str, Any], step: int = 0) -> None:
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items() if finite(v)])
+
+
+def log_evaluation(client: MlflowClient, run_id: str, result: EvalResult) -> None:
+    """One evaluation into `run_id`: every metric, the curves, the settings as params, the files.
+
+    Metrics: all of result.metrics(); each curve of result.curves() ({name: {delta_key: value}},
+    e.g. adv_acc_kl) at step round(1000 delta). Params: the settings flattened under "eval."
+    (keys the run already holds are left alone). Artifacts: result.artifacts under "robustness/".
+    """
+    now = int(time.time() * 1000)
+    metrics = [Metric(k, float(v), now, 0) for k, v in result.metrics().items() if finite(v)]
+    for name, curve in result.curves().items():
+        metrics += [Metric(name, float(v), now, int(round(float(key) * 1000))) for key, v in curve.items() if finite(v)]
+    client.log_batch(run_id, metrics=metrics)
+    settings = {k: v for k, v in result.settings.items() if k not in ("train_config", "eval_config")}
+    params = {**flatten("eval", settings), **flatten("eval.config", result.settings.get("eval_config") or {}),
+              "eval.label": result.label}
+    log_params(client, run_id, params)
+    for path in result.artifacts:
+        if Path(path).is_file():
+            client.log_artifact(run_id, str(path), "robustness")
+
+
+# ----------------------------------------------------------------------------- dataset inputs
+
+
+class _SplitDataset(MetaDataset):
+    """A MetaDataset (name, digest, source) that also carries a profile: the split's definition."""
+
+    def __init__(self, entry: Mapping[str, Any]) -> None:
+        source = get_dataset_source_from_json(json.dumps({"uri": entry["source"]}), source_type="local")
+        self._profile = entry["profile"]
+        super().__init__(source, name=entry["name"], digest=entry["digest"])
+
+    @property
+    def profile(self) -> Any:
+        return self._profile
+
+    def to_dict(self) -> dict[str, str]:
+        return {**super().to_dict(), "profile": json.dumps(self._profile)}
+
+
+def log_inputs(client: MlflowClient, run_id: str, inputs: Iterable[Mapping[str, Any]]) -> None:
+    """Log each raven.provenance.dataset_inputs entry as an MLflow dataset input, its split as the context tag."""
+    datasets = []
+    for entry in inputs:
+        fields = _SplitDataset(entry).to_dict()
+        datasets.append(DatasetInput(DatasetEntity(
+            name=fields["name"], digest=fields["digest"], source_type=fields["source_type"], source=fields["source"],
+            profile=fields["profile"]), tags=[InputTag("mlflow.data.context", entry["split"])]))
+    if datasets:
+        client.log_inputs(run_id, datasets=datasets)
+
+
+# ----------------------------------------------------------------------------- models and the registry
+
+
+def registered_model_name(dataset: str, method: str) -> str:
+    return f"raven-{dataset}-{method}"
+
+
+def log_model(tracking_uri: str, run_id: str, model: torch.nn.Module) -> Any:
+    """The model as an MLflow model of the run (mlflow.pytorch, pickled); returns its ModelInfo."""
+    mlflow.set_tracking_uri(tracking_uri)
+    with mlflow.start_run(run_id=run_id):
+        return mlflow.pytorch.log_model(model, name="model", serialization_format="pickle",
+                                        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "raven"])
+
+
+def register_model(client: MlflowClient, name: str, model_uri: str, model_id: str | None, run_id: str,
+                   tags: Mapping[str, str]) -> str:
+    """A version of registered model `name` for `model_uri` with `tags`; an existing version with the same
+    tags is returned instead (a resumed sweep registers once). Returns the version number."""
+    try:
+        client.create_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+            raise
+    for version in client.search_model_versions(f"name = '{name}'"):
+        if all(version.tags.get(k) == v for k, v in tags.items()):
+            return str(version.version)
+    return str(client.create_model_version(name, source=model_uri, run_id=run_id, tags=dict(tags),
+                                           model_id=model_id).version)
+
+
+# ----------------------------------------------------------------------------- a sweep's runs
 
 
 class SweepTracker:
@@ -169,18 +304,15 @@ class SweepTracker:
         self.experiment = experiment
         self.sweep_name = sweep_name
         self.pending_path = str(pending_path) if pending_path else None
-        self._log = log
-        self._client = None
+        self._log = log or (lambda line: print(f"raven sweep: {line}", file=sys.stderr, flush=True))
+        self._client: MlflowClient | None = None
         self._experiment_id: str | None = None
         self._parent_id: str | None = None
         self._trial_runs: dict[str, str] = {}
         self._logged_epochs: dict[str, set[int]] = {}
         self._params_done: set[str] = set()
-        # The write queue (see the module docstring).
-        self._queue: list[dict[str, Any]] = []
-        self._failures = 0  # consecutive failed flushes
-        self._next_try = 0.0
-        self._outage_since: float | None = None
+        self.queue = WriteQueue(self.apply, failure_kind, target=f"MLflow tracking store {tracking_uri}",
+                                path=pending_path, log=self._log, retry_seconds=retry_seconds())
         configure_http_retries(tracking_uri)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -190,57 +322,40 @@ class SweepTracker:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(state["tracking_uri"], state["experiment"], state["sweep_name"], state.get("pending_path"))
 
-    def _say(self, line: str) -> None:
-        if self._log is not None:
-            self._log(line)
-        else:
-            print(f"raven sweep: {line}", file=sys.stderr, flush=True)
-
-    # ------------------------------------------------------------------ basics
-
     @property
-    def client(self):
+    def client(self) -> MlflowClient:
         if self._client is None:
-            from mlflow import MlflowClient
-
             self._client = MlflowClient(self.tracking_uri)
         return self._client
 
     @property
     def experiment_id(self) -> str:
         if self._experiment_id is None:
-            found = self.client.get_experiment_by_name(self.experiment)
-            if found is None:
-                self._experiment_id = self.client.create_experiment(self.experiment)
-            else:
-                if found.lifecycle_stage == "deleted":
-                    self.client.restore_experiment(found.experiment_id)
-                self._experiment_id = found.experiment_id
+            self._experiment_id = experiment_id(self.client, self.experiment)
         return self._experiment_id
 
     def _search(self, filter_string: str) -> list:
         return self.client.search_runs([self.experiment_id], filter_string=filter_string, max_results=1000,
                                        order_by=["attributes.start_time ASC"])
 
-    # ------------------------------------------------------------------ parent
+    # ------------------------------------------------------------------ the parent
 
     def find_parent(self) -> str | None:
-        runs = self._search(f"tags.`{ROLE}` = 'sweep' and tags.`{SWEEP_NAME}` = '{self.sweep_name}'")
+        runs = self._search(f"tags.`{ROLE}` = '{SWEEP_ROLE}' and tags.`{SWEEP_NAME}` = '{self.sweep_name}'")
         return runs[0].info.run_id if runs else None
 
     def start_parent(self, params: Mapping[str, Any], tags: Mapping[str, str] | None = None) -> tuple[str, bool]:
         """(run id, created): the sweep's parent run, created with `params` when absent, set RUNNING."""
         run_id = self.find_parent()
         created = run_id is None
+        tags = {k: str(v) for k, v in (tags or {}).items()}  # REST stores take string tag values only
         if created:
-            run = self.client.create_run(self.experiment_id, run_name=self.sweep_name,
-                                         tags={ROLE: "sweep", SWEEP_NAME: self.sweep_name, **(tags or {})})
-            run_id = run.info.run_id
-            self._log_params(run_id, params)
+            run_id = self.client.create_run(self.experiment_id, run_name=self.sweep_name,
+                                            tags={ROLE: SWEEP_ROLE, SWEEP_NAME: self.sweep_name, **tags}).info.run_id
+            log_params(self.client, run_id, params)
         else:
             self.client.update_run(run_id, status="RUNNING")
-            for key, value in (tags or {}).items():
-                self.client.set_tag(run_id, key, value)
+            self.set_tags(run_id, tags)
         self._parent_id = run_id
         return run_id, created
 
@@ -252,24 +367,17 @@ class SweepTracker:
                 raise RuntimeError(f"no MLflow parent run for sweep {self.sweep_name!r} in {self.tracking_uri}")
         return self._parent_id
 
-    def _log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
-        from mlflow.entities import Param
-
-        existing = self.client.get_run(run_id).data.params
-        fresh = [Param(str(k), _param_text(v)) for k, v in params.items() if str(k) not in existing]
-        for i in range(0, len(fresh), _PARAM_BATCH):
-            self.client.log_batch(run_id, params=fresh[i:i + _PARAM_BATCH])
-
-    def log_metrics(self, run_id: str, metrics: Mapping[str, Any], step: int = 0) -> None:
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, step) for k, v in metrics.items() if _finite(v)]
-        for i in range(0, len(items), _METRIC_BATCH):
-            self.client.log_batch(run_id, metrics=items[i:i + _METRIC_BATCH])
+    def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
+        for key, value in tags.items():
+            self.client.set_tag(run_id, key, str(value))
 
     def finish(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status)
+
+    def log_artifacts(self, run_id: str, paths: Iterable[str | os.PathLike], artifact_path: str | None = None) -> None:
+        for path in paths:
+            if Path(path).is_file():
+                self.client.log_artifact(run_id, str(path), artifact_path)
 
     # ------------------------------------------------------------------ trials
 
@@ -279,37 +387,37 @@ class SweepTracker:
         return runs[0].info.run_id if runs else None
 
     def trial_run(self, trial_id: str, run_name: str | None = None, params: Mapping[str, Any] | None = None,
-                  reopen: bool = False) -> str:
+                  reopen: bool = False, inputs: Iterable[Mapping[str, Any]] = ()) -> str:
         """The trial's child run, found by raven.trial_id under the parent, else created (RUNNING).
 
-        `reopen` marks a found run RUNNING again (a trial that Tune resumes).
+        `reopen` marks a found run RUNNING again (a trial that Tune resumes). `params` and the
+        dataset `inputs` are logged once per run and driver.
         """
         run_id = self._trial_runs.get(trial_id)
         if run_id is None:
-            run_id = self._child("trial", trial_id)
+            run_id = self._child(TRIAL_ROLE, trial_id)
             if run_id is None:
-                run = self.client.create_run(
+                run_id = self.client.create_run(
                     self.experiment_id, run_name=run_name,
-                    tags={ROLE: "trial", TRIAL_ID: trial_id, PARENT_SWEEP: self.sweep_name,
-                          PARENT_RUN_ID: self.parent_id})
-                run_id = run.info.run_id
+                    tags={ROLE: TRIAL_ROLE, TRIAL_ID: trial_id, PARENT_SWEEP: self.sweep_name,
+                          PARENT_RUN_ID: self.parent_id}).info.run_id
             elif reopen and self.client.get_run(run_id).info.status != "RUNNING":
                 self.client.update_run(run_id, status="RUNNING")
             self._trial_runs[trial_id] = run_id
         if params and run_id not in self._params_done:
-            self._log_params(run_id, params)
+            log_params(self.client, run_id, params)
+            log_inputs(self.client, run_id, inputs)
             self._params_done.add(run_id)
         return run_id
 
     def trial_runs(self) -> dict[str, str]:
         """{trial id: run id} of every trial child of the parent."""
-        runs = self._search(f"tags.`{PARENT_RUN_ID}` = '{self.parent_id}' and tags.`{ROLE}` = 'trial'")
+        runs = self._search(f"tags.`{PARENT_RUN_ID}` = '{self.parent_id}' and tags.`{ROLE}` = '{TRIAL_ROLE}'")
         return {r.data.tags[TRIAL_ID]: r.info.run_id for r in runs}
 
     def logged_epochs(self, run_id: str) -> set[int]:
         if run_id not in self._logged_epochs:
-            history = self.client.get_metric_history(run_id, EPOCH_MARKER)
-            self._logged_epochs[run_id] = {int(m.step) for m in history}
+            self._logged_epochs[run_id] = {int(m.step) for m in self.client.get_metric_history(run_id, EPOCH_MARKER)}
         return self._logged_epochs[run_id]
 
     def log_epoch(self, run_id: str, epoch: int, metrics: Mapping[str, Any], verify: bool = False) -> bool:
@@ -324,12 +432,12 @@ class SweepTracker:
         done = self.logged_epochs(run_id)
         if epoch in done:
             return False
-        values = {k: v for k, v in metrics.items() if _finite(v)}
+        values = {k: v for k, v in metrics.items() if finite(v)}
         if verify:
             values = {k: v for k, v in values.items()
                       if not any(m.step == epoch for m in self.client.get_metric_history(run_id, k))}
-        # The marker goes last: with it in the run, the epoch counts as logged.
-        self.log_metrics(run_id, {**values, EPOCH_MARKER: epoch}, step=epoch)
+        # The marker goes last (log_batch keeps the order): with it in the run, the epoch counts as logged.
+        log_metrics(self.client, run_id, {**values, EPOCH_MARKER: epoch}, step=epoch)
         done.add(epoch)
         return True
 
@@ -355,107 +463,11 @@ class SweepTracker:
         if any(tags.get(k) != v for k, v in new.items()):
             self.set_tags(run_id, new)
 
-    # ------------------------------------------------------------------ the write queue
-
-    def submit(self, op: dict[str, Any]) -> bool:
-        """Queue one trial write (see `_apply` for the kinds) and flush; True when nothing is left waiting."""
-        self._queue.append(op)
-        return self.flush()
-
-    @property
-    def pending(self) -> int:
-        return len(self._queue)
-
-    def flush(self, force: bool = False) -> bool:
-        """Apply queued writes in order until one cannot reach the store; True when the queue is empty.
-
-        Not tried again before the backoff after a failure has passed, unless `force`.
-        """
-        if not self._queue:
-            return True
-        if not force and time.monotonic() < self._next_try:
-            self._save_pending()
-            return False
-        while self._queue:
-            op = self._queue[0]
-            try:
-                self._apply(op)
-            except Exception as exc:  # noqa: BLE001 - sorted below
-                kind = failure_kind(exc)
-                op["attempts"] = int(op.get("attempts", 0)) + 1
-                if kind == "unreachable" or (kind == "server" and op["attempts"] < _SERVER_ERROR_ATTEMPTS):
-                    self._failures += 1
-                    delay = min(_BACKOFF_MAX, _BACKOFF_FIRST * 2 ** (self._failures - 1))
-                    self._next_try = time.monotonic() + delay
-                    # A request that failed may still have reached the store: read it back before retrying.
-                    self._logged_epochs.clear()
-                    if self._outage_since is None:
-                        self._outage_since = time.monotonic()
-                        self._say(f"warning: MLflow tracking store {self.tracking_uri} unreachable "
-                                  f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}); "
-                                  "writes are queued and retried, the sweep goes on")
-                    self._save_pending()
-                    return False
-                self._queue.pop(0)
-                self._say(f"warning: MLflow write {op.get('op')} of trial {op.get('trial_id')} rejected and "
-                          f"dropped: {type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}")
-                continue
-            self._queue.pop(0)
-        if self._outage_since is not None:
-            self._say(f"MLflow tracking store reachable again after {time.monotonic() - self._outage_since:.0f}s; "
-                      "queued writes flushed")
-            self._outage_since = None
-        self._failures = 0
-        self._next_try = 0.0
-        self._save_pending()
-        return True
-
-    def drain(self, timeout: float | None = None) -> bool:
-        """Flush until the queue is empty (True) or `timeout` seconds (RAVEN_TRACKING_RETRY_S) have passed."""
-        deadline = time.monotonic() + (retry_seconds() if timeout is None else timeout)
-        while not self.flush(force=True):
-            wait = self._next_try - time.monotonic()
-            if time.monotonic() + max(wait, 0.0) > deadline:
-                self._say(f"warning: {len(self._queue)} MLflow write(s) could not be delivered to "
-                          f"{self.tracking_uri}; kept in {self.pending_path or 'memory'}"
-                          f"{' and replayed by --resume' if self.pending_path else ''}")
-                return False
-            time.sleep(max(wait, 0.05))
-        return True
-
-    def load_pending(self) -> int:
-        """Queue the writes a previous driver saved in pending_path (ahead of new ones); their count."""
-        if not self.pending_path or not Path(self.pending_path).is_file():
-            return 0
-        try:
-            ops = json.loads(Path(self.pending_path).read_text())
-        except (OSError, ValueError):
-            return 0
-        for op in ops:
-            op["attempts"] = max(1, int(op.get("attempts", 0)))  # may have reached the store: verify
-        self._queue[:0] = ops
-        return len(ops)
-
-    def _save_pending(self) -> None:
-        if not self.pending_path:
-            return
-        path = Path(self.pending_path)
-        try:
-            if self._queue:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_name(path.name + ".tmp")
-                tmp.write_text(json.dumps(self._queue))
-                os.replace(tmp, path)
-            elif path.exists():
-                path.unlink()
-        except OSError:
-            pass
-
-    def _apply(self, op: dict[str, Any]) -> None:
-        """One queued write: trial (find or create the run), epoch, node, tags, finish."""
+    def apply(self, op: dict[str, Any]) -> None:
+        """One queued trial write: trial (find or create the run), epoch, node, tags, finish."""
         kind, trial_id = op["op"], op["trial_id"]
         run_id = self.trial_run(trial_id, run_name=op.get("run_name"), params=op.get("params"),
-                                reopen=bool(op.get("reopen")))
+                                reopen=bool(op.get("reopen")), inputs=op.get("inputs") or ())
         if kind == "epoch":
             self.log_epoch(run_id, int(op["epoch"]), op["metrics"], verify=int(op.get("attempts", 0)) > 0)
         elif kind == "node":
@@ -467,33 +479,11 @@ class SweepTracker:
         elif kind != "trial":
             raise ValueError(f"unknown queued MLflow write {kind!r}")
 
-    def retrying(self, what: str, fn, timeout: float | None = None):
-        """fn(), retried with backoff while the store cannot be reached, for up to `timeout` seconds."""
-        deadline = time.monotonic() + (retry_seconds() if timeout is None else timeout)
-        delay = _BACKOFF_FIRST
-        warned = False
-        while True:
-            try:
-                return fn()
-            except Exception as exc:  # noqa: BLE001
-                if not is_transient(exc) or time.monotonic() + delay > deadline:
-                    raise
-                if not warned:
-                    warned = True
-                    self._say(f"warning: MLflow {what}: store unreachable ({type(exc).__name__}); retrying "
-                              f"for up to {max(0.0, deadline - time.monotonic()):.0f}s")
-                time.sleep(delay)
-                delay = min(_BACKOFF_MAX, delay * 2)
-
-    def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
-        for key, value in tags.items():
-            self.client.set_tag(run_id, key, str(value))
-
     # ------------------------------------------------------------------ evaluations
 
     def evaluation_run(self, trial_id: str) -> tuple[str | None, str | None]:
         """(run id, status) of the trial's evaluation run, or (None, None)."""
-        run_id = self._child("evaluation", trial_id)
+        run_id = self._child(EVALUATION_ROLE, trial_id)
         if run_id is None:
             return None, None
         return run_id, self.client.get_run(run_id).info.status
@@ -506,159 +496,10 @@ class SweepTracker:
                 return old
             self.client.delete_run(old)
         trial_run = self.trial_run(trial_id)
-        run = self.client.create_run(
+        run_id = self.client.create_run(
             self.experiment_id, run_name=run_name,
-            tags={ROLE: "evaluation", TRIAL_ID: trial_id, PARENT_SWEEP: self.sweep_name,
-                  PARENT_RUN_ID: self.parent_id, TRIAL_RUN_ID: trial_run})
-        self._log_params(run.info.run_id, params)
-        self.client.set_tag(trial_run, EVALUATION_RUN_ID, run.info.run_id)
-        return run.info.run_id
-
-    def log_artifacts(self, run_id: str, paths: Iterable[str | os.PathLike], artifact_path: str | None = None) -> None:
-        for path in paths:
-            if Path(path).is_file():
-                self.client.log_artifact(run_id, str(path), artifact_path)
-
-
-# ----------------------------------------------------------------------------- Ray Tune callback
-
-from ray.tune import Callback as _TuneCallback  # noqa: E402  (Ray is imported only when a sweep runs)
-
-
-class MlflowTuneCallback(_TuneCallback):
-    """Tune callback on the driver: a child run per trial with per-epoch metrics, status, node and checkpoint tags.
-
-    Tune pickles it with the experiment (tuner.pkl) and restores it on `--resume`; it holds no
-    state of its own beyond the tracker settings: runs and logged epochs are found in MLflow.
-    Every write goes through the tracker's queue, so an unreachable store delays writes
-    without losing them (module docstring); a write the store rejects is reported and
-    dropped, and neither stops the sweep.
-    """
-
-    def __init__(self, tracker: SweepTracker, spec: dict[str, Any]) -> None:
-        self.tracker = tracker
-        self.spec = spec
-        self._sweep = None
-        self._warned: set[str] = set()
-        self._nodes: dict[str, str] = {}  # trial id -> node id of its last recorded epoch
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {"tracker": self.tracker, "spec": self.spec}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["tracker"], state["spec"])
-
-    @property
-    def sweep(self):
-        if self._sweep is None:
-            from raven.sweep import SweepSpec
-
-            self._sweep = SweepSpec.from_dict(self.spec)
-        return self._sweep
-
-    def _guard(self, what: str, fn) -> None:
-        try:
-            fn()
-        except Exception as exc:  # noqa: BLE001 - the sweep goes on; the record shows the gap
-            if what not in self._warned:
-                self._warned.add(what)
-                print(f"raven sweep: warning: MLflow {what} failed: {type(exc).__name__}: {exc}",
-                      file=sys.stderr, flush=True)
-
-    def _submit(self, what: str, op: dict[str, Any]) -> None:
-        self._guard(what, lambda: self.tracker.submit(op))
-
-    def _trial_op(self, trial) -> dict[str, Any]:
-        from raven.sweep import trial_label, trial_params
-
-        params = {k: (list(v) if isinstance(v, tuple) else v)
-                  for k, v in trial_params(self.sweep, trial.config, trial.trial_id).items()}
-        return {"op": "trial", "trial_id": trial.trial_id, "reopen": True, "params": params,
-                "run_name": trial_label(self.sweep, trial.config, trial.trial_id)}
-
-    def _epoch_op(self, trial, metrics: dict[str, Any]) -> dict[str, Any] | None:
-        from raven.sweep import epoch_metrics
-
-        if metrics.get("epoch") is None:
-            return None
-        return {"op": "epoch", "trial_id": trial.trial_id, "epoch": int(metrics["epoch"]),
-                "metrics": epoch_metrics(metrics)}
-
-    def _backfill(self, trial) -> None:
-        """Epochs reported while the driver was down are in the checkpoint's reported.json."""
-        from raven.sweep import REPORTED_NAME
-
-        checkpoint = trial.checkpoint
-        if checkpoint is None:
-            return
-        with checkpoint.as_directory() as folder:
-            path = Path(folder) / REPORTED_NAME
-            history = json.loads(path.read_text()) if path.is_file() else []
-        for metrics in history:
-            op = self._epoch_op(trial, metrics)
-            if op is not None:
-                self._submit("epoch logging", op)
-        nodes = [m["node_id"] for m in history if isinstance(m.get("node_id"), str) and m["node_id"]]
-        if nodes:
-            self._submit("node tag", {"op": "node", "trial_id": trial.trial_id, "node_id": nodes[-1],
-                                      "history": nodes})
-
-    def on_trial_start(self, iteration, trials, trial, **info) -> None:
-        self._submit("trial start", self._trial_op(trial))
-
-    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
-        op = self._epoch_op(trial, result)
-        if op is not None:
-            self._submit("epoch logging", op)
-        node = result.get("node_id")
-        if isinstance(node, str) and node and self._nodes.get(trial.trial_id) != node:
-            self._nodes[trial.trial_id] = node
-            self._submit("node tag", {"op": "node", "trial_id": trial.trial_id, "node_id": node,
-                                      "node_ip": str(result.get("node_ip") or "")})
-        if result.get("epoch") is not None:
-            from raven.sweep import OBJECTIVE
-
-            parts = [f"{key} {result[key]:.4g}" for key in ("train_loss", "val_elbo", OBJECTIVE)
-                     if isinstance(result.get(key), (int, float))]
-            where = f" on node {node[:8]}" if isinstance(node, str) and node else ""
-            print(f"raven sweep: trial {trial.trial_id} epoch {int(result['epoch'])}/"
-                  f"{self.sweep.train.get('epochs')}{where}: {', '.join(parts)}", file=sys.stderr, flush=True)
-
-    def on_checkpoint(self, iteration, trials, trial, checkpoint, **info) -> None:
-        self._submit("checkpoint tag", {"op": "tags", "trial_id": trial.trial_id, "tags": {CHECKPOINT: checkpoint.path}})
-
-    def on_trial_recover(self, iteration, trials, trial, **info) -> None:
-        # Tune registers a checkpoint only after a round trip to the trial; one the trial stored just
-        # before it died is found in storage by the trainable itself (raven.sweep.sweep_trial).
-        restored = (trial.checkpoint.path if trial.checkpoint is not None
-                    else "its newest complete checkpoint in storage, if any (none registered yet)")
-        print(f"raven sweep: trial {trial.trial_id} failed (failure {trial.num_failures}; see "
-              f"{trial.error_file}); it restarts from {restored}", file=sys.stderr, flush=True)
-        self._submit("trial restart tag", {"op": "tags", "trial_id": trial.trial_id,
-                                           "tags": {"raven.trial_restarts": trial.num_failures}})
-
-    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        from raven.sweep import OBJECTIVE
-
-        self._guard("trial completion", lambda: self._backfill(trial))
-        self._submit("trial completion", {"op": "tags", "trial_id": trial.trial_id,
-                                          "tags": {"raven.trial_status": "TERMINATED"}})
-        self._submit("trial completion", {"op": "finish", "trial_id": trial.trial_id, "status": "FINISHED"})
-        value = (trial.last_result or {}).get(OBJECTIVE)
-        text = f"{OBJECTIVE}={value:.4f}" if isinstance(value, (int, float)) else "no objective"
-        print(f"raven sweep: trial {trial.trial_id} finished: {text}", file=sys.stderr, flush=True)
-
-    def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        self._submit("trial error", {"op": "tags", "trial_id": trial.trial_id,
-                                     "tags": {"raven.trial_status": "ERROR", "raven.error_file": trial.error_file or ""}})
-        self._submit("trial error", {"op": "finish", "trial_id": trial.trial_id, "status": "FAILED"})
-        print(f"raven sweep: trial {trial.trial_id} failed (see {trial.error_file})", file=sys.stderr, flush=True)
-
-    def on_step_end(self, iteration, trials, **info) -> None:
-        # Writes queued during an outage go out as soon as the store is back, not only at the next result.
-        if self.tracker.pending:
-            self._guard("queued writes", self.tracker.flush)
-
-    def on_experiment_end(self, trials, **info) -> None:
-        if self.tracker.pending:
-            self._guard("queued writes", lambda: self.tracker.drain(timeout=min(60.0, retry_seconds())))
+            tags={ROLE: EVALUATION_ROLE, TRIAL_ID: trial_id, PARENT_SWEEP: self.sweep_name,
+                  PARENT_RUN_ID: self.parent_id, TRIAL_RUN_ID: trial_run}).info.run_id
+        log_params(self.client, run_id, params)
+        self.client.set_tag(trial_run, EVALUATION_RUN_ID, run_id)
+        return run_id

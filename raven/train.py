@@ -1,14 +1,21 @@
 """The one training loop for every method, its checkpoints, and per-epoch callbacks.
 
-One step: draw the batch (and its noisy partner or adversarial partner), encode, sample
-z, decode, compute the method's objective, backward, RAdam step. Each epoch ends with
-validation metrics, a checkpoint, and the callbacks (Ray Tune and MLflow plug in here).
+One step: draw the batch (`epoch_order`), its partner (`draw_partner`: the noisy copy,
+fixed per seed or fresh per step, or the Smooth Encoder's adversarial x_b), then encode,
+sample z, decode and compute the method's objective (`method_terms`), backward, RAdam
+step. Each epoch ends with validation metrics, a checkpoint, and the callbacks (Ray Tune
+and MLflow plug in here).
 
-All randomness (shuffling, pixel noise, reparameterisation, PGD starts) comes from one
-torch.Generator whose state is checkpointed, so a resumed run replays exactly the steps
-an uninterrupted run would have taken. A step's random numbers are drawn up front
-(draw_step_noise) and consumed by step_terms, which raven.pack also runs on K stacked
-members, each with its own generator.
+All randomness (shuffling, per-step pixel noise, PGD starts, reparameterisation, in that
+order within a step) comes from one torch.Generator whose state is checkpointed, so a
+resumed run replays exactly the steps an uninterrupted run would have taken; the fixed
+noisy copy is drawn from the seed alone and drawn again identically on resume.
+
+The step keeps its random draws apart from its arithmetic: `partner_noise` and
+`latent_noise` draw, `make_partner` and `step_terms` compute from the draws. The solo
+loop chains them on one generator (draw_partner, method_terms); raven.pack draws each
+member's from that member's generator, stacks them, and runs the same make_partner and
+step_terms on its K members at once.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from raven.config import ConfigError, TrainConfig
-from raven.data import IMAGE_SIZE, DataSplits, load_splits, noisy_copy
+from raven.data import IMAGE_SIZE, DataSplits, bernoulli_target, fixed_noisy_copy, load_splits, noisy_copy
 from raven.gaussians import (
     diag_gaussian_kl,
     diag_gaussian_log_prob,
@@ -111,28 +118,66 @@ def build_model(config: TrainConfig) -> RavenModel:
         return RavenModel(config.latent_dim, config.n_components if config.method == "raven-gmm" else None)
 
 
-def draw_step_noise(config: TrainConfig, batch_size: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """Every random number one training step of `config` consumes, in the order it always drew them.
+class StepSettings(Protocol):
+    """What a step's arithmetic reads of its configuration: a TrainConfig, or raven.pack's
+    PackSettings, whose values that differ between members are tensors broadcasting over
+    the pack ((K, 1) per pair, (K, 1, d) for sigma_aug)."""
 
-    "start": U(0, 1) of the Smooth Encoder's PGD start, (batch, 784); "pixel": N(0, 1) of
-    the noisy partner, (batch, 784); "latent": N(0, 1) of the reparameterisation, (rows, d),
-    rows = 2 * batch for paired methods (clean rows, then partner rows). Drawing up front
-    rather than inside the step gives the same values from the same generator, and lets a
-    pack (raven.pack) draw each member's from that member's own generator and stack them.
+    method: str
+    noise_std: float
+    se_epsilon: float
+    se_steps: int
+    sigma_aug: float | tuple[float, ...] | torch.Tensor
+    beta: float | torch.Tensor
+    eta: float | torch.Tensor
+
+
+def epoch_order(n: int, generator: torch.Generator, device: torch.device | str) -> torch.Tensor:
+    """The epoch's batch order: a permutation of the n training rows drawn from `generator`."""
+    return torch.randperm(n, generator=generator, device=device)
+
+
+def training_noisy_copy(config: TrainConfig, train_x: torch.Tensor) -> torch.Tensor | None:
+    """The one noisy copy of the training set (pair_noise "fixed", paired methods), else None.
+
+    Drawn from config.seed alone (raven.data.fixed_noisy_copy), not from the training
+    generator, so it is the same on resume and whatever the batch order.
     """
+    if not (config.paired and config.pair_noise == "fixed"):
+        return None
+    return fixed_noisy_copy(train_x, config.noise_std, config.seed)
+
+
+def partner_noise(config: TrainConfig, batch_size: int, generator: torch.Generator,
+                  fixed_partner: bool = False) -> dict[str, torch.Tensor]:
+    """The random numbers of a batch's partner, the first a step draws: "start", the Smooth
+    Encoder's U(0, 1) PGD start, or "pixel", the N(0, 1) of a fresh noisy copy, each
+    (batch, 784); nothing for the VAE or when the batch's rows of a fixed copy are given."""
     device = generator.device
-    noise = {}
     if config.method == "se":
-        noise["start"] = torch.rand((batch_size, IMAGE_SIZE), generator=generator, device=device)
-    elif config.paired:
-        noise["pixel"] = torch.randn((batch_size, IMAGE_SIZE), generator=generator, device=device)
+        return {"start": torch.rand((batch_size, IMAGE_SIZE), generator=generator, device=device)}
+    if config.paired and not fixed_partner:
+        return {"pixel": torch.randn((batch_size, IMAGE_SIZE), generator=generator, device=device)}
+    return {}
+
+
+def latent_noise(config: TrainConfig, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+    """The N(0, 1) of the step's reparameterisation, drawn after the partner's: (rows, d), with
+    rows = 2 * batch for the paired methods (clean rows, then partner rows), batch otherwise
+    (the Smooth Encoder samples z for x_a alone)."""
     rows = 2 * batch_size if config.paired else batch_size
-    noise["latent"] = torch.randn((rows, config.latent_dim), generator=generator, device=device)
-    return noise
+    return torch.randn((rows, config.latent_dim), generator=generator, device=generator.device)
 
 
-def se_partner(model: RavenModel, x: torch.Tensor, config: TrainConfig, start_noise: torch.Tensor) -> torch.Tensor:
-    """The Smooth Encoder's partner x_b: PGD maximising W2(q(.|x), q(.|x_b)) in the eps_train ball."""
+def se_partner(model: RavenModel, x: torch.Tensor, config: StepSettings, start_noise: torch.Tensor) -> torch.Tensor:
+    """x_b = Select(x_a; L, eps) of Cemgil et al.'s Algorithm 1, L = W2 between the posteriors.
+
+    PGD in the L-inf ball of radius eps = config.se_epsilon around x (intersected with [0, 1]):
+    a uniform random start from `start_noise` (U(0, 1) shaped like x, `partner_noise`), then
+    config.se_steps sign-gradient steps of 2.5 eps / steps (Madry et al.'s rule, so the iterate
+    can cross the ball), ascending W2^2(q(.|x_a), q(.|x_b)); the last iterate is kept.
+    Gradients go to the input only. Rows may carry a leading pack dimension.
+    """
     with torch.no_grad():
         mu, logvar = model.encoder(x)
 
@@ -140,57 +185,77 @@ def se_partner(model: RavenModel, x: torch.Tensor, config: TrainConfig, start_no
         mu_b, logvar_b = model.encoder(x_b)
         return diag_gaussian_w2_squared(mu, logvar, mu_b, logvar_b)
 
-    # Step size 2.5 eps / steps (Madry et al.'s rule) lets the iterate cross the ball.
     return pgd_linf(w2, x, config.se_epsilon, config.se_steps, 2.5 * config.se_epsilon / config.se_steps,
                     random_start=True, keep_best=False, start_noise=start_noise)
 
 
-def method_loss(model: RavenModel, config: TrainConfig, x: torch.Tensor, generator: torch.Generator) -> Terms:
-    """The method's objective on a batch of clean images, partners drawn from `generator`."""
-    return step_terms(model, config, x, draw_step_noise(config, len(x), generator))
+def make_partner(model: RavenModel, config: StepSettings, x: torch.Tensor, noise: dict[str, torch.Tensor],
+                 fixed_partner: torch.Tensor | None = None) -> torch.Tensor | None:
+    """The batch's partner images from its draws (`partner_noise`): None for the VAE, x_b for
+    SE, the noisy copy x + eps otherwise (`fixed_partner`, the batch's rows of
+    `training_noisy_copy`, when given). The noisy copy is unclipped (raven.data.noisy_copy)."""
+    if config.method == "vae":
+        return None
+    if config.method == "se":
+        return se_partner(model, x, config, noise["start"])
+    return fixed_partner if fixed_partner is not None else noisy_copy(x, config.noise_std, eps=noise["pixel"])
 
 
-def step_terms(model: RavenModel, config: TrainConfig, x: torch.Tensor, noise: dict[str, torch.Tensor]) -> Terms:
-    """The method's objective on clean images x (batch, 784), given the step's draws (draw_step_noise).
+def step_terms(model: RavenModel, config: StepSettings, x: torch.Tensor, partner: torch.Tensor | None,
+               eps: torch.Tensor) -> Terms:
+    """The method's objective on clean images x and their partners, z sampled with `eps` (`latent_noise`).
 
-    Written over the last two dimensions, so a pack (raven.pack) passes (K, batch, 784)
-    images, its K-member model, stacked draws and per-member settings as tensors that
-    broadcast over the pack, and gets one value per member in every term.
+    Written over the last two dimensions, so raven.pack passes (K, batch, 784) images and
+    partners, its K-member model and stacked draws, and gets one value per member in every term.
     """
     if config.method == "vae":
         mu, logvar = model.encoder(x)
-        logits = model.decoder(reparameterize(mu, logvar, eps=noise["latent"]))
+        logits = model.decoder(reparameterize(mu, logvar, eps=eps))
         return vae_loss(x, logits, mu, logvar, config.beta)
-    if config.method == "se":
-        x_adv = se_partner(model, x, config, noise["start"])
-        mu, logvar = model.encoder(torch.cat([x, x_adv], dim=-2))
-        mu, mu_adv = mu.chunk(2, dim=-2)
-        logvar, logvar_adv = logvar.chunk(2, dim=-2)
-        logits = model.decoder(reparameterize(mu, logvar, eps=noise["latent"]))
-        return smooth_encoder_loss(x, logits, mu, logvar, mu_adv, logvar_adv, config.eta, config.beta)
-
-    x_pair = noisy_copy(x, config.noise_std, eps=noise["pixel"])
     # One pass over the stacked pair: twice the rows per matrix product, half the kernel launches.
-    both = torch.cat([x, x_pair], dim=-2)
-    mu_both, logvar_both = model.encoder(both)
-    z_both = reparameterize(mu_both, logvar_both, eps=noise["latent"])
-    logits, logits_pair = model.decoder(z_both).chunk(2, dim=-2)
+    mu_both, logvar_both = model.encoder(torch.cat([x, partner], dim=-2))
     mu, mu_pair = mu_both.chunk(2, dim=-2)
     logvar, logvar_pair = logvar_both.chunk(2, dim=-2)
+    if config.method == "se":
+        logits = model.decoder(reparameterize(mu, logvar, eps=eps))
+        return smooth_encoder_loss(x, logits, mu, logvar, mu_pair, logvar_pair, config.eta, config.beta)
+    z_both = reparameterize(mu_both, logvar_both, eps=eps)
+    logits, logits_pair = model.decoder(z_both).chunk(2, dim=-2)
+    target_pair = bernoulli_target(partner)
     if config.method == "vae-noise":
-        return vae_noise_loss(x, x_pair, logits, logits_pair, mu, logvar, mu_pair, logvar_pair, config.beta)
+        return vae_noise_loss(x, target_pair, logits, logits_pair, mu, logvar, mu_pair, logvar_pair, config.beta)
     if config.method == "raven":
-        return raven_loss(x, x_pair, logits, logits_pair, mu, logvar, mu_pair, logvar_pair, config.sigma_aug, config.beta)
+        return raven_loss(x, target_pair, logits, logits_pair, mu, logvar, mu_pair, logvar_pair, config.sigma_aug,
+                          config.beta)
     z, z_pair = z_both.chunk(2, dim=-2)
     prior = model.prior
-    return raven_gmm_loss(x, x_pair, logits, logits_pair, mu, logvar, mu_pair, logvar_pair, z, z_pair,
+    return raven_gmm_loss(x, target_pair, logits, logits_pair, mu, logvar, mu_pair, logvar_pair, z, z_pair,
                           prior.logits, prior.means, prior.logvars, config.sigma_aug, config.beta)
 
 
+def draw_partner(model: RavenModel, config: TrainConfig, x: torch.Tensor, generator: torch.Generator,
+                 fixed_partner: torch.Tensor | None = None) -> torch.Tensor | None:
+    """The batch's partner images, their noise drawn from `generator` (see `make_partner`)."""
+    noise = partner_noise(config, len(x), generator, fixed_partner is not None)
+    return make_partner(model, config, x, noise, fixed_partner)
+
+
+def method_terms(model: RavenModel, config: TrainConfig, x: torch.Tensor, partner: torch.Tensor | None,
+                 generator: torch.Generator) -> Terms:
+    """The method's objective on clean images x and their partners; draws only the z samples."""
+    return step_terms(model, config, x, partner, latent_noise(config, len(x), generator))
+
+
+def method_loss(model: RavenModel, config: TrainConfig, x: torch.Tensor, generator: torch.Generator,
+                fixed_partner: torch.Tensor | None = None) -> Terms:
+    """The method's objective on a batch of clean images, partners and z drawn from `generator`."""
+    return method_terms(model, config, x, draw_partner(model, config, x, generator, fixed_partner), generator)
+
+
 def train_step(model: RavenModel, optimizer: torch.optim.Optimizer, config: TrainConfig, x: torch.Tensor,
-               generator: torch.Generator) -> Terms:
+               generator: torch.Generator, fixed_partner: torch.Tensor | None = None) -> Terms:
     """One optimiser step of the solo loop on batch x: objective, backward, norm cap, RAdam."""
-    terms = method_loss(model, config, x, generator)
+    terms = method_loss(model, config, x, generator, fixed_partner)
     optimizer.zero_grad(set_to_none=True)
     terms["loss"].backward()
     if config.grad_clip_norm is not None:
@@ -205,11 +270,13 @@ def single_image_kl(model: RavenModel, config: TrainConfig, mu: torch.Tensor, lo
 
     Integrating z' out of Definition 1 leaves p(z) = N(0, I + Sigma_aug) for RAVEN and
     sum_c pi_c N(mu_c, Sigma_c + Sigma_aug) for RAVEN-GMM (a one-sample estimate, no closed
-    form); the other methods use N(0, I). This makes val_elbo a bound on log p(x) for
-    every method, comparable across methods.
+    form); integrating z_b out of the Smooth Encoder's p_eta (raven.objectives.smooth_encoder_kl)
+    leaves N(0, (1 + eta)/(1 + 2 eta) I); the VAEs use N(0, I). This makes val_elbo a bound
+    on log p(x) for every method, comparable across methods.
     """
-    if config.method == "raven":
-        var = 1.0 + aug_variance(config.sigma_aug, mu)
+    if config.method in ("raven", "se"):
+        var = (1.0 + aug_variance(config.sigma_aug, mu) if config.method == "raven"
+               else torch.full_like(mu[0], (1.0 + config.eta) / (1.0 + 2.0 * config.eta)))
         return diag_gaussian_kl(mu, logvar, torch.zeros_like(mu), var.log().expand_as(mu))
     if config.method == "raven-gmm":
         prior = model.prior
@@ -371,6 +438,7 @@ def train(
     if len(train_x) == 0:
         raise ConfigError("no training images (check --limit)")
 
+    fixed_pairs = training_noisy_copy(config, train_x)
     model = build_model(config).to(device)
     optimizer = torch.optim.RAdam(model.parameters(), lr=config.lr)
     generator = torch.Generator(device=device).manual_seed(config.seed)
@@ -400,12 +468,14 @@ def train(
                     log(f"early stop after epoch {epoch}: val_elbo has not improved for {config.patience} epochs")
                 break
             started = time.perf_counter()
-            order = torch.randperm(len(train_x), generator=generator, device=device)
+            order = epoch_order(len(train_x), generator, device)
             totals: dict[str, torch.Tensor] = {}
             first_bad_step = torch.tensor(-1, device=device)
             for step in range(steps_per_epoch):
-                x = train_x[order[step * config.batch_size:(step + 1) * config.batch_size]]
-                terms = train_step(model, optimizer, config, x, generator)
+                index = order[step * config.batch_size:(step + 1) * config.batch_size]
+                x = train_x[index]
+                terms = train_step(model, optimizer, config, x, generator,
+                                   None if fixed_pairs is None else fixed_pairs[index])
                 loss = terms["loss"]
                 with torch.no_grad():
                     for name, value in terms.items():
@@ -414,8 +484,8 @@ def train(
                     first_bad_step = torch.where(bad_now, step, first_bad_step)
                 if (step + 1) % FINITE_CHECK_EVERY == 0 or step + 1 == steps_per_epoch:
                     if int(first_bad_step) >= 0:
-                        bad = int(first_bad_step)
-                        raise TrainingDiverged(divergence_message(epoch, bad, steps_per_epoch, out_path))
+                        raise TrainingDiverged(divergence_message(epoch, int(first_bad_step), steps_per_epoch,
+                                                                  out_path))
                 bar.update(1)
             seconds = time.perf_counter() - started
             metrics = {f"train_{name}": float(total) / steps_per_epoch for name, total in totals.items()}

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import importlib.util
 import os
 import secrets
 import shutil
@@ -33,10 +32,12 @@ import tempfile
 import time
 from pathlib import Path
 
-if importlib.util.find_spec("raven") is None:
-    _ROOT = str(Path(__file__).resolve().parents[1])
-    sys.path.insert(0, _ROOT)
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_ROOT, os.environ.get("PYTHONPATH")) if p)
+import torch
+
+from raven.config import TrainConfig
+from raven.data import load_splits
+from raven.selection import ObjectiveSettings, validation_objective
+from raven.train import train
 
 SIGMA_SCRIPT = Path(__file__).resolve().parent / "sigma_aug.py"
 
@@ -56,13 +57,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def in_process(args) -> list[float]:
     """Seconds per trial (training + objective) with the data already in memory."""
-    import torch
-
-    from raven.config import TrainConfig
-    from raven.data import load_splits
-    from raven.sweep import ObjectiveSettings, validation_objective
-    from raven.train import train
-
     torch.set_num_threads(1)  # as a trial with --cpus-per-trial 1
     splits = load_splits("mnist", args.data_dir, "cpu", validation_size=5000)
     settings = ObjectiveSettings(val_limit=args.objective_images, steps=args.objective_steps,

@@ -5,8 +5,9 @@
     raven report                                    # tables and figures of the latest reproduction
 
 sigma_aug and eta are the best values recorded by sweeps/sigma_aug.py and sweeps/se_eta.py
-in the same tracking store (the paper's with --paper-values, or, with a warning, when none
-is found). The machinery is raven.reproduce.
+in the same tracking store (the paper's with --paper-values; raven's documented defaults, with
+a warning, when none is found). The machinery is raven.reproduce (on Ray), raven.reproduce_grid (the budget and the
+cells) and raven.reproduce_offline (--export, on a machine without Ray or MLflow).
 """
 
 from __future__ import annotations
@@ -15,11 +16,9 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a checkout without `pip install -e .`
-
-from raven.config import DATASETS, METHODS, ConfigError  # noqa: E402
-from raven.reproduce import (  # noqa: E402
-    DEFAULT_EXPERIMENT, ETA_SWEEP_EXPERIMENT, FULL_BUDGET, SIGMA_SWEEP_EXPERIMENT, SMOKE_BUDGET, Budget, reproduce)
+from raven import reproduce_offline
+from raven.config import DATASETS, METHODS, ConfigError
+from raven.reproduce_grid import FULL_BUDGET, SMOKE_BUDGET, Budget
 
 
 def _words(text: str) -> tuple[str, ...]:
@@ -46,10 +45,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     budget.add_argument("--no-fid", action="store_true", help="skip FID (the slowest metric on a CPU)")
     p.add_argument("--paper-values", action="store_true",
                    help="use the paper's sigma_aug (0.01 MNIST, 0.04 F-MNIST) and eta (500, 5000), not the sweeps'")
-    p.add_argument("--sigma-aug-experiment", default=SIGMA_SWEEP_EXPERIMENT,
-                   help=f"MLflow experiment of the sigma_aug sweeps (default {SIGMA_SWEEP_EXPERIMENT})")
-    p.add_argument("--eta-experiment", default=ETA_SWEEP_EXPERIMENT,
-                   help=f"MLflow experiment of the eta sweeps (default {ETA_SWEEP_EXPERIMENT})")
+    # Experiment defaults (None) are raven.tracking's names, resolved once MLflow is imported.
+    p.add_argument("--sigma-aug-experiment", default=None,
+                   help="MLflow experiment of the sigma_aug sweeps (default raven-sigma-aug)")
+    p.add_argument("--eta-experiment", default=None, help="MLflow experiment of the eta sweeps (default raven-se-eta)")
     p.add_argument("--address", default=None,
                    help="Ray cluster to join: 'auto' (RAY_ADDRESS, else a cluster started on this machine) or "
                         "HOST:PORT; absent: start a local Ray with this machine's resources")
@@ -60,7 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tracking-uri", default=None,
                    help="MLflow tracking URI, also where the sweeps are looked up (default: MLFLOW_TRACKING_URI, "
                         "else sqlite:///mlflow.db in this folder, artifacts in ./mlruns)")
-    p.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help=f"MLflow experiment (default {DEFAULT_EXPERIMENT})")
+    p.add_argument("--experiment", default=None, help="MLflow experiment (default raven-reproduction)")
     p.add_argument("--resume", action="store_true",
                    help="reopen the latest reproduction (or --run-id) and skip the runs it already holds")
     p.add_argument("--run-id", default=None, help="with --resume: the reproduction parent run to continue")
@@ -93,30 +92,34 @@ def budget_from_args(args: argparse.Namespace) -> Budget:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.import_path is not None:
-        from raven.reproduce import import_results
-
-        if not args.import_path.is_file():
-            print(f"reproduce: error: no export file at {args.import_path}", file=sys.stderr)
-            return 2
-        run_id = import_results(args.import_path, args.tracking_uri, args.experiment, args.note)
-        print(f"reproduction run {run_id}; next: raven report --run-id {run_id}")
-        return 0
-    if args.export is not None:
-        try:
-            reproduce(budget_from_args(args), data_dir=args.data_dir, work_dir=args.work_dir, device=args.device,
-                      export=args.export, workers=args.workers)
-        except ConfigError as exc:
-            print(f"reproduce: error: {exc}", file=sys.stderr)
-            return 2
-        print(f"wrote {args.export}; record it with: python sweeps/reproduce.py --import {args.export}")
-        return 0
     try:
-        summary = reproduce(budget_from_args(args), paper_values=args.paper_values, tracking_uri=args.tracking_uri,
-                            experiment=args.experiment, address=args.address, cpus_per_task=args.cpus_per_task,
-                            gpus_per_task=args.gpus_per_task, resume=args.resume, run_id=args.run_id,
-                            data_dir=args.data_dir, work_dir=args.work_dir,
-                            sigma_experiment=args.sigma_aug_experiment, eta_experiment=args.eta_experiment)
+        budget = budget_from_args(args)
+        if args.export is not None:
+            reproduce_offline.export(budget, args.workers, args.data_dir, args.work_dir, args.device, args.export,
+                                     log=lambda line: print(line, file=sys.stderr, flush=True))
+            print(f"wrote {args.export}; record it with: python sweeps/reproduce.py --import {args.export}")
+            return 0
+        # Ray and MLflow are needed from here on only: --export runs on machines without them.
+        from raven import reproduce, tracking
+        from raven.cluster import ClusterError
+
+        experiment = args.experiment or tracking.REPRODUCTION_EXPERIMENT
+
+        if args.import_path is not None:
+            if not args.import_path.is_file():
+                raise ConfigError(f"no export file at {args.import_path}")
+            run_id = reproduce.import_results(args.import_path, args.tracking_uri, experiment, args.note)
+            print(f"reproduction run {run_id}; next: raven report --run-id {run_id}")
+            return 0
+        try:
+            summary = reproduce.reproduce(
+                budget, paper_values=args.paper_values, tracking_uri=args.tracking_uri, experiment=experiment,
+                address=args.address, cpus_per_task=args.cpus_per_task, gpus_per_task=args.gpus_per_task,
+                resume=args.resume, run_id=args.run_id, data_dir=args.data_dir, work_dir=args.work_dir,
+                sigma_experiment=args.sigma_aug_experiment or tracking.SIGMA_SWEEP_EXPERIMENT,
+                eta_experiment=args.eta_experiment or tracking.ETA_SWEEP_EXPERIMENT)
+        except ClusterError as exc:
+            raise ConfigError(str(exc)) from None
     except ConfigError as exc:
         print(f"reproduce: error: {exc}", file=sys.stderr)
         return 2

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Sweep the Smooth Encoder's coupling eta on Ray Tune with Optuna; record it in MLflow.
 
-Selection objective: val_robust_accuracy on the validation split (raven.sweep). After the
-search the best configuration(s) get the full test-set robustness evaluation.
+Selection objective: val_robust_accuracy on the validation split (raven.selection). After the
+search the best configuration(s) get the full test-set robustness evaluation (raven.sweep).
 
     python sweeps/se_eta.py --smoke                     # local Ray, about two minutes on 2 CPU cores
     python sweeps/se_eta.py --address auto --eta-grid   # on a cluster, over the paper's grid
@@ -11,19 +11,12 @@ search the best configuration(s) get the full test-set robustness evaluation.
 
 from __future__ import annotations
 
-import importlib.util
-import os
 import sys
-from pathlib import Path
 
-if importlib.util.find_spec("raven") is None:
-    # A checkout without `pip install -e .`: use it here and in the workers of a local Ray.
-    _ROOT = str(Path(__file__).resolve().parents[1])
-    sys.path.insert(0, _ROOT)
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_ROOT, os.environ.get("PYTHONPATH")) if p)
-
-from raven import sweep  # noqa: E402
-from raven.config import PAPER_SE_ETA_GRID  # noqa: E402
+from raven import sweep
+from raven.config import PAPER_SE_ETA_GRID, ConfigError
+from raven.sweep_spec import add_arguments, paper_values
+from raven.tracking import ETA_SWEEP_EXPERIMENT
 
 
 def build_parser() -> sweep.SweepArgumentParser:
@@ -32,7 +25,7 @@ def build_parser() -> sweep.SweepArgumentParser:
         epilog="Search space: eta log-uniform in [--eta-min, --eta-max] (default 10..1e4), or with --eta-grid "
                "the paper's grid 50,100,250,500,1000,2500,5000,10000 (Appendix C.2) as a categorical; the "
                "paper's selected eta (500 MNIST, 5000 Fashion-MNIST) first.")
-    sweep.add_common_arguments(parser, experiment="raven-se-eta")
+    add_arguments(parser, experiment=ETA_SWEEP_EXPERIMENT)
     g = parser.add_argument_group("search space")
     g.add_argument("--eta-min", type=float, default=10.0, help="lower end of the log-uniform range (default 10)")
     g.add_argument("--eta-max", type=float, default=1e4, help="upper end (default 1e4)")
@@ -45,26 +38,22 @@ def build_parser() -> sweep.SweepArgumentParser:
     return parser
 
 
-def make_spec(args) -> sweep.SweepSpec:
+def search_space(args) -> dict:
     if args.eta_grid:
         space = {"type": "choice", "values": list(PAPER_SE_ETA_GRID)}
-        inside = lambda v: v in PAPER_SE_ETA_GRID  # noqa: E731
-    else:
+    elif 0 < args.eta_min < args.eta_max:
         space = {"type": "loguniform", "low": args.eta_min, "high": args.eta_max}
-        inside = lambda v: args.eta_min <= v <= args.eta_max  # noqa: E731
-    initial = [v for v in sweep.paper_values("se_eta", args.dataset, args.initial) if inside(v)]
-    return sweep.common_spec(args, "se_eta", "se", "eta", space, initial,
-                             train_extra={"se_epsilon": args.se_epsilon, "se_steps": args.se_steps})
+    else:
+        raise ConfigError(f"the eta range must satisfy 0 < --eta-min < --eta-max, got [{args.eta_min:g}, "
+                          f"{args.eta_max:g}]")
+    inside = (lambda v: v in PAPER_SE_ETA_GRID) if args.eta_grid else (lambda v: args.eta_min <= v <= args.eta_max)
+    return {"method": "se", "param": "eta", "space": space,
+            "initial": [v for v in paper_values("se_eta", args.dataset or "mnist", args.initial) if inside(v)],
+            "train_extra": {"se_epsilon": args.se_epsilon, "se_steps": args.se_steps}}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not args.eta_grid and not (0 < args.eta_min < args.eta_max):
-        parser.error(f"the eta range must satisfy 0 < --eta-min < --eta-max, got [{args.eta_min:g}, {args.eta_max:g}]")
-    if not (0 < args.se_epsilon <= 1) or args.se_steps < 1:
-        parser.error("--se-epsilon must be in (0, 1] and --se-steps >= 1")
-    return sweep.main(parser, argv, "se_eta", make_spec)
+    return sweep.main(build_parser(), argv, "se_eta", search_space)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Sweep RAVEN's sigma_aug (the std of a(z|z~), Definition 1) on Ray Tune with Optuna; record it in MLflow.
 
-Selection objective: val_robust_accuracy on the validation split (raven.sweep). After the
-search the best configuration(s) get the full test-set robustness evaluation.
+Selection objective: val_robust_accuracy on the validation split (raven.selection). After the
+search the best configuration(s) get the full test-set robustness evaluation (raven.sweep).
 
     python sweeps/sigma_aug.py --smoke                  # local Ray, about two minutes on 2 CPU cores
     python sweeps/sigma_aug.py --address auto           # join a running cluster (`ray start --head`)
@@ -11,18 +11,12 @@ search the best configuration(s) get the full test-set robustness evaluation.
 
 from __future__ import annotations
 
-import importlib.util
-import os
 import sys
-from pathlib import Path
 
-if importlib.util.find_spec("raven") is None:
-    # A checkout without `pip install -e .`: use it here and in the workers of a local Ray.
-    _ROOT = str(Path(__file__).resolve().parents[1])
-    sys.path.insert(0, _ROOT)
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_ROOT, os.environ.get("PYTHONPATH")) if p)
-
-from raven import sweep  # noqa: E402
+from raven import sweep
+from raven.config import ConfigError
+from raven.sweep_spec import add_arguments, paper_values
+from raven.tracking import SIGMA_SWEEP_EXPERIMENT
 
 
 def build_parser() -> sweep.SweepArgumentParser:
@@ -31,7 +25,7 @@ def build_parser() -> sweep.SweepArgumentParser:
         epilog="Search space: sigma_aug log-uniform in [--sigma-min, --sigma-max] (default 1e-3..1, which covers "
                "the paper's grid 0.01..1 of Appendix C.2 and below), the paper's selected value "
                "(0.01 MNIST, 0.04 Fashion-MNIST) first.")
-    sweep.add_common_arguments(parser, experiment="raven-sigma-aug")
+    add_arguments(parser, experiment=SIGMA_SWEEP_EXPERIMENT)
     g = parser.add_argument_group("search space")
     g.add_argument("--method", choices=("raven", "raven-gmm"), default="raven", help="default raven")
     g.add_argument("--sigma-min", type=float, default=1e-3, help="lower end of the log-uniform range (default 1e-3)")
@@ -42,20 +36,18 @@ def build_parser() -> sweep.SweepArgumentParser:
     return parser
 
 
-def make_spec(args) -> sweep.SweepSpec:
-    initial = [v for v in sweep.paper_values("sigma_aug", args.dataset, args.initial)
+def search_space(args) -> dict:
+    if not (0 < args.sigma_min < args.sigma_max) or args.sigma_max > 1e3:
+        raise ConfigError(f"the sigma_aug range must satisfy 0 < --sigma-min < --sigma-max <= 1000, "
+                          f"got [{args.sigma_min:g}, {args.sigma_max:g}]")
+    initial = [v for v in paper_values("sigma_aug", args.dataset or "mnist", args.initial)
                if args.sigma_min <= v <= args.sigma_max]
-    space = {"type": "loguniform", "low": args.sigma_min, "high": args.sigma_max}
-    return sweep.common_spec(args, "sigma_aug", args.method, "sigma_aug", space, initial)
+    return {"method": args.method, "param": "sigma_aug", "initial": initial,
+            "space": {"type": "loguniform", "low": args.sigma_min, "high": args.sigma_max}}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not (0 < args.sigma_min < args.sigma_max) or args.sigma_max > 1e3:
-        parser.error(f"the sigma_aug range must satisfy 0 < --sigma-min < --sigma-max <= 1000, "
-                     f"got [{args.sigma_min:g}, {args.sigma_max:g}]")
-    return sweep.main(parser, argv, "sigma_aug", make_spec)
+    return sweep.main(build_parser(), argv, "sigma_aug", search_space)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""`raven train` end to end for every method, and its one-line errors."""
+"""`raven train` end to end for every method, its one-line errors, and the MLflow record of `raven evaluate`."""
 
 from __future__ import annotations
 
@@ -48,3 +48,24 @@ def test_bad_values_fail_before_work_with_one_line(args, message, tmp_path):
     assert len(error_lines) == 1 and message in error_lines[0], proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "never").exists()
+
+
+def test_evaluate_records_kind_and_dataset_inputs(tmp_path, data_dir):
+    """`raven evaluate --experiment`: the experiment is marked model development, the run names its data."""
+    from mlflow import MlflowClient
+
+    out = tmp_path / "vae"
+    assert main(["train", "--method", "vae", "--limit", "500", "--epochs", "1", "--out", str(out),
+                 "--data-dir", str(data_dir), "--device", "cpu"]) == 0
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert main(["evaluate", str(out), "--limit", "100", "--probe-limit", "500", "--steps", "2", "--deltas", "0,0.1",
+                 "--no-fid", "--no-tsne", "--data-dir", str(data_dir), "--device", "cpu", "--tracking-uri", uri,
+                 "--experiment", "raven-cli"]) == 0
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("raven-cli")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    (run,) = client.search_runs([experiment.experiment_id])
+    inputs = {d.dataset.name: (d.tags[0].value, json.loads(d.dataset.profile)["images"])
+              for d in run.inputs.dataset_inputs}
+    assert inputs == {"mnist-train": ("train", 500), "mnist-test": ("test", 100)}
+    assert {"clean_accuracy", "adv_acc_kl_delta_0.1", "adv_acc_w2_delta_0.1"} <= set(run.data.metrics)

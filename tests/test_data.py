@@ -1,4 +1,4 @@
-"""Reading the raw files in place, the seeded split, paired noise, and the offline error."""
+"""Reading the raw files in place, the seeded split, the noisy pairs, and the offline error."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from raven import data
-from raven.data import DataError, load_raw, load_splits, noisy_copy
+from raven.data import DataError, bernoulli_target, fixed_noisy_copy, load_raw, load_splits, noisy_copy
 
 
 def test_reads_read_only_gz_root_and_matches_published_checksums(data_dir):
@@ -44,13 +44,28 @@ def test_fashion_mnist_loads(data_dir):
     assert fashion.test_x.shape == (10000, 784) and set(fashion.test_y.tolist()) == set(range(10))
 
 
-def test_noisy_copy_is_clipped_and_has_the_requested_scale():
+def test_noisy_copy_is_unclipped_and_the_bernoulli_target_is_its_clip():
     x = torch.full((2000, 784), 0.5)
     g = torch.Generator().manual_seed(0)
     noisy = noisy_copy(x, 0.05, g)
-    assert abs(float((noisy - x).std()) - 0.05) < 1e-3
-    edge = noisy_copy(torch.ones(10, 784), 0.3, g)
-    assert float(edge.max()) == 1.0 and float(edge.min()) >= 0.0
+    assert abs(float((noisy - x).std()) - 0.05) < 1e-3 and abs(float((noisy - x).mean())) < 1e-4
+    edge = noisy_copy(torch.ones(1000, 784), 0.05, g)
+    # x~ + eps as the paper writes it: half the noise on a saturated pixel leaves [0, 1].
+    assert 0.45 < float((edge > 1).float().mean()) < 0.55
+    target = bernoulli_target(edge)
+    assert float(target.max()) == 1.0 and torch.equal(target, edge.clamp(0, 1))
+    inside = (edge >= 0) & (edge <= 1)
+    assert torch.equal(target[inside], edge[inside])
+
+
+def test_fixed_noisy_copy_is_one_draw_per_seed_whatever_the_training_generator():
+    x = torch.rand(300, 784)
+    first = fixed_noisy_copy(x, 0.05, seed=3)
+    torch.randn(10)  # the global and training generators play no part
+    assert torch.equal(first, fixed_noisy_copy(x, 0.05, seed=3))
+    other = fixed_noisy_copy(x, 0.05, seed=4)
+    assert not torch.allclose(first, other)
+    assert abs(float((first - x).std()) - 0.05) < 1e-3 and first.device == x.device and first.dtype == x.dtype
 
 
 def test_missing_data_offline_is_one_clear_line(tmp_path, monkeypatch):

@@ -24,6 +24,7 @@ from raven.evaluate import (
     mixture_assignments,
     probe_and_attack,
     reconstruction_mse_255,
+    sampled_latent_pair_distance,
 )
 from raven.objectives import aug_variance, mixture_component_log_prob
 from raven.plots import accuracy_curve_data, plot_accuracy_curves
@@ -142,6 +143,18 @@ def test_metric_definitions(vae, mnist_small):
     distances = ((a - b) ** 2).sum(1).double().numpy()
     mean, std = latent_pair_distance(a, b)
     assert mean == pytest.approx(distances.mean()) and std == pytest.approx(distances.std())
+
+
+def test_sampled_pair_distance_adds_both_posterior_variances(vae, mnist_small):
+    """E||z~ - z||^2 = ||mu~ - mu||^2 + tr Sigma~ + tr Sigma for independent draws, checked over 10^4 images."""
+    x = mnist_small.test_x
+    noisy = noisy_copy(x, 0.05, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        (mu, logvar), (mu_n, logvar_n) = vae.encoder(x), vae.encoder(noisy)
+    expected = ((mu - mu_n).pow(2) + logvar.exp() + logvar_n.exp()).sum(1).double()
+    mean, std = sampled_latent_pair_distance(vae, x, noisy, torch.Generator().manual_seed(1))
+    assert abs(mean - float(expected.mean())) < 4 * std / math.sqrt(len(x))
+    assert mean - latent_pair_distance(mu, mu_n)[0] > 10 * std / math.sqrt(len(x))  # the variances count
 
 
 def test_evaluate_model_without_out_dir_and_with_fid(gmm, mnist_small):

@@ -139,15 +139,15 @@ def test_write_queue_keeps_order_survives_the_driver_and_writes_each_epoch_once(
     def epoch(n: int) -> dict:
         return {"op": "epoch", "trial_id": "t1", "epoch": n, "metrics": {"train_loss": 10.0 - n, "val_elbo": -n}}
 
-    assert tracker.submit(trial) and tracker.submit(epoch(1)) and not pending.exists()
+    assert tracker.queue.submit(trial) and tracker.queue.submit(epoch(1)) and not pending.exists()
     flaky.lose_next_answer = True
-    assert not tracker.submit(epoch(2))  # logged, but the driver cannot know
+    assert not tracker.queue.submit(epoch(2))  # logged, but the driver cannot know
     flaky.down = True
     for op in (epoch(3), {"op": "node", "trial_id": "t1", "node_id": "n1"},
                {"op": "tags", "trial_id": "t1", "tags": {"raven.trial_status": "TERMINATED"}},
                {"op": "finish", "trial_id": "t1", "status": "FINISHED"}):
         started = time.monotonic()
-        assert not tracker.submit(op)
+        assert not tracker.queue.submit(op)
         assert time.monotonic() - started < 1.0  # within the backoff: queued, not tried
     saved = json.loads(pending.read_text())
     assert [op["op"] for op in saved] == ["epoch", "epoch", "node", "tags", "finish"]
@@ -155,11 +155,11 @@ def test_write_queue_keeps_order_survives_the_driver_and_writes_each_epoch_once(
 
     # The driver dies here; a new one (--resume) replays the saved writes once the store is back.
     again = SweepTracker(uri, "exp", "sweep", pending_path=pending, log=lines.append)
-    assert again.load_pending() == 5
-    assert again.drain(timeout=10) and not pending.exists()
+    assert again.queue.load_pending() == 5
+    assert again.queue.drain(timeout=10) and not pending.exists()
     # The old driver's queue, delivered too, changes nothing (every write is idempotent).
     flaky.down = False
-    assert tracker.drain(timeout=10)
+    assert tracker.queue.drain(timeout=10)
 
     client = again.client
     run_id = again.trial_runs()["t1"]

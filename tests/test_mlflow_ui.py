@@ -3,8 +3,9 @@
 A smoke sweep of the Smooth Encoder's eta (`sweeps/se_eta.py --smoke`, local Ray) writes
 sqlite:///mlflow.db and ./mlruns in a temporary folder; `mlflow server` serves that store on
 a free port; headless Chromium (Debian's `chromium` package) loads the pages and the test
-reads the DOM after the app has rendered: the runs page, the compare view of the trials
-(parallel coordinates of eta against the metrics) and the evaluation run's page.
+reads the DOM after the app has rendered: the experiment's landing page (its training runs),
+the runs page, the compare view of the trials (parallel coordinates of eta against the metrics)
+and the evaluation run's page.
 
 Skipped where Chromium is not installed (`apt-get install -y chromium`).
 """
@@ -120,6 +121,20 @@ def rendered(url: str, *expected: str) -> str:
             return text
     missing = [e for e in expected if e not in text]
     raise AssertionError(f"{url}: {missing} not in the rendered page: {text[:3000]}")
+
+
+@pytest.mark.slow
+def test_experiment_is_marked_model_development_and_opens_on_its_runs(ui, sweep_store):
+    """raven tags its experiments mlflow.experimentKind = custom_model_development; MLflow 3.17's UI chooses
+    the landing page from its GenAI / Model training switch, which the link raven prints selects."""
+    work, experiment_id, runs = sweep_store
+    from mlflow import MlflowClient
+
+    experiment = MlflowClient(f"sqlite:///{work / 'mlflow.db'}").get_experiment(experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    text = rendered(f"{ui}/#/experiments/{experiment_id}?workflowType=machine_learning",
+                    f"Runs - Experiment {experiment_id}", "matching runs")
+    assert runs["sweep"][0].info.run_name in text and "Token Usage" not in text  # not the GenAI overview
 
 
 @pytest.mark.slow

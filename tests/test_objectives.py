@@ -9,11 +9,19 @@ import torch
 from torch.distributions import MultivariateNormal, Normal, kl_divergence
 
 from raven.gaussians import (
+    diag_gaussian_entropic_w2,
     diag_gaussian_kl,
     diag_gaussian_w2_squared,
+    entropic_coupling_correlation,
     standard_normal_kl,
 )
-from raven.objectives import mixture_component_log_prob, raven_gmm_kl, raven_kl
+from raven.objectives import (
+    mixture_component_log_prob,
+    raven_gmm_kl,
+    raven_kl,
+    smooth_encoder_kl,
+    smooth_encoder_loss,
+)
 
 DT = torch.float64
 
@@ -152,3 +160,125 @@ def test_raven_gmm_kl_estimator_is_unbiased():
     stderr = (estimator.std(0) + reference.std(0)) / math.sqrt(n)
     assert torch.all(diff.abs() < 4 * stderr + 1e-3), (diff, stderr)
     assert torch.all(estimator.mean(0) > 0)
+
+
+# ----------------------------------------------------------------------------- Smooth Encoder
+
+# (mu_a, sigma_a, mu_b, sigma_b, gamma): k = gamma sigma_a sigma_b from 0.09 to 5.
+SE_CASES = [(0.3, 0.7, -0.2, 0.45, 4.0), (0.0, 1.0, 0.5, 1.3, 0.07), (1.0, 0.5, 0.8, 0.5, 20.0)]
+
+
+def _one_dim(mu_a, sigma_a, mu_b, sigma_b):
+    t = lambda v: torch.tensor([[v]], dtype=DT)  # noqa: E731
+    return t(mu_a), t(math.log(sigma_a**2)), t(mu_b), t(math.log(sigma_b**2))
+
+
+def _gaussian_coupling_objective(r, mu_a, sigma_a, mu_b, sigma_b, gamma):
+    """(gamma/2) E||z_a - z_b||^2 + I(z_a; z_b) for the Gaussian coupling with correlation r."""
+    cost = (mu_a - mu_b) ** 2 + sigma_a**2 + sigma_b**2 - 2 * r * sigma_a * sigma_b
+    return 0.5 * gamma * cost - 0.5 * torch.log1p(-r * r)
+
+
+@pytest.mark.parametrize("case", SE_CASES)
+def test_entropic_w2_is_the_minimum_over_gaussian_couplings(case):
+    r = torch.linspace(-1 + 1e-7, 1 - 1e-7, 2_000_001, dtype=DT)
+    values = _gaussian_coupling_objective(r, *case)
+    closed = diag_gaussian_entropic_w2(*_one_dim(*case[:4]), case[4])
+    torch.testing.assert_close(closed, values.min().reshape(1), rtol=1e-9, atol=1e-10)
+    r_star = entropic_coupling_correlation(torch.tensor(case[1], dtype=DT), torch.tensor(case[3], dtype=DT), case[4])
+    assert abs(float(r_star) - float(r[values.argmin()])) < 1e-5
+
+
+def _sinkhorn_entropic_ot(mu_a, sigma_a, mu_b, sigma_b, gamma, n=400, iterations=5000):
+    """min_P <P, C> + KL(P || a b^T) over couplings of the discretised marginals, log-domain Sinkhorn."""
+    xa = torch.linspace(mu_a - 7 * sigma_a, mu_a + 7 * sigma_a, n, dtype=DT)
+    xb = torch.linspace(mu_b - 7 * sigma_b, mu_b + 7 * sigma_b, n, dtype=DT)
+    log_a = torch.log_softmax(Normal(mu_a, sigma_a).log_prob(xa), 0)
+    log_b = torch.log_softmax(Normal(mu_b, sigma_b).log_prob(xb), 0)
+    cost = 0.5 * gamma * (xa[:, None] - xb[None, :]) ** 2
+    f, g = torch.zeros(n, dtype=DT), torch.zeros(n, dtype=DT)
+    for _ in range(iterations):
+        f = -torch.logsumexp(log_b[None, :] + g[None, :] - cost, 1)
+        g = -torch.logsumexp(log_a[:, None] + f[:, None] - cost, 0)
+        log_plan = log_a[:, None] + log_b[None, :] + f[:, None] + g[None, :] - cost
+        if (torch.logsumexp(log_plan, 1).exp() - log_a.exp()).abs().sum() < 1e-10:
+            break
+    else:
+        raise AssertionError("Sinkhorn did not converge")
+    plan = log_plan.exp()
+    return float((plan * (cost + log_plan - log_a[:, None] - log_b[None, :])).sum())
+
+
+@pytest.mark.parametrize("case", SE_CASES)
+def test_entropic_w2_matches_discrete_optimal_transport_over_all_couplings(case):
+    """Sinkhorn searches every coupling, not only Gaussian ones: the closed form is the optimum."""
+    closed = float(diag_gaussian_entropic_w2(*_one_dim(*case[:4]), case[4]))
+    assert closed == pytest.approx(_sinkhorn_entropic_ot(*case), rel=2e-4, abs=1e-6)
+
+
+def test_entropic_w2_matches_monte_carlo_of_its_coupling():
+    """E_pi[(gamma/2)(z_a - z_b)^2 + log pi/(q_a q_b)] under the optimal Gaussian coupling, sampled."""
+    n = 400_000
+    g = torch.Generator().manual_seed(11)
+    u, v = torch.randn(n, generator=g, dtype=DT), torch.randn(n, generator=g, dtype=DT)
+    for mu_a, sigma_a, mu_b, sigma_b, gamma in SE_CASES:
+        closed = float(diag_gaussian_entropic_w2(*_one_dim(mu_a, sigma_a, mu_b, sigma_b), gamma))
+        r_star = float(entropic_coupling_correlation(torch.tensor(sigma_a, dtype=DT), torch.tensor(sigma_b, dtype=DT),
+                                                     gamma))
+        for r, should_match in ((r_star, True), (0.0, False), (-r_star, False)):
+            za = mu_a + sigma_a * u
+            zb = mu_b + sigma_b * (r * u + math.sqrt(1 - r * r) * v)
+            joint = MultivariateNormal(torch.tensor([mu_a, mu_b], dtype=DT), torch.tensor(
+                [[sigma_a**2, r * sigma_a * sigma_b], [r * sigma_a * sigma_b, sigma_b**2]], dtype=DT))
+            log_ratio = (joint.log_prob(torch.stack([za, zb], -1)) - Normal(mu_a, sigma_a).log_prob(za)
+                         - Normal(mu_b, sigma_b).log_prob(zb))
+            values = 0.5 * gamma * (za - zb) ** 2 + log_ratio
+            estimate, stderr = float(values.mean()), float(values.std()) / math.sqrt(n)
+            if should_match:
+                assert abs(estimate - closed) < 4 * stderr, (estimate, closed, stderr)
+            else:  # a worse coupling costs measurably more: the estimate can tell them apart
+                assert estimate - closed > 4 * stderr, (r, estimate, closed, stderr)
+
+
+def test_entropic_w2_limits():
+    mu, logvar, mu_b, logvar_b = _posteriors(16, 4, seed=12)
+    independent = 0.5 * 1e-9 * ((mu - mu_b).pow(2) + logvar.exp() + logvar_b.exp()).sum(-1)
+    torch.testing.assert_close(diag_gaussian_entropic_w2(mu, logvar, mu_b, logvar_b, 1e-9), independent,
+                               rtol=1e-6, atol=1e-15)
+    gamma = 1e6  # k = gamma sigma_a sigma_b >> 1: (gamma/2) W2^2 + 1/2 log k + 1/2 per dimension
+    sigma_product = (0.5 * (logvar + logvar_b)).exp()
+    asymptote = (0.5 * gamma * diag_gaussian_w2_squared(mu, logvar, mu_b, logvar_b)
+                 + (0.5 * torch.log(gamma * sigma_product) + 0.5).sum(-1))
+    torch.testing.assert_close(diag_gaussian_entropic_w2(mu, logvar, mu_b, logvar_b, gamma), asymptote,
+                               rtol=1e-9, atol=1e-4)
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.5, 30.0, 2500.0])
+def test_smooth_encoder_kl_is_the_exact_kl_to_the_coupled_prior(eta):
+    """Optimal coupling pi* as a 2d-dim Gaussian; p_eta with precision [[(1+eta) I, -eta I], [-eta I, (1+eta) I]]."""
+    d = 4
+    mu, logvar, mu_b, logvar_b = _posteriors(8, d, seed=13)
+    sigma, sigma_b = (0.5 * logvar).exp(), (0.5 * logvar_b).exp()
+    r = entropic_coupling_correlation(sigma, sigma_b, eta)
+    cross = torch.diag_embed(r * sigma * sigma_b)
+    cov = torch.cat([torch.cat([torch.diag_embed(sigma**2), cross], -1),
+                     torch.cat([cross, torch.diag_embed(sigma_b**2)], -1)], -2)
+    coupling = MultivariateNormal(torch.cat([mu, mu_b], -1), cov)
+    eye = torch.eye(d, dtype=DT)
+    precision = torch.cat([torch.cat([(1 + eta) * eye, -eta * eye], 1), torch.cat([-eta * eye, (1 + eta) * eye], 1)], 0)
+    prior = MultivariateNormal(torch.zeros(2 * d, dtype=DT), precision_matrix=precision)
+    exact = kl_divergence(coupling, prior)
+    torch.testing.assert_close(smooth_encoder_kl(mu, logvar, mu_b, logvar_b, eta), exact, rtol=1e-9, atol=1e-8)
+    assert torch.all(exact >= 0)
+
+
+def test_entropic_w2_gradients_are_exact_and_smooth_encoder_gradients_reach_both_posteriors():
+    mu, logvar, mu_b, logvar_b = (t[:3].clone().requires_grad_(True) for t in _posteriors(3, 2, seed=14))
+    for gamma in (1e-3, 3.0, 1e4):
+        assert torch.autograd.gradcheck(lambda *t: diag_gaussian_entropic_w2(*t, gamma), (mu, logvar, mu_b, logvar_b))
+    x = torch.rand(3, 6, dtype=DT)
+    logits = torch.randn(3, 6, dtype=DT, requires_grad=True)
+    terms = smooth_encoder_loss(x, logits, mu, logvar, mu_b, logvar_b, eta=50.0)
+    terms["loss"].backward()
+    for name, tensor in (("logits", logits), ("mu_a", mu), ("logvar_a", logvar), ("mu_b", mu_b), ("logvar_b", logvar_b)):
+        assert tensor.grad is not None and torch.isfinite(tensor.grad).all() and tensor.grad.abs().sum() > 0, name

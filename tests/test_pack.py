@@ -81,9 +81,12 @@ def test_stacked_radam_equals_per_member_radam():
             assert float(state["step"]) == float(solo_state["step"]) == steps
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_members_train_exactly_as_their_solo_runs(method, tiny):
-    configs = member_configs(method, epochs=2, limit=384)
+# Every method with its default pairs (a fixed noisy copy per seed for vae-noise, fresh noise
+# per step for raven and raven-gmm), and the other pair_noise of two paired methods.
+@pytest.mark.parametrize("method, pair_noise",
+                         [(m, None) for m in METHODS] + [("raven", "fixed"), ("vae-noise", "per-step")])
+def test_members_train_exactly_as_their_solo_runs(method, pair_noise, tiny):
+    configs = member_configs(method, epochs=2, limit=384, pair_noise=pair_noise)
     solos = [train(c, splits=tiny, device="cpu") for c in configs]
 
     # A pack of one is the solo loop bit for bit, whatever the thread count: the batched

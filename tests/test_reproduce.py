@@ -147,13 +147,16 @@ def test_smoke_reproduction_records_every_run_in_mlflow(smoke_store):
     assert parent.data.tags["raven.budget"] == "smoke"
     assert parent.data.params["budget"] == SMOKE_BUDGET.describe()
     assert parent.data.params["budget.seeds"] == "2" and parent.data.tags["raven.failed_runs"] == "0"
-    # MNIST's sigma_aug comes from the smoke sweep; nothing was swept for the rest: the paper's, loudly.
+    # MNIST's sigma_aug comes from the smoke sweep; nothing was swept for the rest: raven's defaults, loudly.
     assert parent.data.params["hyperparameters.mnist"].startswith("sigma_aug: smoke sweep sigma-aug-mnist-")
-    assert "eta: paper, Appendix C.2 (no sweep found)" in parent.data.params["hyperparameters.mnist"]
+    assert "eta: raven defaults: sigma_aug of the paper, eta tuned on validation (no sweep found)" in \
+        parent.data.params["hyperparameters.mnist"]
     assert float(parent.data.params["sigma_aug.fashion-mnist"]) == 0.04
     assert "WARNING: no finished sigma_aug sweep for fashion-mnist" in smoke_store.stderr
     assert "REDUCED budget (--smoke)" in smoke_store.stdout
 
+    assert client.get_experiment_by_name("raven-reproduction").tags["mlflow.experimentKind"] == \
+        "custom_model_development"
     children = _children(client, parent.info.run_id)
     cells = {(r.data.tags["raven.dataset"], r.data.tags["raven.method"], r.data.tags["raven.seed"]) for r in children}
     assert cells == {(d, m, str(s)) for d in DATASETS for m in METHODS for s in range(2)}
@@ -166,6 +169,9 @@ def test_smoke_reproduction_records_every_run_in_mlflow(smoke_store):
         assert 0.0 <= metrics["clean_accuracy"] <= 1.0 and 0.0 < metrics["mse_255"] < 255.0**2
         assert {"adv_acc_kl_delta_0.1", "adv_acc_w2_delta_0.3", "latent_pair_distance_mean"} <= set(metrics)
         assert "fid" not in metrics  # the smoke budget has no FID
+        dataset = run.data.tags["raven.dataset"]
+        inputs = {d.dataset.name: json.loads(d.dataset.profile)["images"] for d in run.inputs.dataset_inputs}
+        assert inputs == {f"{dataset}-train": 5000, f"{dataset}-validation": 5000, f"{dataset}-test": 300}
     vae = next(r for r in children if r.info.run_name == "mnist-vae-s0")
     assert [m.step for m in client.get_metric_history(vae.info.run_id, "val_elbo")] == [1, 2]
     assert [m.step for m in client.get_metric_history(vae.info.run_id, "adv_acc_kl")][-1] == 300

@@ -12,7 +12,9 @@ own session (start_new_session) and is stopped by that session id, never by name
 
 from __future__ import annotations
 
+import json
 import math
+import re
 import shutil
 import signal
 import subprocess
@@ -26,8 +28,8 @@ import torch
 
 # Ports, process sessions and the token environment are shared with the multi-node, tracking
 # server and fault tests (tests/ray_cluster.py).
-from ray_cluster import (_zombie, base_env, free_port, free_port_range, load_logged_model, session_members,
-                         stop_session)
+from ray_cluster import (LEAN_SWEEP_FLAGS, _zombie, base_env, free_port, free_port_range, load_logged_model,
+                         session_members, short_tmpdir, stop_session)
 
 REPO = Path(__file__).resolve().parents[1]
 SIGMA_SCRIPT = REPO / "sweeps" / "sigma_aug.py"
@@ -106,7 +108,38 @@ def check_sweep_record(db: Path, experiment: str, n_trials: int, epochs: int, pa
     model = load_logged_model(f"sqlite:///{db}", ev.data.tags["raven.model_uri"])
     mu, _ = model.encode(torch.zeros(2, 784))
     assert mu.shape == (2, 10)
+    check_lineage(client, exp, parent, trials, [ev])
     return client, parent, trials, ev
+
+
+def check_lineage(client, exp, parent, trials, evaluations):
+    """The experiment opens on its runs, every run names its data, the study and the registered model exist."""
+    import optuna
+
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    for run in trials:
+        inputs = {d.dataset.name: (d.dataset.digest, d.tags[0].value) for d in run.inputs.dataset_inputs}
+        assert set(inputs) == {"mnist-train", "mnist-validation"}, inputs
+        assert inputs["mnist-validation"][1] == "validation" and len(inputs["mnist-train"][0]) == 16
+    for ev in evaluations:
+        assert {d.dataset.name for d in ev.inputs.dataset_inputs} == {"mnist-train", "mnist-test"}
+    # The Optuna study beside the sweep holds one COMPLETE trial per configuration, tied to its Tune trial.
+    study = optuna.load_study(study_name=parent.data.tags["raven.optuna_study"],
+                              storage=parent.data.tags["raven.optuna_storage"])
+    by_tune = {t.user_attrs["tune_trial_id"]: t for t in study.trials}
+    assert sorted(by_tune) == sorted(r.data.tags["raven.trial_id"] for r in trials)
+    for run in trials:
+        trial = by_tune[run.data.tags["raven.trial_id"]]
+        assert trial.state == optuna.trial.TrialState.COMPLETE
+        assert trial.values[0] == pytest.approx(run.data.metrics["val_robust_accuracy"])
+    # The best evaluated model is registered as raven-{dataset}-{method}, its version naming sweep and trial.
+    name, version = parent.data.tags["raven.registered_model"].split("/")
+    registered = client.get_model_version(name, version)
+    best = evaluations[0]
+    assert name == "raven-mnist-raven" and registered.run_id in {e.info.run_id for e in evaluations}
+    assert registered.tags["raven.sweep_name"] == parent.data.tags["raven.sweep_name"]
+    assert registered.tags["raven.trial_id"] == client.get_run(registered.run_id).data.tags["raven.trial_id"]
+    assert best.data.tags["raven.model_uri"].startswith("models:/")
 
 
 # ----------------------------------------------------------------------------- bad flags
@@ -128,17 +161,21 @@ def _bad_flag_cases(tmp: Path) -> list[tuple[Path, list[str], dict[str, str], st
 
 def test_bad_flags_fail_at_once_in_one_line(tmp_path, data_dir):
     env = base_env(data_dir, tmp_path)
-    for script, flags, extra, expected in _bad_flag_cases(tmp_path):
-        started = time.monotonic()
-        proc = subprocess.run([sys.executable, str(script), *flags], env={**env, **extra}, cwd=tmp_path,
-                              capture_output=True, text=True, timeout=120)
-        seconds = time.monotonic() - started
-        lines = [line for line in proc.stderr.splitlines() if line.strip()]
-        where = f"{script.name} {' '.join(flags)}: rc {proc.returncode}, stderr {proc.stderr!r}"
+    cases = _bad_flag_cases(tmp_path)
+    started = time.monotonic()
+    # All at once: each pays only its imports (seconds), none may start Ray or wait for a cluster.
+    procs = [subprocess.Popen([sys.executable, str(script), *flags], env={**env, **extra}, cwd=tmp_path,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for script, flags, extra, _ in cases]
+    for (script, flags, _, expected), proc in zip(cases, procs):
+        stdout, stderr = proc.communicate(timeout=180)
+        lines = [line for line in stderr.splitlines() if line.strip()]
+        where = f"{script.name} {' '.join(flags)}: rc {proc.returncode}, stderr {stderr!r}"
         assert proc.returncode == 2, where
         assert len(lines) == 1 and "error:" in lines[0] and expected in lines[0], where
-        assert "Traceback" not in proc.stderr and proc.stdout == "", where
-        assert seconds < 30, f"{where}: took {seconds:.0f}s"
+        assert "Traceback" not in stderr and stdout == "", where
+    seconds = time.monotonic() - started
+    assert seconds < 20 * len(cases), f"{len(cases)} bad commands took {seconds:.0f}s"
     # Nothing was started or written.
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "ray_results").exists()
     assert not (tmp_path / "mlruns").exists()
@@ -150,7 +187,7 @@ def test_bad_flags_fail_at_once_in_one_line(tmp_path, data_dir):
 def test_validation_objective_reads_no_test_image(mnist_small):
     from raven.config import TrainConfig
     from raven.data import DataSplits
-    from raven.sweep import OBJECTIVE, ObjectiveSettings, validation_objective
+    from raven.selection import OBJECTIVE, ObjectiveSettings, validation_objective
     from raven.train import build_model
 
     poisoned = DataSplits(mnist_small.train_x, mnist_small.train_y, mnist_small.val_x, mnist_small.val_y,
@@ -196,9 +233,10 @@ def test_tracker_finds_its_runs_again_and_logs_each_epoch_once(tmp_path):
 # ----------------------------------------------------------------------------- a Ray head
 
 
-@pytest.fixture
-def ray_head(data_dir, short_tmp):
+@pytest.fixture(scope="module")
+def ray_head(data_dir):
     """A Ray head started with `ray start --head` on free ports, token auth on, in its own session."""
+    short_tmp = short_tmpdir()
     env = base_env(data_dir, short_tmp)
     port = free_port()
     workers = free_port_range(40)
@@ -219,12 +257,20 @@ def ray_head(data_dir, short_tmp):
         if proc.poll() is None:
             proc.kill()
         stop_session(proc.pid)  # the head's processes share the session of `ray start`
+        shutil.rmtree(short_tmp, ignore_errors=True)
         assert not [p for p in session_members(proc.pid) if not _zombie(p)]
 
 
 @pytest.mark.slow
 def test_smoke_sweep_on_a_ray_head(ray_head, tmp_path):
-    env = dict(ray_head["env"], RAY_ADDRESS=ray_head["address"])
+    """The main usage line against a token-authenticated `ray start --head`: RAY_ADDRESS with --address auto.
+
+    As a user's shell has it: the token in RAY_AUTH_TOKEN_PATH and RAY_AUTH_MODE unset. Ray reads
+    `auto` with RAY_ADDRESS set as an explicit address and does not switch token mode on for it
+    by itself (the driver used to be refused with InvalidAuthToken); raven.cluster.connect does.
+    """
+    env = {k: v for k, v in ray_head["env"].items() if k != "RAY_AUTH_MODE"}
+    env["RAY_ADDRESS"] = ray_head["address"]
     # Token authentication is on: a client without the token is turned away.
     anonymous = {k: v for k, v in env.items() if not k.startswith("RAY_AUTH")}
     anonymous["HOME"] = str(tmp_path)  # no ~/.ray/auth_token either
@@ -237,8 +283,10 @@ def test_smoke_sweep_on_a_ray_head(ray_head, tmp_path):
                           cwd=tmp_path, capture_output=True, text=True, timeout=480)
     seconds = time.monotonic() - started
     assert proc.returncode == 0, proc.stderr[-6000:]
+    assert "InvalidAuthToken" not in proc.stderr
     assert "Best configuration: raven sigma_aug=" in proc.stdout
     assert "Test-set evaluation of the best configuration" in proc.stdout
+    assert re.search(r"estimated time: ~\d+ (s|min)", proc.stderr) and re.search(r"; ~\d+ (s|min) left", proc.stderr)
     print(f"sigma_aug --smoke on a Ray head: {seconds:.0f}s")
 
     _, parent, trials, _ = check_sweep_record(tmp_path / "mlflow.db", "raven-sigma-aug", 2, 1, "sigma_aug")
@@ -249,6 +297,38 @@ def test_smoke_sweep_on_a_ray_head(ray_head, tmp_path):
     assert len(sweep_dirs) == 1 and (sweep_dirs[0] / "raven_sweep.json").is_file()
     for run in trials:
         assert (sweep_dirs[0] / f"trial_{run.data.tags['raven.trial_id']}").is_dir()
+    assert (sweep_dirs[0] / "optuna.db").is_file()  # the study beside the sweep
+
+
+@pytest.mark.slow
+def test_multi_objective_sweep_on_an_explicit_head_address(ray_head, tmp_path):
+    """HOST:PORT with the token and RAY_AUTH_MODE unset; two objectives: the Pareto front is logged and evaluated."""
+    env = {k: v for k, v in ray_head["env"].items() if k != "RAY_AUTH_MODE"}
+    proc = subprocess.run([sys.executable, str(SIGMA_SCRIPT), "--address", ray_head["address"], *LEAN_SWEEP_FLAGS,
+                           "--num-samples", "3", "--objectives", "val_robust_accuracy:max,val_elbo:max",
+                           "--evaluate-top", "2", "--eval-limit", "100", "--eval-steps", "2", "--no-tsne",
+                           "--name", "pareto"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=480)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    assert "InvalidAuthToken" not in proc.stderr and "Pareto front (val_robust_accuracy:max, val_elbo:max)" in proc.stdout
+    client, exp, by_role = mlflow_runs(tmp_path / "mlflow.db", "raven-sigma-aug")
+    (parent,), trials = by_role["sweep"], by_role["trial"]
+    assert parent.data.tags["raven.ray_cluster"].endswith(f":{ray_head['port']}")
+    # The front, by brute force over the trials' last results (no configuration better in both objectives).
+    points = {float(r.data.params["sigma_aug"]): (r.data.metrics["val_robust_accuracy"], r.data.metrics["val_elbo"])
+              for r in trials}
+    front = [v for v, (a, e) in points.items()
+             if not any(a2 >= a and e2 >= e and (a2, e2) != (a, e) for a2, e2 in points.values())]
+    front.sort(key=lambda v: -points[v][0])
+    assert parent.data.metrics["pareto_front_size"] == len(front)
+    evaluated = sorted(float(r.data.params["sigma_aug"]) for r in by_role["evaluation"])
+    assert evaluated == sorted(front[:2])
+    table = json.loads(Path(client.download_artifacts(parent.info.run_id, "pareto_front.json",
+                                                      str(tmp_path / "dl"))).read_text())
+    assert table["columns"][0] == "sigma_aug"
+    assert sorted(row[0] for row in table["data"]) == pytest.approx(sorted(front))
+    assert {"pareto_front.csv", "pareto_front.png", "optimization_history.png"} <= \
+        {a.path for a in client.list_artifacts(parent.info.run_id)}
+    check_lineage(client, exp, parent, trials, by_role["evaluation"])
 
 
 # ----------------------------------------------------------------------------- --resume
@@ -309,6 +389,11 @@ def test_interrupted_sweep_resumes_without_repeating_anything(tmp_path, data_dir
     client, parent, trials, _ = check_sweep_record(tmp_path / "mlflow.db", "raven-sigma-aug", 2, 2, "sigma_aug")
     assert parent.data.tags["raven.sweep_name"] == "resume-me"
     assert sorted(r.data.tags["raven.trial_id"] for r in trials) == sorted([first_trial, interrupted_in])
+    # The resumed sweep went on with the same Optuna study (check_lineage: one COMPLETE trial per Tune trial).
+    import optuna
+
+    summaries = optuna.get_all_study_summaries(f"sqlite:///{experiment_dir / 'optuna.db'}")
+    assert [(s.study_name, s.n_trials) for s in summaries] == [("resume-me", 2)]
     for run in trials:
         for name in ("train_loss", "val_elbo", "val_mse_255", "epoch"):
             assert [m.step for m in client.get_metric_history(run.info.run_id, name)] == [1, 2], (run.info.run_name, name)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import raven
-from raven.config import METHODS, ConfigError, TrainConfig
+from raven.config import DEFAULT_ETA, METHODS, ConfigError, TrainConfig
 from raven.train import TrainingDiverged, build_model, method_loss, train, validation_metrics
 
 
@@ -91,10 +91,49 @@ def test_bad_config_is_rejected_with_its_field(changes, message):
         TrainConfig(**changes)
 
 
-def test_paper_defaults_per_dataset():
+def test_defaults_per_dataset_and_method():
     assert TrainConfig(dataset="mnist").sigma_aug == 0.01
     assert TrainConfig(dataset="fashion-mnist").sigma_aug == 0.04
-    assert TrainConfig(dataset="fashion-mnist").eta == 5000.0
+    for dataset in ("mnist", "fashion-mnist"):
+        assert TrainConfig(method="se", dataset=dataset).eta == DEFAULT_ETA[dataset]
+    assert TrainConfig(method="vae-noise").pair_noise == "fixed"
+    assert TrainConfig(method="raven").pair_noise == "per-step"
+    assert TrainConfig(method="vae-noise", pair_noise="per-step").pair_noise == "per-step"
+    with pytest.raises(ConfigError, match="pair_noise must be one of fixed, per-step"):
+        TrainConfig(pair_noise="once")
+
+
+def test_a_checkpoint_config_without_the_newer_fields_still_loads():
+    saved = TrainConfig(method="vae-noise").to_dict()
+    del saved["pair_noise"]  # written before the field existed
+    assert TrainConfig.from_dict(saved) == TrainConfig(method="vae-noise")
+
+
+@pytest.mark.parametrize("method, fixed", [("vae-noise", True), ("raven", False), ("raven-gmm", True)])
+def test_noisy_pairs_are_one_fixed_copy_or_fresh_per_step(method, fixed, mnist_small, monkeypatch):
+    """(B) sees the same noisy copy of an image in every epoch; per-step noise differs; both unclipped."""
+    import raven.train as train_module
+
+    seen: dict[bytes, list[torch.Tensor]] = {}
+    original = train_module.method_terms
+
+    def spy(model, config, x, partner, generator):
+        for row, pair in zip(x, partner):
+            seen.setdefault(row.numpy().tobytes(), []).append(pair.clone())
+        return original(model, config, x, partner, generator)
+
+    monkeypatch.setattr(train_module, "method_terms", spy)
+    config = TrainConfig(method=method, epochs=2, limit=256, n_components=2,
+                         pair_noise="fixed" if method == "raven-gmm" else None)
+    train(config, splits=mnist_small, device="cpu")
+    pairs = [seen[row.numpy().tobytes()] for row in mnist_small.train_x[:256]]
+    assert all(len(p) == 2 for p in pairs)
+    assert all(torch.equal(a, b) for a, b in pairs) == fixed
+    assert fixed or not any(torch.equal(a, b) for a, b in pairs)
+    partners = torch.stack([p[0] for p in pairs])
+    assert float(partners.min()) < -0.1  # the encoder sees x~ + eps below 0 on MNIST's black background
+    expected = raven.data.fixed_noisy_copy(mnist_small.train_x[:256], 0.05, config.seed)
+    assert torch.equal(partners, expected) == fixed
 
 
 def test_epochs_since_best_and_should_stop():

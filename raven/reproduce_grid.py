@@ -1,0 +1,238 @@
+"""The paper's grid of runs (Section 4): the budget, the (dataset, method, seed) cells, one cell's work.
+
+Torch only (no Ray, no MLflow): a cell runs the same inside a Ray task (raven.reproduce) and in
+a local process pool on a machine without either (raven.reproduce_offline).
+
+"Until the model converges" (Section 4.1.2) is made concrete as at most `epochs` epochs with
+early stopping when the validation ELBO has not improved for `patience` epochs. A Budget below
+the full one is stated in every output: the parent's and every child's "budget" param and
+raven.budget tag, the console, and the report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from raven.config import DATASETS, DEFAULT_ETA, METHODS, PAPER_ETA, PAPER_SIGMA_AUG, ConfigError, TrainConfig
+from raven.data import load_splits
+from raven.evaluate import EvalConfig, EvalResult, evaluate_model
+from raven.provenance import dataset_inputs
+from raven.train import CHECKPOINT_NAME, METRICS_NAME, TrainingDiverged, resolve_device, train
+
+PAPER_SEEDS = 5
+TRAIN_SPLIT_IMAGES = 55_000
+TEST_IMAGES = 10_000
+CHECKPOINT_ARTIFACTS = "checkpoint"
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How much of the paper's experiment to run; the defaults are the full reproduction.
+
+    epochs/patience: at most `epochs` epochs, stopping early once val_elbo has not improved
+    for `patience` epochs (None: always `epochs`). limit: training images (None: the
+    55,000-image training split). eval_limit: test images attacked and measured (None:
+    10,000). probe_limit: training images the linear probe is fitted on (None: all). seeds:
+    0 .. seeds-1. steps: PGD steps per attack (paper: 50). fid: compute FID (Table 2).
+    """
+
+    epochs: int = 100
+    patience: int | None = 5
+    limit: int | None = None
+    eval_limit: int | None = None
+    probe_limit: int | None = None
+    seeds: int = PAPER_SEEDS
+    steps: int = 50
+    datasets: tuple[str, ...] = DATASETS
+    methods: tuple[str, ...] = METHODS
+    fid: bool = True
+    smoke: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "seeds", "steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+        for name in ("patience", "limit", "eval_limit", "probe_limit"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ConfigError(f"{name} must be an integer >= 1 (or unset), got {value!r}")
+        for name, allowed in (("datasets", DATASETS), ("methods", METHODS)):
+            values = (getattr(self, name),) if isinstance(getattr(self, name), str) else tuple(getattr(self, name))
+            if not values:
+                raise ConfigError(f"{name} must name at least one of {', '.join(allowed)}")
+            for value in values:
+                if value not in allowed:
+                    raise ConfigError(f"unknown {name[:-1]} {value!r}; choose from {', '.join(allowed)}")
+            if len(set(values)) != len(values):
+                raise ConfigError(f"{name} must not repeat, got {','.join(values)}")
+            object.__setattr__(self, name, values)
+
+    @property
+    def full(self) -> bool:
+        """True when nothing is scaled down from the full reproduction (smoke aside)."""
+        return dataclasses.replace(self, smoke=False) == FULL_BUDGET
+
+    @property
+    def kind(self) -> str:
+        return "full" if self.full else ("smoke" if self.smoke else "reduced")
+
+    def cells(self) -> list["Cell"]:
+        return [Cell(d, m, s) for d in self.datasets for m in self.methods for s in range(self.seeds)]
+
+    def describe(self) -> str:
+        """One line: 'full' or what is scaled down, against the full reproduction."""
+        if self.full:
+            return ("full budget: up to 100 epochs with early stopping (patience 5 on val_elbo), all 55,000 "
+                    "training images, 10,000 test images, probe on all training images, 5 seeds, 50-step PGD, "
+                    "FID, both datasets, all methods")
+        changes = []
+        if (self.epochs, self.patience) != (FULL_BUDGET.epochs, FULL_BUDGET.patience):
+            stop = f"early stopping patience {self.patience}" if self.patience else "no early stopping"
+            changes.append(f"{self.epochs} epochs max ({stop}; full: 100, patience 5)")
+        if self.limit is not None:
+            changes.append(f"{self.limit:,} of {TRAIN_SPLIT_IMAGES:,} training images")
+        if self.eval_limit is not None:
+            changes.append(f"{self.eval_limit:,} of {TEST_IMAGES:,} test images")
+        if self.probe_limit is not None:
+            changes.append(f"probe on {self.probe_limit:,} of {TRAIN_SPLIT_IMAGES:,} training images")
+        if self.seeds != FULL_BUDGET.seeds:
+            changes.append(f"{self.seeds} of {PAPER_SEEDS} seeds")
+        if self.steps != FULL_BUDGET.steps:
+            changes.append(f"{self.steps}-step PGD (paper: 50)")
+        if not self.fid:
+            changes.append("no FID")
+        if self.datasets != DATASETS:
+            changes.append("datasets " + ", ".join(self.datasets))
+        if self.methods != METHODS:
+            changes.append("methods " + ", ".join(self.methods))
+        return f"REDUCED budget{' (--smoke)' if self.smoke else ''}: " + "; ".join(changes)
+
+    def replace(self, **changes: Any) -> "Budget":
+        return dataclasses.replace(self, **changes)
+
+    def params(self) -> dict[str, str]:
+        """The budget as MLflow params (strings), plus the one-line description under 'budget'."""
+        values = dataclasses.asdict(self)
+        out = {f"budget.{k}": ",".join(v) if isinstance(v, tuple) else str(v) for k, v in values.items()}
+        out["budget"] = self.describe()
+        return out
+
+
+FULL_BUDGET = Budget()
+# Sized to finish in a few minutes on 2 CPU cores while still producing every table and
+# figure: both datasets, all five methods, 2 seeds (so a std over seeds exists) = 20 tasks.
+SMOKE_BUDGET = Budget(epochs=2, patience=None, limit=5000, eval_limit=300, probe_limit=5000, seeds=2, steps=10,
+                      fid=False, smoke=True)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One (dataset, method, seed) of the reproduction: one Ray task, one MLflow child run."""
+
+    dataset: str
+    method: str
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.dataset}-{self.method}-s{self.seed}"
+
+    def __str__(self) -> str:
+        return self.name
+
+
+@dataclass(frozen=True)
+class Hyperparameters:
+    """sigma_aug and eta of one dataset, and where they came from."""
+
+    dataset: str
+    sigma_aug: float
+    eta: float
+    source: str
+
+
+def paper_hyperparameters(dataset: str, why: str) -> Hyperparameters:
+    return Hyperparameters(dataset, PAPER_SIGMA_AUG[dataset], PAPER_ETA[dataset], f"paper, Appendix C.2 ({why})")
+
+
+def default_hyperparameters(dataset: str, why: str) -> Hyperparameters:
+    """raven's documented defaults: the paper's sigma_aug, and the eta tuned on validation (README).
+
+    The paper's eta (500 / 5000) collapses the Smooth Encoder under raven's Bernoulli likelihood,
+    so it is used only when asked for (--paper-values).
+    """
+    return Hyperparameters(dataset, PAPER_SIGMA_AUG[dataset], DEFAULT_ETA[dataset],
+                           f"raven defaults: sigma_aug of the paper, eta tuned on validation ({why})")
+
+
+def train_config(cell: Cell, budget: Budget, hp: Hyperparameters) -> TrainConfig:
+    """The paper's setting for one cell (RAdam 1e-3, batch 128, d = 10, noise 0.05) under `budget`."""
+    return TrainConfig(method=cell.method, dataset=cell.dataset, sigma_aug=hp.sigma_aug, eta=hp.eta,
+                       epochs=budget.epochs, patience=budget.patience, seed=cell.seed, limit=budget.limit)
+
+
+def eval_config(cell: Cell, budget: Budget) -> EvalConfig:
+    return EvalConfig(steps=budget.steps, limit=budget.eval_limit, probe_limit=budget.probe_limit, fid=budget.fid,
+                      tsne=True, seed=cell.seed)
+
+
+# ----------------------------------------------------------------------------- the task
+
+
+@dataclass
+class CellResult:
+    """What a task sends back to the driver: numbers, and its files as bytes (nodes share no disk)."""
+
+    cell: Cell
+    config: dict[str, Any]
+    history: list[dict[str, float]] = field(default_factory=list)
+    evaluation: EvalResult | None = None  # its artifact paths are local to the worker
+    files: dict[str, bytes] = field(default_factory=dict)  # "checkpoint/checkpoint.pt" -> bytes
+    inputs: list[dict[str, Any]] = field(default_factory=list)  # raven.tracking.dataset_inputs of the data read
+    train_seconds: float = 0.0
+    eval_seconds: float = 0.0
+    device: str = ""
+    node: str = ""
+    error: str | None = None
+
+
+def run_cell(cell: Cell, config: TrainConfig, evaluation: EvalConfig, data_dir: str | None, out_dir: str,
+             threads: int = 1, device: str = "auto") -> CellResult:
+    """Train `config` into out_dir (resuming a checkpoint there) and evaluate it on the test set.
+
+    Runs inside a Ray worker (or a local process). A diverged run comes back with `error` set.
+    """
+    torch.set_num_threads(max(1, threads))
+    device = resolve_device(device)
+    out = Path(out_dir)
+    result = CellResult(cell, config.to_dict(), device=str(device), node=platform.node())
+    # The whole training split: train() keeps the first config.limit images, the probe the
+    # first probe_limit (the paper's probe sees every training image).
+    splits = load_splits(config.dataset, data_dir, device, config.validation_size)
+    result.inputs = dataset_inputs(config.dataset, data_dir, {
+        "train": len(splits.train_x[:config.limit]), "validation": len(splits.val_x),
+        "test": len(splits.test_x[:evaluation.limit])}, config.validation_size)
+    started = time.perf_counter()
+    try:
+        trained = train(config, splits=splits, device=device, out_dir=out, progress=False)
+    except TrainingDiverged as exc:
+        result.error = f"training diverged: {exc}"
+        return result
+    result.history = trained.history
+    result.train_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    result.evaluation = evaluate_model(trained.model, splits, evaluation, out_dir=out / "evaluation", label=cell.name)
+    result.eval_seconds = time.perf_counter() - started
+    for path in result.evaluation.artifacts:
+        result.files[f"robustness/{Path(path).name}"] = Path(path).read_bytes()
+    for name in (CHECKPOINT_NAME, METRICS_NAME):
+        result.files[f"{CHECKPOINT_ARTIFACTS}/{name}"] = (out / name).read_bytes()
+    return result

@@ -1,0 +1,198 @@
+"""Time left in a sweep: a cost model of its budget, calibrated at the start, then measured.
+
+Search: every trial trains `epochs` epochs, computes the objective at its due epochs, and pays
+Ray's per-trial overhead; `slots` trials run at once. Evaluation: the top configurations' trials
+are evaluated, `eval_slots` at a time. So
+
+    search_left     = (epochs_left x epoch_s + objectives_left x objective_s + trials_left x overhead_s) / slots
+    evaluation_left = ceil(evaluations_left / eval_slots) x evaluation_s
+
+Before the first epoch the rates come from `calibrate`, on the driver: a few timed training
+steps of the first configuration, one real objective computation, and the evaluation scaled
+from the objective by its attack work (images x steps x attacks x budgets) plus t-SNE and FID
+at the rates below. Every measured epoch (Tune's time_this_iter_s), objective
+(`objective_seconds`) and evaluation then replaces the calibrated figure with the running mean,
+so the estimate converges as the sweep runs. On a cluster with GPUs the calibration runs on the
+driver's CPU and overestimates until the first epochs arrive.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from raven.data import DataSplits
+from raven.progress import duration
+from raven.selection import validation_objective
+from raven.sweep_spec import SweepSpec
+from raven.train import build_model, method_loss, validation_metrics
+
+# Measured rates (README, cluster/README.md): Ray Tune's per-trial overhead (sweeps/ray_overhead.py,
+# local Ray on the 2-core development machine), sklearn's t-SNE (about 50 s for 1,000 clean + 1,000
+# noisy points on the CPU of the lent H100 machine) and FID's Inception features on the 2-core CPU
+# (10,000 images took over 35 minutes).
+RAY_TRIAL_OVERHEAD_S = 4.0
+TSNE_SECONDS_PER_POINT = 0.025
+FID_SECONDS_PER_IMAGE_CPU = 0.21
+TEST_IMAGES = 10_000
+_CALIBRATION_STEPS = 6
+
+
+@dataclass(frozen=True)
+class Rates:
+    """Seconds per unit of work: a trial epoch (training and validation), one objective, one evaluation."""
+
+    epoch_s: float
+    objective_s: float
+    evaluation_s: float
+    overhead_s: float = RAY_TRIAL_OVERHEAD_S
+
+
+def objective_epochs(spec: SweepSpec) -> int:
+    """How many epochs of a trial compute the objective."""
+    settings = spec.objective_settings
+    return sum(1 for epoch in range(1, spec.epochs + 1) if settings.due(epoch, spec.epochs))
+
+
+def calibrate(spec: SweepSpec, splits: DataSplits, eval_on_gpu: bool) -> Rates:
+    """Rates from a few seconds of real work on this process's CPU (see the module docstring)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(spec.cpus_per_trial)))
+    try:
+        config = spec.train_config(spec.initial[0] if spec.initial else _space_middle(spec.space))
+        model = build_model(config)
+        optimizer = torch.optim.RAdam(model.parameters(), lr=config.lr)
+        generator = torch.Generator().manual_seed(0)
+        x = splits.train_x[:config.batch_size]
+        seconds = []
+        for step in range(2 + _CALIBRATION_STEPS):  # the first steps warm up allocators and kernels
+            started = time.perf_counter()
+            loss = method_loss(model, config, x, generator)["loss"]
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            seconds.append(time.perf_counter() - started)
+        train_images = min(len(splits.train_x), spec.limit or len(splits.train_x))
+        steps_per_epoch = math.ceil(train_images / config.batch_size)
+        started = time.perf_counter()
+        validation_metrics(model, config, splits.val_x[:1000])
+        validation_s = (time.perf_counter() - started) * len(splits.val_x) / 1000
+        epoch_s = steps_per_epoch * sum(seconds[2:]) / _CALIBRATION_STEPS + validation_s
+        started = time.perf_counter()
+        validation_objective(model, splits, spec.objective_settings)
+        objective_s = time.perf_counter() - started
+    finally:
+        torch.set_num_threads(threads)
+    return Rates(epoch_s, objective_s, evaluation_estimate(spec, objective_s, eval_on_gpu))
+
+
+def evaluation_estimate(spec: SweepSpec, objective_s: float, on_gpu: bool) -> float:
+    """One full evaluation, scaled from one objective computation by the attack work, plus t-SNE and FID."""
+    settings, evaluation = spec.objective_settings, spec.eval_config
+    objective_work = settings.val_limit * settings.steps * len(settings.attacks) * len(settings.deltas)
+    images = evaluation.limit or TEST_IMAGES
+    budgets = sum(1 for d in evaluation.deltas if d > 0)
+    seconds = objective_s * images * evaluation.steps * len(evaluation.attacks) * budgets / objective_work
+    if evaluation.tsne:
+        seconds += TSNE_SECONDS_PER_POINT * 2 * min(evaluation.tsne_points, images)
+    if evaluation.fid and not on_gpu:
+        seconds += FID_SECONDS_PER_IMAGE_CPU * (evaluation.fid_images or images)
+    return seconds
+
+
+def _space_middle(space: dict) -> float:
+    if space["type"] == "choice":
+        return float(space["values"][len(space["values"]) // 2])
+    return math.sqrt(float(space["low"]) * float(space["high"]))
+
+
+@dataclass
+class SweepClock:
+    """The sweep's budget and what is done; `left()` is the estimate of the module docstring."""
+
+    trials: int
+    epochs: int
+    objectives_per_trial: int
+    slots: int
+    evaluations: int
+    eval_slots: int
+    rates: Rates
+    epochs_done: dict[str, int] = field(default_factory=dict)  # trial id -> epochs it has finished
+    trials_done: set[str] = field(default_factory=set)
+    objectives_done: int = 0
+    evaluations_done: int = 0
+    _epoch_walls: list[float] = field(default_factory=list)
+    _objective_walls: list[float] = field(default_factory=list)
+    _evaluation_walls: list[float] = field(default_factory=list)
+    _stage_started: float | None = None  # when the evaluation stage began
+
+    @classmethod
+    def for_spec(cls, spec: SweepSpec, rates: Rates, slots: int, eval_slots: int) -> "SweepClock":
+        trials = spec.num_samples * spec.seeds
+        return cls(trials=trials, epochs=spec.epochs, objectives_per_trial=objective_epochs(spec),
+                   slots=max(1, min(slots, spec.max_concurrent or slots, trials)),
+                   evaluations=spec.evaluate_top * spec.seeds, eval_slots=max(1, eval_slots), rates=rates)
+
+    @property
+    def trial_epochs_total(self) -> int:
+        return self.trials * self.epochs
+
+    @property
+    def trial_epochs_done(self) -> int:
+        return sum(self.epochs if t in self.trials_done else n for t, n in self.epochs_done.items())
+
+    def epoch(self, trial_id: str, epoch: int, wall_s: float | None, objective_s: float | None) -> None:
+        """A trial reported `epoch`, taking `wall_s` seconds, `objective_s` of them for the objective."""
+        if epoch <= self.epochs_done.get(trial_id, 0):
+            return  # a restored trial re-reporting its last epoch
+        self.epochs_done[trial_id] = epoch
+        if objective_s is not None:
+            self.objectives_done += 1
+            self._objective_walls.append(objective_s)
+        if wall_s is not None and wall_s > 0:
+            self._epoch_walls.append(wall_s - (objective_s or 0.0))
+
+    def trial_finished(self, trial_id: str) -> None:
+        self.trials_done.add(trial_id)
+
+    def evaluation_stage(self, evaluations: int) -> None:
+        """The search is over: `evaluations` evaluations are about to run."""
+        self.evaluations = evaluations
+        self._stage_started = time.monotonic()
+
+    def evaluation_finished(self, seconds: float) -> None:
+        self.evaluations_done += 1
+        self._evaluation_walls.append(seconds)
+        self._stage_started = time.monotonic()
+
+    def measured(self) -> Rates:
+        mean = lambda values, fallback: sum(values) / len(values) if values else fallback  # noqa: E731
+        r = self.rates
+        return replace(r, epoch_s=mean(self._epoch_walls, r.epoch_s), objective_s=mean(self._objective_walls,
+                       r.objective_s), evaluation_s=mean(self._evaluation_walls, r.evaluation_s))
+
+    def search_left(self) -> float:
+        r = self.measured()
+        epochs_left = max(0, self.trial_epochs_total - self.trial_epochs_done)
+        objectives_left = max(0, self.trials * self.objectives_per_trial - self.objectives_done)
+        trials_left = max(0, self.trials - len(self.trials_done))
+        started = sum(1 for t in self.epochs_done if t not in self.trials_done)  # overhead already paid
+        return (epochs_left * r.epoch_s + objectives_left * r.objective_s
+                + max(0, trials_left - started) * r.overhead_s) / self.slots
+
+    def evaluation_left(self) -> float:
+        r = self.measured()
+        waves = math.ceil(max(0, self.evaluations - self.evaluations_done) / self.eval_slots)
+        left = waves * r.evaluation_s
+        if self._stage_started is not None and waves:
+            left = max(0.05 * left, left - (time.monotonic() - self._stage_started))
+        return left
+
+    def left(self) -> float:
+        return (self.search_left() if self._stage_started is None else 0.0) + self.evaluation_left()
+
+    def text(self) -> str:
+        return f"~{duration(self.left())} left"

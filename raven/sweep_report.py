@@ -1,0 +1,164 @@
+"""What a finished sweep shows: the trial table, the study's plots, the Pareto front, the summary on screen.
+
+The trial table is Tune's own (`ResultGrid.get_dataframe`: each trial's last result and config)
+with the trial's status, checkpoint and MLflow run beside it; the plots are Optuna's, drawn
+from the sweep's study (optimisation history, the searched value against the objective and,
+with several objectives, the Pareto front).
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on a cluster's head node
+import matplotlib.pyplot as plt  # noqa: E402
+import optuna  # noqa: E402
+import optuna.visualization.matplotlib as optuna_plots  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from raven import plots  # noqa: E402
+from raven.evaluate import format_summary  # noqa: E402
+from raven.selection import Objective  # noqa: E402
+from raven.sweep_spec import TRIAL_INDEX, SweepSpec, hide_password  # noqa: E402
+
+TRIALS_CSV = "trials.csv"
+HISTORY_PNG = "optimization_history.png"
+SLICE_PNG = "search_slice.png"
+PARETO_CSV, PARETO_JSON, PARETO_PNG = "pareto_front.csv", "pareto_front.json", "pareto_front.png"
+EVALUATIONS_CSV = "evaluations.csv"
+CURVES_PNG = "evaluated_robustness_curves.png"
+
+
+def trial_table(results, spec: SweepSpec, run_ids: dict[str, str]) -> pd.DataFrame:
+    """One row per trial in creation order: number, trial_id, status, the searched value, seed, epochs,
+    the objectives and validation metrics of its last result, checkpoint, MLflow run, error."""
+    frame = results.get_dataframe()
+    meta = pd.DataFrame([{
+        "number": number, "trial_id": Path(result.path).name.removeprefix("trial_"),
+        "status": "ERROR" if result.error else "TERMINATED",
+        "checkpoint": result.checkpoint.path if result.checkpoint is not None else "",
+        "error": str(result.error).splitlines()[0][:200] if result.error else "",
+    } for number, result in enumerate(results)], columns=["number", "trial_id", "status", "checkpoint", "error"])
+    if frame.empty:
+        frame = pd.DataFrame({"trial_id": pd.Series(dtype=str)})
+    frame = frame.rename(columns={f"config/{spec.param}": spec.param, "epoch": "epochs"})
+    repeat = frame[f"config/{TRIAL_INDEX}"] if f"config/{TRIAL_INDEX}" in frame else pd.Series(0, index=frame.index)
+    frame["seed"] = int(spec.seed) + repeat.fillna(0).astype(int)
+    table = meta.merge(frame, on="trial_id", how="left")
+    table["mlflow_run_id"] = table["trial_id"].map(run_ids).fillna("")
+    metrics = list(dict.fromkeys([o.metric for o in spec.objective_list]
+                                 + ["val_robust_accuracy", "val_clean_accuracy", "val_elbo", "val_mse_255"]))
+    columns = ["number", "trial_id", "status", spec.param, "seed", "epochs", *metrics, "objective_seconds",
+               "checkpoint", "mlflow_run_id", "error"]
+    return table.reindex(columns=columns)
+
+
+def _save(ax, path: Path) -> Path:
+    figure = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
+    figure.set_size_inches(9, 4.5)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def study_plots(study: optuna.Study, spec: SweepSpec, out: Path) -> list[Path]:
+    """Optuna's optimisation history and slice plot of the first objective, and the Pareto front with several."""
+    objectives = spec.objective_list
+    if not any(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials):
+        return []
+    first = objectives[0].metric
+    target = (lambda t: t.values[0]) if len(objectives) > 1 else None
+    paths = []
+    # Optuna's plots switch matplotlib to its ggplot style globally; rc_context restores the settings.
+    with warnings.catch_warnings(), matplotlib.rc_context():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        paths.append(_save(optuna_plots.plot_optimization_history(study, target=target, target_name=first),
+                           out / HISTORY_PNG))
+        paths.append(_save(optuna_plots.plot_slice(study, target=target, target_name=first), out / SLICE_PNG))
+        if len(objectives) > 1:
+            shown = list(range(min(3, len(objectives))))
+            paths.append(_save(optuna_plots.plot_pareto_front(
+                study, targets=lambda t: [t.values[i] for i in shown],
+                target_names=[objectives[i].metric for i in shown]), out / PARETO_PNG))
+    return paths
+
+
+def pareto_table(ranked: pd.DataFrame, spec: SweepSpec) -> pd.DataFrame:
+    """The configurations on the Pareto front, best first by the first objective."""
+    front = ranked[ranked["pareto"].astype(bool)]
+    return front.drop(columns=["pareto"]).reset_index().rename(columns={"index": spec.param})
+
+
+def summary_metrics(spec: SweepSpec, table: pd.DataFrame, ranked: pd.DataFrame,
+                    evaluations: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """The parent run's metrics: trial counts, best_<objective> and best_<param> (the top-ranked
+    configuration), the Pareto front's size, and the test results of the best evaluated trial."""
+    metrics = {"trials_completed": float((table["status"] == "TERMINATED").sum()),
+               "trials_errored": float((table["status"] == "ERROR").sum())}
+    if not ranked.empty:
+        for objective in spec.objective_list:
+            metrics[f"best_{objective.metric}"] = float(ranked[f"{objective.metric}_mean"].iloc[0])
+        metrics[f"best_{spec.param}"] = float(ranked.index[0])
+        if len(spec.objective_list) > 1:
+            metrics["pareto_front_size"] = float(ranked["pareto"].sum())
+    if evaluations:
+        best = evaluations[0]["metrics"]
+        adv = [v for k, v in best.items() if k.startswith("adv_acc_") and not k.endswith("_delta_0")]
+        if "clean_accuracy" in best:
+            metrics["best_test_clean_accuracy"] = float(best["clean_accuracy"])
+        if adv:
+            metrics["best_test_mean_adv_accuracy"] = float(sum(adv) / len(adv))
+    return metrics
+
+
+def evaluation_outputs(spec: SweepSpec, evaluations: Sequence[dict[str, Any]], out: Path) -> list[Path]:
+    """evaluations.csv (one row per evaluated trial) and the robustness curves of those evaluated now."""
+    if not evaluations:
+        return []
+    rows = [{"trial_id": e["trial_id"], spec.param: e["value"], "seed": e["seed"],
+             "evaluation_run_id": e["run_id"], **e["metrics"]} for e in evaluations]
+    paths = [out / EVALUATIONS_CSV]
+    pd.DataFrame(rows).to_csv(paths[0], index=False)
+    curves = [(f"{spec.param}={e['value']:.4g}", e["result"].to_json()) for e in evaluations if "result" in e]
+    if curves:
+        paths.append(plots.plot_accuracy_curves(curves, out / CURVES_PNG,
+                                                title=f"{spec.name}: test robustness of the best"))
+    return paths
+
+
+def print_summary(spec: SweepSpec, table: pd.DataFrame, ranked: pd.DataFrame, evaluations: Sequence[dict[str, Any]],
+                  experiment_id: str, parent_id: str, seconds: float) -> None:
+    objectives: Sequence[Objective] = spec.objective_list
+    metrics = list(dict.fromkeys([o.metric for o in objectives] + ["val_clean_accuracy", "val_elbo"]))
+    columns = ["number", "trial_id", "status", spec.param, "seed", "epochs", *metrics]
+    with pd.option_context("display.max_rows", 500, "display.width", 200, "display.float_format", "{:.4g}".format):
+        print(f"\nTrials of sweep {spec.name} ({len(table)}):")
+        print(table[columns].to_string(index=False))
+    if ranked.empty:
+        print("\nNo trial completed with an objective value.")
+    else:
+        stats = ranked.iloc[0]
+        first = objectives[0].metric
+        spread = f" +- {stats[f'{first}_std']:.4f} over {int(stats['count'])} seeds" if stats["count"] > 1 else ""
+        others = "".join(f", {o.metric} {stats[f'{o.metric}_mean']:.4g}" for o in objectives[1:])
+        print(f"\nBest configuration: {spec.method} {spec.param}={ranked.index[0]:.6g} on {spec.dataset}: "
+              f"{first} {stats[f'{first}_mean']:.4f}{spread}{others} (validation split)")
+        if len(objectives) > 1:
+            front = ", ".join(f"{v:.4g}" for v in ranked.index[ranked["pareto"].astype(bool)])
+            print(f"Pareto front ({', '.join(map(str, objectives))}): {spec.param} = {front}")
+    results = [e["result"] for e in evaluations if "result" in e]
+    if results:
+        print("\nTest-set evaluation of the best configuration(s):")
+        print(format_summary(results))
+    for item in evaluations:
+        if item.get("reused"):
+            print(f"(trial {item['trial_id']}: evaluation read back from MLflow run {item['run_id']})")
+    # MLflow 3.17's UI opens an experiment on its GenAI overview unless the link selects model training.
+    print(f"\nMLflow: {spec.tracking_uri}, experiment {spec.experiment!r} (UI: /#/experiments/{experiment_id}"
+          f"?workflowType=machine_learning), parent run {parent_id}; Tune results: {spec.experiment_dir.resolve()}; "
+          f"Optuna: optuna-dashboard {hide_password(spec.study_storage)}; {seconds:.0f}s")

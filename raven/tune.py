@@ -1,0 +1,420 @@
+"""The Ray Tune side of a sweep: the trainable and its restore, the Tuner, the callbacks.
+
+* `sweep_trial`, a function trainable: a trial trains one TrainConfig (`raven.train.train`) and
+  reports every epoch (its metrics, the Ray node it ran on, the objective when due) with a Tune
+  checkpoint (the trial's checkpoint.pt and the reported history). A restored trial copies its
+  Tune checkpoint back (or a newer complete one it finds in storage) and resumes training
+  exactly where it stopped. A failed trial (a lost node, a crashed worker) is restarted that way,
+  on any node, up to `max_failures` times.
+* The Tuner: the trainable with its resources, the searcher over the sweep's Optuna study
+  (raven.study), ASHA when asked, the callbacks; or the interrupted Tuner, restored.
+* Two callbacks on the driver: `MlflowCallback` turns Tune's events into writes queued on the
+  tracker (raven.tracking, raven.write_queue); `ProgressCallback` prints one line per trial
+  epoch with the time left (raven.sweep_clock) and a bar on a terminal.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import optuna
+import ray
+import torch
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler
+
+from raven.progress import bar, say
+from raven.selection import validation_objective
+from raven.study import MeanRepeater, ObjectiveOptunaSearch
+from raven.sweep_clock import Rates, SweepClock
+from raven.sweep_spec import TRIAL_INDEX, SweepSpec
+from raven.tracking import (CHECKPOINT, ERROR_FILE, PENDING_NAME, TRIAL_RESTARTS, TRIAL_STATUS, SweepTracker,
+                            retry_seconds)
+from raven.train import CHECKPOINT_NAME, load_state, resolve_device, should_stop, train
+from raven.write_queue import write_atomic
+
+REPORTED_NAME = "reported.json"
+# Metrics of the trainable's own reports that go into MLflow (Tune adds its bookkeeping keys).
+_EPOCH_METRIC_PREFIXES = ("train_", "val_")
+_EPOCH_METRIC_NAMES = ("epoch_seconds", "images_per_second")
+_SHOWN = ("train_loss", "val_elbo")
+
+
+# ----------------------------------------------------------------------------- naming
+
+
+def repeat_of(config: dict[str, Any]) -> int:
+    return int(config.get(TRIAL_INDEX, 0) or 0)
+
+
+def trial_label(spec: SweepSpec, config: dict[str, Any], trial_id: str | None = None) -> str:
+    text = f"{spec.param}={float(config[spec.param]):.4g}"
+    if spec.seeds > 1:
+        text += f" seed={int(spec.seed) + repeat_of(config)}"
+    return f"{text} [{trial_id}]" if trial_id else text
+
+
+def trial_params(spec: SweepSpec, config: dict[str, Any], trial_id: str) -> dict[str, Any]:
+    """A trial run's params: its TrainConfig, its Tune trial id and repeat index."""
+    params = spec.train_config(config[spec.param], repeat_of(config)).to_dict()
+    params.update(trial_id=trial_id, repeat=repeat_of(config))
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in params.items()}
+
+
+def trial_dirname(trial) -> str:
+    return f"trial_{trial.trial_id}"
+
+
+def trial_name(trial) -> str:
+    """Tune's name of a trial: the searched value, the repeat, the id (sigma_aug=0.01_r1_<id>)."""
+    value = next((f"{k}={float(v):.3g}" for k, v in trial.config.items() if k != TRIAL_INDEX), "trial")
+    repeat = f"_r{trial.config[TRIAL_INDEX]}" if TRIAL_INDEX in trial.config else ""
+    return f"{value}{repeat}_{trial.trial_id}"
+
+
+def epoch_metrics(result: dict[str, Any]) -> dict[str, float]:
+    """The trainable's own numeric metrics from a Tune result (Tune's bookkeeping keys dropped)."""
+    return {k: float(v) for k, v in result.items()
+            if (k.startswith(_EPOCH_METRIC_PREFIXES) or k in _EPOCH_METRIC_NAMES)
+            and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+
+
+# ----------------------------------------------------------------------------- the trainable
+
+
+def _newest_saved_checkpoint(trial_dir: Path, after_epoch: int) -> Path | None:
+    """A complete checkpoint folder of this trial newer than `after_epoch`, if storage holds one.
+
+    Tune registers a reported checkpoint only when a later step of its loop processes it,
+    so a driver stopped in between (Ctrl-C right after an epoch, or killed) restores the
+    previous one, or none, although the newer files are in storage. Only filesystem
+    storage is scanned; a folder is used when its checkpoint.pt loads.
+    """
+    found = []
+    for folder in trial_dir.glob("checkpoint_*") if trial_dir.is_dir() else []:
+        try:
+            history = json.loads((folder / REPORTED_NAME).read_text())
+            epoch = int(history[-1]["epoch"]) if history else 0
+        except (OSError, ValueError, KeyError, IndexError, TypeError):
+            continue
+        if epoch > after_epoch and (folder / CHECKPOINT_NAME).is_file():
+            found.append((epoch, folder))
+    for epoch, folder in sorted(found, reverse=True):
+        try:
+            state = load_state(folder / CHECKPOINT_NAME)
+        except Exception:  # noqa: BLE001 - a partly copied checkpoint: try an older one
+            continue
+        if int(state.get("epoch", -1)) == epoch:
+            return folder
+    return None
+
+
+def _restore(work: Path, spec: SweepSpec) -> list[dict[str, Any]]:
+    """Copy the trial's latest checkpoint into `work`; the epochs it had reported."""
+    reported: list[dict[str, Any]] = []
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            for item in Path(folder).iterdir():
+                if item.is_file():
+                    shutil.copy2(item, work / item.name)
+        if (work / REPORTED_NAME).is_file():
+            reported = json.loads((work / REPORTED_NAME).read_text())
+    newer = _newest_saved_checkpoint(spec.experiment_dir / f"trial_{tune.get_context().get_trial_id()}",
+                                     after_epoch=len(reported))
+    if newer is not None:
+        for item in newer.iterdir():
+            if item.is_file():
+                shutil.copy2(item, work / item.name)
+        reported = json.loads((work / REPORTED_NAME).read_text())
+    return reported
+
+
+class EpochReporter:
+    """The train() callback of a trial: objective when due, then tune.report with a checkpoint of `work`."""
+
+    def __init__(self, spec: SweepSpec, splits, work: Path, reported: list[dict[str, Any]]) -> None:
+        self.spec, self.splits, self.work, self.reported = spec, splits, work, reported
+        self.node_id = ray.get_runtime_context().get_node_id()
+        self.sent = 0
+
+    def __call__(self, report) -> None:
+        metrics: dict[str, Any] = {k: float(v) for k, v in report.metrics.items()
+                                   if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        metrics["epoch"] = report.epoch
+        metrics["node_id"] = self.node_id  # the Ray node this epoch ran on (MLflow tags raven.node_id(s))
+        settings = self.spec.objective_settings
+        if settings.due(report.epoch, report.config.epochs, last=should_stop(report.config, self.reported + [metrics])):
+            started = time.perf_counter()
+            metrics.update(validation_objective(report.model, self.splits, settings))
+            metrics["objective_seconds"] = time.perf_counter() - started
+        self.reported.append(metrics)
+        write_atomic(self.work / REPORTED_NAME, json.dumps(self.reported))
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(self.work)))
+        self.sent += 1
+
+    def close(self) -> None:
+        if self.sent == 0 and self.reported:
+            # Restored from the checkpoint of its last epoch (the driver stopped before it
+            # recorded the trial as finished): report the final result again.
+            tune.report(self.reported[-1])
+
+
+def sweep_trial(config: dict[str, Any], splits, spec: dict[str, Any]) -> None:
+    """Ray Tune function trainable: train one configuration, report every epoch with a checkpoint.
+
+    `splits` is the DataSplits from the object store (passed with tune.with_parameters), `spec`
+    the SweepSpec as a dict. A trial restored by Tune (resume, node failure) continues from its
+    latest checkpoint's epoch with the same RNG state (`train(..., resume=True)`).
+    """
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # not one "Checkpoint created" line per epoch
+    sweep = SweepSpec.from_dict(spec)
+    train_config = sweep.train_config(config[sweep.param], repeat_of(config))
+    torch.set_num_threads(max(1, int(sweep.cpus_per_trial)))
+    device = resolve_device("auto")
+    if splits.device != device:
+        splits = splits.to(device)
+    work = Path(tempfile.mkdtemp(prefix="raven-trial-"))
+    try:
+        reporter = EpochReporter(sweep, splits, work, _restore(work, sweep))
+        train(train_config, splits=splits, device=device, out_dir=work, callbacks=[reporter], resume=True,
+              progress=False)
+        reporter.close()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _search_domain(space: dict[str, Any]):
+    if space["type"] == "loguniform":
+        return tune.loguniform(float(space["low"]), float(space["high"]))
+    if space["type"] == "choice":
+        return tune.choice([float(v) for v in space["values"]])
+    raise ValueError(f"unknown search space type {space['type']!r}")
+
+
+def build_tuner(spec: SweepSpec, splits_ref, trial_gpus: float, inputs: list[dict[str, Any]], rates: Rates,
+                slots: int, eval_slots: int, resume: bool) -> tune.Tuner:
+    """A new Tuner, or the interrupted one restored from spec.experiment_dir when `resume`."""
+    # Results without the objective (epochs before the last) are expected.
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    # Save the experiment state (what --resume restores) every 5 s instead of Tune's adaptive
+    # >= 10 s, so that a driver that dies (SIGKILL, lost head) loses less; an explicit value wins.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "5")
+    # Frequent snapshots are the point (above); Tune's three-line warning about them is not news.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # The classic output engine, which verbose=0 silences (the newer one still prints its banners):
+    # the driver prints its own progress (ProgressCallback).
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    trainable = tune.with_resources(tune.with_parameters(sweep_trial, splits=splits_ref, spec=spec.to_dict()),
+                                    {"cpu": spec.cpus_per_trial, "gpu": trial_gpus})
+    experiment_dir = str(spec.experiment_dir.resolve())
+    if resume and tune.Tuner.can_restore(experiment_dir):
+        return tune.Tuner.restore(experiment_dir, trainable=trainable, resume_errored=True, restart_errored=False)
+
+    objectives = spec.objective_list
+    metric: str | list[str] = objectives[0].metric if len(objectives) == 1 else [o.metric for o in objectives]
+    mode: str | list[str] = objectives[0].mode if len(objectives) == 1 else [o.mode for o in objectives]
+    searcher = ObjectiveOptunaSearch(metric=metric, mode=mode, study_name=spec.name,
+                                     storage=optuna.storages.RDBStorage(spec.study_storage),
+                                     points_to_evaluate=[{spec.param: float(v)} for v in spec.initial] or None,
+                                     sampler=optuna.samplers.TPESampler(seed=spec.seed))
+    if spec.seeds > 1:
+        searcher = MeanRepeater(searcher, repeat=spec.seeds, set_index=True)
+    scheduler = None
+    if spec.asha:
+        scheduler = ASHAScheduler(time_attr="epoch", metric=objectives[0].metric, mode=objectives[0].mode,
+                                  max_t=spec.epochs, grace_period=min(spec.grace_period, spec.epochs),
+                                  reduction_factor=2)
+    tracker = SweepTracker(spec.tracking_uri, spec.experiment, spec.name,
+                           pending_path=spec.experiment_dir.resolve() / PENDING_NAME)
+    return tune.Tuner(
+        trainable,
+        param_space={spec.param: _search_domain(spec.space)},
+        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler,
+                                    num_samples=spec.num_samples * spec.seeds,
+                                    max_concurrent_trials=spec.max_concurrent,
+                                    trial_name_creator=trial_name, trial_dirname_creator=trial_dirname),
+        run_config=tune.RunConfig(
+            name=spec.name, storage_path=str(Path(spec.storage_path).resolve()),
+            callbacks=[MlflowCallback(tracker, spec.to_dict(), inputs),
+                       ProgressCallback(spec.to_dict(), rates, slots, eval_slots)],
+            verbose=0,
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+            failure_config=tune.FailureConfig(max_failures=spec.max_failures)),
+    )
+
+
+# ----------------------------------------------------------------------------- callbacks
+
+
+class MlflowCallback(tune.Callback):
+    """Tune's events as queued MLflow writes: a child run per trial, per-epoch metrics, status, node, checkpoint.
+
+    Tune pickles it with the experiment (tuner.pkl) and restores it on `--resume`; it holds no
+    state of its own beyond the tracker settings: runs and logged epochs are found in MLflow.
+    A write the store cannot take now waits in the tracker's queue; one it rejects is reported
+    and dropped; neither stops the sweep.
+    """
+
+    def __init__(self, tracker: SweepTracker, spec: dict[str, Any], inputs: list[dict[str, Any]]) -> None:
+        self.tracker = tracker
+        self.spec = spec
+        self.inputs = inputs  # the dataset inputs of every trial run (raven.tracking.dataset_inputs)
+        self._sweep = SweepSpec.from_dict(spec)
+        self._warned: set[str] = set()
+        self._nodes: dict[str, str] = {}  # trial id -> node id of its last recorded epoch
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"tracker": self.tracker, "spec": self.spec, "inputs": self.inputs}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["tracker"], state["spec"], state["inputs"])
+
+    def _submit(self, what: str, op: dict[str, Any]) -> None:
+        try:
+            self.tracker.queue.submit(op)
+        except Exception as exc:  # noqa: BLE001 - the sweep goes on; the record shows the gap
+            if what not in self._warned:
+                self._warned.add(what)
+                print(f"raven sweep: warning: MLflow {what} failed: {type(exc).__name__}: {exc}",
+                      file=sys.stderr, flush=True)
+
+    def _epoch(self, trial, metrics: dict[str, Any]) -> None:
+        if metrics.get("epoch") is not None:
+            self._submit("epoch logging", {"op": "epoch", "trial_id": trial.trial_id, "epoch": int(metrics["epoch"]),
+                                           "metrics": epoch_metrics(metrics)})
+
+    def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        self._submit("trial start", {"op": "trial", "trial_id": trial.trial_id, "reopen": True,
+                                     "params": trial_params(self._sweep, trial.config, trial.trial_id),
+                                     "run_name": trial_label(self._sweep, trial.config, trial.trial_id),
+                                     "inputs": self.inputs})
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        self._epoch(trial, result)
+        node = result.get("node_id")
+        if isinstance(node, str) and node and self._nodes.get(trial.trial_id) != node:
+            self._nodes[trial.trial_id] = node
+            self._submit("node tag", {"op": "node", "trial_id": trial.trial_id, "node_id": node,
+                                      "node_ip": str(result.get("node_ip") or "")})
+
+    def on_checkpoint(self, iteration, trials, trial, checkpoint, **info) -> None:
+        self._submit("checkpoint tag", {"op": "tags", "trial_id": trial.trial_id, "tags": {CHECKPOINT: checkpoint.path}})
+
+    def on_trial_recover(self, iteration, trials, trial, **info) -> None:
+        self._submit("trial restart tag", {"op": "tags", "trial_id": trial.trial_id,
+                                           "tags": {TRIAL_RESTARTS: trial.num_failures}})
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        # Epochs reported while the driver was down are in the checkpoint's reported.json.
+        if trial.checkpoint is not None:
+            with trial.checkpoint.as_directory() as folder:
+                path = Path(folder) / REPORTED_NAME
+                history = json.loads(path.read_text()) if path.is_file() else []
+            for metrics in history:
+                self._epoch(trial, metrics)
+            nodes = [m["node_id"] for m in history if isinstance(m.get("node_id"), str) and m["node_id"]]
+            if nodes:
+                self._submit("node tag", {"op": "node", "trial_id": trial.trial_id, "node_id": nodes[-1],
+                                          "history": nodes})
+        self._submit("trial completion", {"op": "tags", "trial_id": trial.trial_id,
+                                          "tags": {TRIAL_STATUS: "TERMINATED"}})
+        self._submit("trial completion", {"op": "finish", "trial_id": trial.trial_id, "status": "FINISHED"})
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self._submit("trial error", {"op": "tags", "trial_id": trial.trial_id,
+                                     "tags": {TRIAL_STATUS: "ERROR", ERROR_FILE: trial.error_file or ""}})
+        self._submit("trial error", {"op": "finish", "trial_id": trial.trial_id, "status": "FAILED"})
+
+    def on_step_end(self, iteration, trials, **info) -> None:
+        # Writes queued during an outage go out as soon as the store is back, not only at the next result.
+        if self.tracker.queue.pending:
+            self.tracker.queue.flush()
+
+    def on_experiment_end(self, trials, **info) -> None:
+        if self.tracker.queue.pending:
+            self.tracker.queue.drain(timeout=min(60.0, retry_seconds()))
+
+
+class ProgressCallback(tune.Callback):
+    """One line per trial epoch with the time left (and a bar over all trial-epochs on a terminal)."""
+
+    def __init__(self, spec: dict[str, Any], rates: Rates, slots: int, eval_slots: int) -> None:
+        self.spec, self.rates, self.slots, self.eval_slots = spec, rates, slots, eval_slots
+        self._sweep = SweepSpec.from_dict(spec)
+        self.clock: SweepClock | None = None
+        self._bar = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"spec": self.spec, "rates": self.rates, "slots": self.slots, "eval_slots": self.eval_slots}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["spec"], state["rates"], state["slots"], state["eval_slots"])
+
+    def setup(self, **info) -> None:
+        self.clock = SweepClock.for_spec(self._sweep, self.rates, self.slots, self.eval_slots)
+        for trial_id, epochs in epochs_in_storage(self._sweep).items():
+            self.clock.epochs_done[trial_id] = epochs
+        self._bar = bar(self.clock.trial_epochs_total, "search", "epoch", initial=self.clock.trial_epochs_done)
+
+    def _say(self, line: str) -> None:
+        say(f"raven sweep: {line}", self._bar)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        if result.get("epoch") is None or self.clock is None:
+            return
+        epoch = int(result["epoch"])
+        before = self.clock.trial_epochs_done
+        objective_s = result.get("objective_seconds")
+        self.clock.epoch(trial.trial_id, epoch, result.get("time_this_iter_s"),
+                         objective_s if isinstance(objective_s, (int, float)) else None)
+        self._bar.update(self.clock.trial_epochs_done - before)
+        shown = [f"{key} {result[key]:.4g}" for key in (*_SHOWN, *(o.metric for o in self._sweep.objective_list))
+                 if isinstance(result.get(key), (int, float))]
+        node = result.get("node_id")
+        where = f" on node {node[:8]}" if isinstance(node, str) and node else ""
+        self._bar.set_postfix_str(self.clock.text())
+        self._say(f"trial {trial.trial_id} epoch {epoch}/{self._sweep.epochs}{where}: {', '.join(dict.fromkeys(shown))}"
+                  f"; {self.clock.text()}")
+
+    def on_trial_recover(self, iteration, trials, trial, **info) -> None:
+        # Tune registers a checkpoint only after a round trip to the trial; one the trial stored just
+        # before it died is found in storage by the trainable itself (_newest_saved_checkpoint).
+        restored = (trial.checkpoint.path if trial.checkpoint is not None
+                    else "its newest complete checkpoint in storage, if any (none registered yet)")
+        self._say(f"trial {trial.trial_id} failed (failure {trial.num_failures}; see {trial.error_file}); "
+                  f"it restarts from {restored}")
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        if self.clock is not None:
+            before = self.clock.trial_epochs_done
+            self.clock.trial_finished(trial.trial_id)
+            self._bar.update(self.clock.trial_epochs_done - before)
+        values = [f"{o.metric}={(trial.last_result or {})[o.metric]:.4f}" for o in self._sweep.objective_list
+                  if isinstance((trial.last_result or {}).get(o.metric), (int, float))]
+        self._say(f"trial {trial.trial_id} finished: {', '.join(values) or 'no objective'}")
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self._say(f"trial {trial.trial_id} failed (see {trial.error_file})")
+
+    def on_experiment_end(self, trials, **info) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def epochs_in_storage(spec: SweepSpec) -> dict[str, int]:
+    """{trial id: epochs reported} from the progress.csv files of the sweep's Tune folder (a resumed sweep)."""
+    out = {}
+    for progress in spec.experiment_dir.glob("trial_*/progress.csv"):
+        rows = progress.read_text().strip().splitlines()
+        out[progress.parent.name.removeprefix("trial_")] = max(0, len(rows) - 1)
+    return out

@@ -1,0 +1,68 @@
+"""The sweep spec (raven.sweep_spec): flags made from its fields, the presets, validation, the saved file."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import pytest
+
+from raven.config import ConfigError
+from raven.sweep_spec import SweepSpec, add_arguments, find_resumable, hide_password, spec_from_args
+
+SEARCH = {"kind": "sigma_aug", "method": "raven", "param": "sigma_aug",
+          "space": {"type": "loguniform", "low": 1e-3, "high": 1.0}, "initial": [0.01]}
+
+
+def parse(*flags: str, **defaults) -> SweepSpec:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, **defaults)
+    return spec_from_args(parser.parse_args(list(flags)), **SEARCH)
+
+
+def test_every_flag_field_is_a_flag_and_only_those():
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    flags = {a.dest for a in parser._actions} - {"help", "address", "resume", "data_dir", "_spec_defaults"}
+    fields = {f.name for f in dataclasses.fields(SweepSpec) if "help" in f.metadata}
+    assert flags == fields
+    assert {"kind", "method", "param", "space", "code_version"}.isdisjoint(flags)
+
+
+def test_presets_and_explicit_flags(tmp_path):
+    full = parse("--storage-path", str(tmp_path), experiment="raven-sigma-aug")
+    assert (full.num_samples, full.epochs, full.limit, full.fid, full.eval_steps) == (20, 20, None, True, 50)
+    assert full.experiment == "raven-sigma-aug" and full.name.startswith("sigma-aug-mnist-")
+    assert full.study_storage == f"sqlite:///{tmp_path / full.name / 'optuna.db'}"
+    assert full.tracking_uri.startswith("sqlite:////")  # pinned to an absolute path
+    smoke = parse("--smoke", "--epochs", "3", "--no-tsne", "--objectives", "val_robust_accuracy:max,val_elbo:max",
+                  "--storage-path", str(tmp_path))
+    assert (smoke.num_samples, smoke.limit, smoke.fid, smoke.eval_deltas) == (2, 1000, False, (0.0, 0.1, 0.2))
+    assert smoke.epochs == 3 and smoke.tsne is False  # explicit flags win over the preset
+    assert [str(o) for o in smoke.objective_list] == ["val_robust_accuracy:max", "val_elbo:max"]
+    assert smoke.train_config(0.05, repeat=2).to_dict()["seed"] == 2
+    # Saved and read back unchanged (the file --resume reads).
+    smoke.save()
+    again = find_resumable(tmp_path, "sigma_aug", None)
+    assert again == smoke
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--num-samples", "0"], "--num-samples must be >= 1, got 0"),
+    (["--cpus-per-trial", "0"], "--cpus-per-trial must be > 0"),
+    (["--gpus-per-trial", "-1"], "--gpus-per-trial must be >= 0"),
+    (["--name", "a b"], "--name may hold"),
+    (["--objectives", "val_robust_accuracy:up"], "METRIC:max or METRIC:min"),
+    (["--objectives", "test_accuracy:max"], "unknown metric 'test_accuracy'"),
+    (["--objectives", "val_robust_accuracy:max,val_elbo:max", "--asha"], "--asha stops trials on one metric"),
+    (["--eval-deltas", "0,2"], "every delta must be a number in [0, 1]"),
+])
+def test_bad_values_are_rejected_in_one_line_naming_the_flag(flags, message, tmp_path):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        parse(*flags, "--storage-path", str(tmp_path))
+
+
+def test_passwords_stay_out_of_what_is_shown():
+    assert hide_password("postgresql+psycopg2://mlflow:s3cret@db:5432/optuna") == \
+        "postgresql+psycopg2://mlflow:***@db:5432/optuna"
+    assert hide_password("sqlite:////tmp/x/optuna.db") == "sqlite:////tmp/x/optuna.db"
