@@ -130,9 +130,6 @@ def add_evaluate_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="fit the probe on the first N training images (default the whole training split)")
     p.add_argument("--batch-size", type=int, default=1000, help="images attacked at once (default 1000)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--seeds", default=None, metavar="SEEDS",
-                   help="train these seeds as one packed model (0-4 or 0,2,5) into OUT/seed-N "
-                        "(default OUT runs/METHOD-DATASET); replaces --seed")
     p.add_argument("--no-fid", action="store_true", help="skip FID")
     p.add_argument("--fid-images", type=int, default=None,
                    help="FID on the first N evaluated test images (default all; slow on CPU)")
