@@ -88,11 +88,11 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def _run_train_seeds(args: argparse.Namespace, config: TrainConfig, device: object) -> int:
-    from raven.pack import parse_seeds, train_pack
+    from raven.pack import member_dirname, parse_seeds, train_pack
 
     seeds = parse_seeds(args.seeds)
     out = args.out or Path("runs") / f"{config.method}-{config.dataset}"
-    dirs = [out / f"seed-{seed}" for seed in seeds]
+    dirs = [out / member_dirname(seed) for seed in seeds]
     print(f"raven train: {config.method} on {config.dataset}, seeds {args.seeds} as one pack, {config.epochs} "
           f"epochs, device {device}, out {out}/seed-N", file=sys.stderr)
     started = time.perf_counter()

@@ -100,6 +100,12 @@ def check_packable(configs: list[TrainConfig]) -> None:
                     f"{getattr(config, f.name)!r}); only {', '.join(PER_MEMBER_FIELDS)} may differ")
 
 
+def member_dirname(seed: int) -> str:
+    """The folder of one seed of a pack, under the pack's folder: seed-3 (`raven train --seeds`, sweeps,
+    the reproduction)."""
+    return f"seed-{seed}"
+
+
 def parse_seeds(text: str) -> tuple[int, ...]:
     """'0-4' -> (0, 1, 2, 3, 4), '0,2,5' -> (0, 2, 5); ranges and lists mix ('0-2,7')."""
     seeds: list[int] = []
@@ -592,7 +598,8 @@ def train_pack(
                         f"val_elbo {metrics['val_elbo']:.2f}  val_mse_255 {metrics['val_mse_255']:.1f}  "
                         f"{len(active) * metrics['images_per_second']:.0f} img/s for the pack of {len(active)}")
                 report = EpochReport(epoch + 1, metrics, m.config, m.model,
-                                     m.out_path / CHECKPOINT_NAME if m.out_path else None)
+                                     m.out_path / CHECKPOINT_NAME if m.out_path else None,
+                                     last=epoch + 1 == m.config.epochs or should_stop(m.config, m.history))
                 for callback in callbacks or []:
                     callback(report)
                 reports.append(report)

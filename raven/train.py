@@ -70,13 +70,15 @@ class TrainingDiverged(RuntimeError):
 
 @dataclass(frozen=True)
 class EpochReport:
-    """What a callback receives after each epoch (epoch counts from 1)."""
+    """What a callback receives after each epoch (epoch counts from 1); `last`: no epoch follows
+    (config.epochs reached, or patience ran out)."""
 
     epoch: int
     metrics: dict[str, float]
     config: TrainConfig
     model: RavenModel
     checkpoint_path: Path | None
+    last: bool = False
 
 
 class Callback(Protocol):
@@ -501,7 +503,8 @@ def train(
                 log(f"epoch {epoch + 1}/{config.epochs}  loss {metrics['train_loss']:.2f}  "
                     f"val_elbo {metrics['val_elbo']:.2f}  val_mse_255 {metrics['val_mse_255']:.1f}  "
                     f"{metrics['images_per_second']:.0f} img/s")
-            report = EpochReport(epoch + 1, metrics, config, model, checkpoint_path)
+            report = EpochReport(epoch + 1, metrics, config, model, checkpoint_path,
+                                 last=epoch + 1 == config.epochs or should_stop(config, history))
             for callback in callbacks or []:
                 callback(report)
     finally:
