@@ -3,6 +3,7 @@
     python -m raven.bench train [--steps N] [--device D] [--data-dir DIR]
     python -m raven.bench attack [--images N] [--steps 50] [--batch-size B] [--device D] [--checkpoint DIR]
                                  [--no-strong]
+    python -m raven.bench pack [--ks 1,5,25] [--steps N] [--method M] [--device D] [--no-estimate] [size flags]
 
 `train`: training images per second of this package's loop (in-memory tensors, one
 slice per batch) for the plain VAE and for paired RAVEN (two images per training
@@ -15,12 +16,18 @@ written out below (batches of 100, one autograd.grad per step, last iterate). Th
 strong protocol (raven.protocols, its default settings, probe fitted on 10,000 training
 images): images per second at delta 0.1, and the seconds of the whole protocol over the
 paper's delta grid with and without its checks (`--no-strong` skips both).
+
+`pack`: training pairs (images for vae and se) per second of K seeds trained as one pack
+(raven.pack) against the same K seeds trained one after another by the solo loop's step,
+same data, same number of steps, for each K; then the estimated device time of the full
+reproduction, built from measured pieces (see estimate_reproduction).
 """
 
 from __future__ import annotations
 
 import argparse
 import gzip
+import math
 import shutil
 import statistics
 import sys
@@ -31,9 +38,22 @@ from typing import Callable, Iterator
 
 import torch
 
-from raven.config import TrainConfig
-from raven.data import default_data_dir, load_splits
-from raven.train import build_model, method_loss, resolve_device
+from raven.attacks import attack
+from raven.config import METHODS, TrainConfig
+from raven.data import DataSplits, default_data_dir, load_splits
+from raven.evaluate import PAPER_DELTAS, encode_mean, train_linear_probe, tsne_embedding
+from raven.fid import InceptionFeatures, fid_available, frechet_distance
+from raven.pack import PackedTrainer, graphs_wanted
+from raven.reproduce_grid import TEST_IMAGES, TRAIN_SPLIT_IMAGES, Budget
+from raven.train import (
+    build_model,
+    method_loss,
+    resolve_device,
+    train_step,
+    training_noisy_copy,
+    validation_metrics,
+    write_checkpoint,
+)
 
 
 def _sync(device: torch.device) -> None:
@@ -217,6 +237,176 @@ def bench_attack(args: argparse.Namespace) -> list[tuple[str, float]]:
     return rows
 
 
+def _seconds(run: Callable[[], object], device: torch.device) -> float:
+    _sync(device)
+    started = time.perf_counter()
+    run()
+    _sync(device)
+    return time.perf_counter() - started
+
+
+def _pack_step_seconds(configs: list[TrainConfig], train_x: torch.Tensor, steps: int, warmup: int,
+                       graphs: bool) -> float:
+    """Seconds per step of the pack of `configs` (full batches), after `warmup` untimed steps."""
+    device = train_x.device
+    copies = [training_noisy_copy(c, train_x) for c in configs]
+    trainer = PackedTrainer(configs, train_x, [build_model(c).to(device) for c in configs],
+                            [torch.Generator(device=device).manual_seed(c.seed) for c in configs],
+                            [None] * len(configs), None if copies[0] is None else copies, cuda_graphs=graphs)
+    batch = configs[0].batch_size
+    per_epoch = len(train_x) // batch
+    order = trainer.epoch_order()
+
+    def run(first: int, count: int) -> None:
+        for i in range(first, first + count):
+            trainer.step(order[:, (i % per_epoch) * batch:(i % per_epoch + 1) * batch])
+
+    run(0, warmup)
+    return _seconds(lambda: run(warmup, steps), device) / steps
+
+
+def _solo_step_seconds(configs: list[TrainConfig], train_x: torch.Tensor, steps: int, warmup: int) -> float:
+    """Seconds per step of all `configs` trained one after another by the solo loop's step."""
+    device = train_x.device
+    total = 0.0
+    for config in configs:
+        model = build_model(config).to(device)
+        optimizer = torch.optim.RAdam(model.parameters(), lr=config.lr)
+        generator = torch.Generator(device=device).manual_seed(config.seed)
+        order = torch.randperm(len(train_x), generator=generator, device=device)
+        per_epoch = len(train_x) // config.batch_size
+        copy = training_noisy_copy(config, train_x)
+        sums: dict[str, torch.Tensor] = {}
+
+        def run(first: int, count: int) -> None:
+            for i in range(first, first + count):
+                index = order[(i % per_epoch) * config.batch_size:(i % per_epoch + 1) * config.batch_size]
+                terms = train_step(model, optimizer, config, train_x[index], generator,
+                                   None if copy is None else copy[index])
+                with torch.no_grad():  # the solo loop's per-step bookkeeping, on the device
+                    for name, value in terms.items():
+                        sums[name] = sums.get(name, 0.0) + value.detach()
+
+        run(0, warmup)
+        total += _seconds(lambda: run(warmup, steps), device)
+    return total / steps
+
+
+def bench_pack(args: argparse.Namespace) -> list[tuple[str, float]]:
+    device = resolve_device(args.device)
+    if device.type == "cpu":
+        torch.set_flush_denormal(True)
+    graphs = graphs_wanted(device, False if args.no_graphs else None)
+    splits = load_splits("mnist", args.data_dir, device)
+    base = TrainConfig(method=args.method, batch_size=args.batch_size)
+    unit = "pairs/s" if base.paired else "images/s"
+    rows = []
+    for k in args.ks:
+        configs = [base.replace(seed=seed) for seed in range(k)]
+        solo = k * args.batch_size / _solo_step_seconds(configs, splits.train_x, args.steps, args.warmup)
+        packed = k * args.batch_size / _pack_step_seconds(configs, splits.train_x, args.steps, args.warmup, graphs)
+        rows.append((k, solo, packed))
+    one = rows[0][1] if rows[0][0] == 1 else None
+    print(f"\nPacked training throughput on {device} ({torch.get_num_threads()} threads, {args.method}, batch "
+          f"{args.batch_size}, {args.steps} timed steps after {args.warmup}, CUDA graphs {'on' if graphs else 'off'}, "
+          f"torch {torch.__version__})")
+    print(f"{'K':>4}  {'K solo ' + unit:>17}  {'pack of K ' + unit:>20}  {'pack/solo':>9}"
+          + (f"  {'pack/one model':>14}" if one else ""))
+    for k, solo, packed in rows:
+        print(f"{k:>4}  {solo:>17,.0f}  {packed:>20,.0f}  {packed / solo:>8.2f}x"
+              + (f"  {packed / one:>13.2f}x" if one else ""))
+    if args.estimate:
+        estimate_reproduction(args, device, graphs, splits)
+    return [(f"K={k} packed", packed) for k, _, packed in rows]
+
+
+def estimate_reproduction(args: argparse.Namespace, device: torch.device, graphs: bool, splits: DataSplits) -> float:
+    """Device time of sweeps/reproduce.py at the full budget, from measured pieces; returns seconds.
+
+    Training: each (dataset, method) is one pack of `seeds` members, `epochs` epochs (an
+    upper bound: early stopping usually ends sooner) of ceil(55,000 / batch) steps, each
+    epoch also validating every member (val_loss, val_elbo, val_mse_255 on 5,000 images)
+    and writing its checkpoint. Fashion-MNIST has MNIST's shapes, so MNIST timings stand
+    for both. Evaluation, per model (raven.evaluate at the full budget): the linear probe
+    (encoder means of 55,000 images, L-BFGS), 50-step PGD with KL and W2 on 10,000 test
+    images at every nonzero delta, FID (Inception features of the test images and their
+    reconstructions, then the Frechet distance on the CPU) and the t-SNE (CPU, sklearn).
+    """
+    budget = Budget()
+    steps_per_epoch = math.ceil(TRAIN_SPLIT_IMAGES / args.batch_size)
+    val_x = splits.val_x[:args.val_images]
+    print(f"\nEstimated device time of the full reproduction on {device}: {len(budget.datasets)} datasets x "
+          f"{len(budget.methods)} methods x {budget.seeds} seeds, each (dataset, method) one pack of {budget.seeds}, "
+          f"at most {budget.epochs} epochs of {steps_per_epoch} steps")
+    print(f"{'training, per pack of ' + str(budget.seeds):<34} {'s/step':>8} {'s/epoch':>8} {'val s':>7} "
+          f"{'ckpt s':>7} {'total min':>10}")
+    training = 0.0
+    with tempfile.TemporaryDirectory() as tmp:
+        for method in budget.methods:
+            base = TrainConfig(method=method, batch_size=args.batch_size)
+            configs = [base.replace(seed=seed) for seed in range(budget.seeds)]
+            step = _pack_step_seconds(configs, splits.train_x, args.estimate_steps, args.warmup, graphs)
+            model = build_model(base).to(device)
+            validation = (_seconds(lambda: validation_metrics(model, base, val_x), device)
+                          * len(splits.val_x) / len(val_x))
+            optimizer = torch.optim.RAdam(model.parameters(), lr=base.lr)
+            generator = torch.Generator(device=device).manual_seed(0)
+            train_step(model, optimizer, base, splits.train_x[:args.batch_size], generator)  # optimizer state to save
+            history = [{"val_elbo": 0.0}]
+            checkpoint = _seconds(lambda: write_checkpoint(Path(tmp), base, model.state_dict(), optimizer.state_dict(),
+                                                           generator, history, device, TRAIN_SPLIT_IMAGES), device)
+            per_epoch = step * steps_per_epoch + budget.seeds * (validation + checkpoint)
+            method_total = len(budget.datasets) * budget.epochs * per_epoch
+            training += method_total
+            print(f"{method:<34} {step:>8.4f} {step * steps_per_epoch:>8.2f} {validation:>7.3f} {checkpoint:>7.3f} "
+                  f"{method_total / 60:>10.1f}")
+
+    model = build_model(TrainConfig(method="vae")).to(device).eval()
+    probe_x, probe_y = splits.train_x[:args.probe_images], splits.train_y[:args.probe_images]
+    probe = _seconds(lambda: train_linear_probe(encode_mean(model, probe_x), probe_y), device) \
+        * TRAIN_SPLIT_IMAGES / len(probe_x)
+    x = splits.test_x[:args.eval_images]
+    nonzero = [d for d in PAPER_DELTAS if d > 0]
+    attacks = {kind: _seconds(lambda kind=kind: attack(model, x, 0.1, kind, steps=budget.steps, batch_size=1000,
+                                                       generator=torch.Generator(device=device).manual_seed(0)),
+                              device) * len(nonzero) * TEST_IMAGES / len(x) for kind in ("kl", "w2")}
+    fid_s, fd_s, fid_note = 0.0, 0.0, ""
+    ok, reason = fid_available()
+    if ok and args.fid_images > 0:
+        extractor = InceptionFeatures(device)
+        images = splits.test_x[:args.fid_images]
+        extractor(images[:2])  # load and warm the network
+        fid_s = _seconds(lambda: extractor(images), device) * 2 * TEST_IMAGES / len(images)
+        features = torch.randn(2, args.fd_rows, 2048, generator=torch.Generator().manual_seed(0)).double().numpy()
+        fd_s = _seconds(lambda: frechet_distance(features[0], features[1]), torch.device("cpu"))
+    else:
+        fid_note = f" (FID not measured: {reason or '--fid-images 0'})"
+    mu = encode_mean(model, splits.test_x[:args.tsne_points])
+    tsne = _seconds(lambda: tsne_embedding(mu, mu + 0.01, 0), torch.device("cpu"))
+    per_model = probe + sum(attacks.values()) + fid_s + fd_s + tsne
+    models = len(budget.datasets) * len(budget.methods) * budget.seeds
+    evaluation = models * per_model
+    print(f"evaluation, per model: probe {probe:.1f} s, PGD kl {attacks['kl']:.1f} s and w2 {attacks['w2']:.1f} s "
+          f"({len(nonzero)} deltas x {TEST_IMAGES:,} images x {budget.steps} steps), FID Inception {fid_s:.1f} s "
+          f"({2 * TEST_IMAGES:,} images) + Frechet {fd_s:.1f} s (CPU), t-SNE {tsne:.1f} s (CPU, "
+          f"{2 * args.tsne_points} points){fid_note}; {models} models: {evaluation / 60:.1f} min")
+    total = training + evaluation
+    print(f"total: {training / 60:.1f} min training (an upper bound: every pack runs all {budget.epochs} epochs) + "
+          f"{evaluation / 60:.1f} min evaluation = {total / 60:.1f} min, one model or pack at a time; the CPU parts "
+          f"(Frechet, t-SNE: {models * (fd_s + tsne) / 60:.1f} min) can overlap the device work")
+    return total
+
+
+def _pack_sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(k) for k in text.split(",")]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated pack sizes >= 1, got {text!r}")
+    return sizes
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m raven.bench", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="bench", required=True)
@@ -241,6 +431,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--data-dir", default=None)
     p.set_defaults(run=bench_attack)
+    p = sub.add_parser("pack", help="pairs/s of K seeds trained as one pack against K solo runs, "
+                                    "and the estimated device time of the full reproduction")
+    p.add_argument("--ks", type=_pack_sizes, default=[1, 5, 25], help="pack sizes (default 1,5,25)")
+    p.add_argument("--steps", type=int, default=100, help="timed steps per member (default 100)")
+    p.add_argument("--warmup", type=int, default=10, help="untimed steps first, CUDA graph capture included")
+    p.add_argument("--method", default="raven", choices=METHODS)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--no-graphs", action="store_true", help="eager steps on CUDA (no CUDA graphs)")
+    p.add_argument("--no-estimate", dest="estimate", action="store_false", help="skip the reproduction estimate")
+    p.add_argument("--estimate-steps", type=int, default=50, help="timed pack steps per method for the estimate")
+    p.add_argument("--val-images", type=int, default=5000, help="validation images timed (scaled to 5,000)")
+    p.add_argument("--probe-images", type=int, default=55000, help="probe images timed (scaled to 55,000)")
+    p.add_argument("--eval-images", type=int, default=2000, help="test images attacked (scaled to 10,000)")
+    p.add_argument("--fid-images", type=int, default=1000, help="images through Inception (scaled; 0 skips FID)")
+    p.add_argument("--fd-rows", type=int, default=10000, help="feature rows of the timed Frechet distance")
+    p.add_argument("--tsne-points", type=int, default=1000, help="clean test encodings in the timed t-SNE")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--data-dir", default=None)
+    p.set_defaults(run=bench_pack)
     return parser
 
 

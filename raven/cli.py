@@ -52,6 +52,9 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-grad-clip", action="store_true",
                    help="do not cap the global gradient norm at 100 (the paper has no cap)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", default=None, metavar="SEEDS",
+                   help="train these seeds as one packed model (0-4 or 0,2,5) into OUT/seed-N "
+                        "(default OUT runs/METHOD-DATASET); replaces --seed")
     p.add_argument("--limit", type=int, default=None, help="train on the first N training images")
     p.add_argument("--data-dir", default=None, help="data root (default: $RAVEN_DATA_DIR, else ~/.cache/raven/data)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
@@ -70,6 +73,8 @@ def run_train(args: argparse.Namespace) -> int:
         **({"grad_clip_norm": None} if args.no_grad_clip else {}),
     )
     device = resolve_device(args.device)
+    if args.seeds is not None:
+        return _run_train_seeds(args, config, device)
     out = args.out or Path("runs") / f"{config.method}-{config.dataset}-s{config.seed}"
     print(f"raven train: {config.method} on {config.dataset}, {config.epochs} epochs, device {device}, out {out}",
           file=sys.stderr)
@@ -80,6 +85,28 @@ def run_train(args: argparse.Namespace) -> int:
     print(f"done in {time.perf_counter() - started:.1f}s: val_elbo {final['val_elbo']:.2f} nats, "
           f"val_mse_255 {final['val_mse_255']:.1f}; wrote {out / 'checkpoint.pt'} and {out / 'metrics.json'}")
     return 0
+
+
+def _run_train_seeds(args: argparse.Namespace, config: TrainConfig, device: object) -> int:
+    from raven.pack import member_dirname, parse_seeds, train_pack
+
+    seeds = parse_seeds(args.seeds)
+    out = args.out or Path("runs") / f"{config.method}-{config.dataset}"
+    dirs = [out / member_dirname(seed) for seed in seeds]
+    print(f"raven train: {config.method} on {config.dataset}, seeds {args.seeds} as one pack, {config.epochs} "
+          f"epochs, device {device}, out {out}/seed-N", file=sys.stderr)
+    started = time.perf_counter()
+    results = train_pack([config.replace(seed=seed) for seed in seeds], device=device, out_dirs=dirs,
+                         resume=not args.fresh, data_dir=args.data_dir, log=lambda line: print(line, file=sys.stderr))
+    for folder, result in zip(dirs, results):
+        if result.diverged:
+            print(f"{folder}: training diverged: {result.diverged}", file=sys.stderr)
+        else:
+            print(f"{folder}: val_elbo {result.final_metrics['val_elbo']:.2f} nats, "
+                  f"val_mse_255 {result.final_metrics['val_mse_255']:.1f}")
+    print(f"done in {time.perf_counter() - started:.1f}s: wrote checkpoint.pt and metrics.json in each of "
+          f"{len(dirs)} folders under {out}")
+    return 1 if any(result.diverged for result in results) else 0
 
 
 def _csv_words(text: str) -> list[str]:

@@ -182,14 +182,17 @@ def load_splits(
     )
 
 
-def noisy_copy(x: torch.Tensor, noise_std: float, generator: torch.Generator | None = None) -> torch.Tensor:
+def noisy_copy(x: torch.Tensor, noise_std: float, generator: torch.Generator | None = None,
+               eps: torch.Tensor | None = None) -> torch.Tensor:
     """The noisy partner as the paper writes it, x = x~ + eps, eps ~ N(0, noise_std^2 I), unclipped.
 
     Sections 1 and 4.2 (and Appendix C.1) add Gaussian noise and say nothing of a clip, so this
     is what the encoder sees, in training and in Table 1. Only a Bernoulli reconstruction
-    target must lie in [0, 1]: see `bernoulli_target`.
+    target must lie in [0, 1]: see `bernoulli_target`. `eps` passes the standard normal draw
+    (shaped like x) instead of drawing it from `generator` (raven.pack draws it per member).
     """
-    eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    if eps is None:
+        eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
     return x + noise_std * eps
 
 

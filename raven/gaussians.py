@@ -52,7 +52,8 @@ def entropic_coupling_correlation(sigma_a: torch.Tensor, sigma_b: torch.Tensor, 
 
 
 def diag_gaussian_entropic_w2(
-    mu_a: torch.Tensor, logvar_a: torch.Tensor, mu_b: torch.Tensor, logvar_b: torch.Tensor, gamma: float
+    mu_a: torch.Tensor, logvar_a: torch.Tensor, mu_b: torch.Tensor, logvar_b: torch.Tensor,
+    gamma: float | torch.Tensor,
 ) -> torch.Tensor:
     """Entropy-regularised 2-Wasserstein divergence WD_{2,gamma} between diagonal Gaussians, in nats.
 
@@ -78,7 +79,10 @@ def diag_gaussian_entropic_w2(
     WD_j = (gamma/2) W2_j^2 + 1/2 log(gamma sigma_a sigma_b) + 1/2 + O(1/k), so the Smooth
     Encoder's coupling tends to (gamma/2) W2^2 plus a log term that keeps sigma away from 0.
     (s - 1)/2 is evaluated as 2k^2 / (1 + s), which does not cancel for small k.
+    A tensor gamma broadcasts against the result (one value per row), (K, 1) for a pack's members.
     """
+    if isinstance(gamma, torch.Tensor):
+        gamma = gamma.unsqueeze(-1)  # against the per-dimension terms
     sigma_a = (0.5 * logvar_a).exp()
     sigma_b = (0.5 * logvar_b).exp()
     k = gamma * sigma_a * sigma_b
@@ -97,7 +101,13 @@ def diag_gaussian_entropy(logvar: torch.Tensor) -> torch.Tensor:
     return 0.5 * (1.0 + LOG_2PI + logvar).sum(dim=-1)
 
 
-def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """z = mu + sigma * eps with eps drawn from `generator` so that runs replay exactly."""
-    eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None = None,
+                   eps: torch.Tensor | None = None) -> torch.Tensor:
+    """z = mu + sigma * eps with eps drawn from `generator` so that runs replay exactly.
+
+    `eps` passes a standard normal draw shaped like mu instead (a caller that draws its
+    randomness up front, such as a pack of models with one generator per member).
+    """
+    if eps is None:
+        eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
     return mu + (0.5 * logvar).exp() * eps

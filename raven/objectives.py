@@ -2,7 +2,10 @@ r"""Training objectives: one pure function of encoder/decoder outputs per method
 
 Every objective returns a dict of batch means, each a scalar tensor: "loss" (minimised)
 plus its named terms. All terms are in nats per image or per pair; the KL/prior part of
-each carries a weight beta (beta = 1 is the bound of the paper).
+each carries a weight beta (beta = 1 is the bound of the paper). Inputs may carry a
+leading dimension before the batch: raven.pack passes (K, batch, d) for K models trained
+as one, with per-member settings shaped to broadcast, and every mean is then over the
+batch alone, one value per member.
 
 Closed forms, derived here (not copied from the paper; each is checked against Monte
 Carlo and an exact 2d-dimensional Gaussian KL in tests/test_objectives.py):
@@ -42,9 +45,12 @@ Terms = dict[str, torch.Tensor]
 
 
 def aug_variance(sigma_aug: float | torch.Tensor | tuple[float, ...], like: torch.Tensor) -> torch.Tensor:
-    """Sigma_aug's diagonal s^2 as a (d,) tensor on `like`'s device and dtype."""
+    """Sigma_aug's diagonal s^2 as a (d,) tensor on `like`'s device and dtype.
+
+    A tensor sigma of shape (..., 1) or (..., d) (one sigma per pack member) gives (..., d).
+    """
     sigma = torch.as_tensor(sigma_aug, dtype=like.dtype, device=like.device)
-    return sigma.pow(2).expand(like.shape[-1])
+    return sigma.pow(2).expand(*sigma.shape[:-1], like.shape[-1])
 
 
 def bernoulli_nll(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -80,17 +86,17 @@ def mixture_component_log_prob(
     extra_var: torch.Tensor | float = 0.0,
 ) -> torch.Tensor:
     """log pi_c + log N(z; mu_c, diag(sigma_c^2 + extra_var)) for every component, shape (batch, C)."""
-    var = prior_logvars.exp() + extra_var                       # (C, d)
-    diff = z.unsqueeze(1) - prior_means.unsqueeze(0)            # (batch, C, d)
+    var = (prior_logvars.exp() + extra_var).unsqueeze(-3)       # (1, C, d)
+    diff = z.unsqueeze(-2) - prior_means.unsqueeze(-3)           # (batch, C, d)
     log_normal = -0.5 * (LOG_2PI + var.log() + diff.pow(2) / var).sum(dim=-1)
-    return torch.log_softmax(prior_logits, dim=0) + log_normal
+    return torch.log_softmax(prior_logits, dim=-1).unsqueeze(-2) + log_normal
 
 
 def vae_loss(x: torch.Tensor, logits: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, beta: float = 1.0) -> Terms:
     """Negative standard bound, Eq. (2): -E_q[log p(x|z)] + beta KL[q(z|x) || N(0, I)]."""
     recon = bernoulli_nll(logits, x)
     kl = standard_normal_kl(mu, logvar)
-    return {"loss": (recon + beta * kl).mean(), "recon": recon.mean(), "kl": kl.mean()}
+    return {"loss": (recon + beta * kl).mean(dim=-1), "recon": recon.mean(dim=-1), "kl": kl.mean(dim=-1)}
 
 
 def vae_noise_loss(
@@ -129,7 +135,7 @@ def raven_loss(
     """
     recon = bernoulli_nll(logits, x) + bernoulli_nll(logits_pair, x_pair)
     kl = raven_kl(mu, logvar, mu_pair, logvar_pair, sigma_aug)
-    return {"loss": (recon + beta * kl).mean(), "recon": recon.mean(), "kl": kl.mean()}
+    return {"loss": (recon + beta * kl).mean(dim=-1), "recon": recon.mean(dim=-1), "kl": kl.mean(dim=-1)}
 
 
 def raven_gmm_kl(
@@ -152,7 +158,7 @@ def raven_gmm_kl(
     d = mu.shape[-1]
     var_aug = aug_variance(sigma_aug, mu)
     diff_term = -0.25 * (((logvar.exp() + logvar_pair.exp()) + (mu - mu_pair).pow(2)) / var_aug).sum(dim=-1) \
-        - 0.5 * (var_aug.log().sum() + d * math.log(4.0 * math.pi))
+        - 0.5 * (var_aug.log().sum(dim=-1) + d * math.log(4.0 * math.pi))
     mixture_term = torch.logsumexp(
         mixture_component_log_prob(0.5 * (z + z_pair), prior_logits, prior_means, prior_logvars, 0.5 * var_aug),
         dim=-1,
@@ -173,11 +179,12 @@ def raven_gmm_loss(
     """Negative RAVEN bound with the trainable mixture prior, Theorem 2 (Appendix B)."""
     recon = bernoulli_nll(logits, x) + bernoulli_nll(logits_pair, x_pair)
     kl = raven_gmm_kl(mu, logvar, mu_pair, logvar_pair, z, z_pair, prior_logits, prior_means, prior_logvars, sigma_aug)
-    return {"loss": (recon + beta * kl).mean(), "recon": recon.mean(), "kl": kl.mean()}
+    return {"loss": (recon + beta * kl).mean(dim=-1), "recon": recon.mean(dim=-1), "kl": kl.mean(dim=-1)}
 
 
 def smooth_encoder_kl(
-    mu_a: torch.Tensor, logvar_a: torch.Tensor, mu_b: torch.Tensor, logvar_b: torch.Tensor, eta: float,
+    mu_a: torch.Tensor, logvar_a: torch.Tensor, mu_b: torch.Tensor, logvar_b: torch.Tensor,
+    eta: float | torch.Tensor,
 ) -> torch.Tensor:
     """min over couplings pi of KL[pi(z_a, z_b) || p_eta(z_a, z_b)] per pair, shape (batch,), in nats.
 
@@ -192,16 +199,18 @@ def smooth_encoder_kl(
     with the entropies -H(q_a) - H(q_b) (up to a constant); the best coupling turns the middle
     terms into WD_{2,eta}(q_a, q_b) (raven.gaussians.diag_gaussian_entropic_w2). The constant
     makes the value a KL (>= 0); it changes no gradient. eta = 0 leaves two independent VAE KLs.
+    A tensor eta broadcasts against the result, (K, 1) for a pack's members.
     """
     d = mu_a.shape[-1]
+    log_z = torch.log1p(2.0 * eta) if isinstance(eta, torch.Tensor) else math.log1p(2.0 * eta)
     return (standard_normal_kl(mu_a, logvar_a) + standard_normal_kl(mu_b, logvar_b)
-            + diag_gaussian_entropic_w2(mu_a, logvar_a, mu_b, logvar_b, eta) - 0.5 * d * math.log1p(2.0 * eta))
+            + diag_gaussian_entropic_w2(mu_a, logvar_a, mu_b, logvar_b, eta) - 0.5 * d * log_z)
 
 
 def smooth_encoder_loss(
     x: torch.Tensor, logits: torch.Tensor,
     mu: torch.Tensor, logvar: torch.Tensor, mu_partner: torch.Tensor, logvar_partner: torch.Tensor,
-    eta: float, beta: float = 1.0,
+    eta: float | torch.Tensor, beta: float | torch.Tensor = 1.0,
 ) -> Terms:
     """Smooth Encoder (Cemgil et al., ICLR 2020, Algorithm 1), per pair (x_a, x_b):
 
@@ -228,4 +237,5 @@ def smooth_encoder_loss(
     recon = bernoulli_nll(logits, x)
     wd = diag_gaussian_entropic_w2(mu, logvar, mu_partner, logvar_partner, eta)
     kl = smooth_encoder_kl(mu, logvar, mu_partner, logvar_partner, eta)
-    return {"loss": (recon + beta * kl).mean(), "recon": recon.mean(), "kl": kl.mean(), "entropic_w2": wd.mean()}
+    return {"loss": (recon + beta * kl).mean(dim=-1), "recon": recon.mean(dim=-1), "kl": kl.mean(dim=-1),
+            "entropic_w2": wd.mean(dim=-1)}

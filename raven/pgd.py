@@ -22,6 +22,7 @@ def pgd_linf(
     keep_best: bool = True,
     on_iterate: Callable[[torch.Tensor], None] | None = None,
     start: torch.Tensor | None = None,
+    start_noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Maximise objective(x_adv) per row subject to ||x_adv - x||_inf <= epsilon, 0 <= x_adv <= 1.
 
@@ -30,6 +31,8 @@ def pgd_linf(
     between q(.|x) and q(.|x + e) have zero value and zero gradient at e = 0, so a start
     there never moves. keep_best returns, per row, the best iterate seen (including the
     final one) rather than the last, which can only make the attack stronger.
+    start_noise passes the random start's U(0, 1) draw (shaped like x) instead of drawing it
+    from `generator`. Rows may carry leading dimensions when keep_best is False.
     Gradients are taken with respect to the input alone; the result is detached.
 
     on_iterate, when given, is called under no_grad with every iterate (the start, and the
@@ -46,7 +49,8 @@ def pgd_linf(
     if start is not None:
         x_adv = start.detach().clone()
     elif random_start:
-        noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        noise = start_noise if start_noise is not None else torch.rand(
+            x.shape, generator=generator, device=x.device, dtype=x.dtype)
         x_adv = low + noise * (high - low)
     else:
         x_adv = x.clone()

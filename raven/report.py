@@ -480,7 +480,8 @@ def plot_figure1(repro: Reproduction, path: str | os.PathLike, data_dir: str | o
 
 @dataclass
 class Sweep:
-    """A sweep's parent run (raven.sweep) and its trial runs: one row per trial, the searched value and objective."""
+    """A sweep's parent run (raven.sweep) and its trial runs: one row per seed of each trial (a trial of
+    several seeds is one run holding `<metric>_seed<S>`), the searched value and objective."""
 
     param: str
     parent: pd.Series
@@ -520,12 +521,19 @@ def load_sweep(param: str = "sigma_aug", dataset: str | None = None, experiment:
     parent = parents.iloc[0]
     runs = mlflow.search_runs(experiment_names=[experiment], filter_string=(
         f"tags.mlflow.parentRunId = '{parent['run_id']}' and tags.`raven.role` = 'trial'"))
-    trials = pd.DataFrame({"run_id": runs.get("run_id", pd.Series(dtype=str)),
-                           "status": runs.get("status", pd.Series(dtype=str))})
-    for name, column in ((param, f"params.{param}"), ("seed", "params.seed"), (OBJECTIVE, f"metrics.{OBJECTIVE}"),
-                         ("val_elbo", "metrics.val_elbo"), ("val_mse_255", "metrics.val_mse_255")):
-        trials[name] = pd.to_numeric(runs[column], errors="coerce") if column in runs else np.nan
-    return Sweep(param, parent, trials.sort_values(param).reset_index(drop=True))
+    rows = []
+    for _, run in runs.iterrows():
+        seeds = str(run.get("params.seed", "")).split(",")  # "0" or, for a trial of several seeds, "0,1,2"
+        for seed in seeds:
+            row = {"run_id": run["run_id"], "status": run["status"], param: run.get(f"params.{param}"), "seed": seed}
+            for name in (OBJECTIVE, "val_elbo", "val_mse_255"):
+                row[name] = run.get(f"metrics.{name}" if len(seeds) == 1 else f"metrics.{name}_seed{seed}")
+            rows.append(row)
+    columns = ["run_id", "status", param, "seed", OBJECTIVE, "val_elbo", "val_mse_255"]
+    trials = pd.DataFrame(rows, columns=columns)
+    for name in columns[2:]:
+        trials[name] = pd.to_numeric(trials[name], errors="coerce")
+    return Sweep(param, parent, trials.sort_values([param, "seed"]).reset_index(drop=True))
 
 
 def plot_sweep(sweep: Sweep, path: str | os.PathLike | None = None) -> Figure:

@@ -2,9 +2,10 @@
 
 For each dataset, sigma_aug (RAVEN) and eta (Smooth Encoder) are the best values of the
 sweeps recorded in MLflow, or the paper's (Appendix C.2) with `paper_values` or when no
-sweep is found. Every (dataset, method, seed) is one Ray task that trains the model and
-runs the full evaluation (raven.evaluate) on the test set; the task returns its numbers and
-files, and the driver alone writes MLflow: one parent run per reproduction (tag
+sweep is found. Every (dataset, method) is one Ray task that trains its seeds as one pack
+(raven.reproduce_grid.run_pack, raven.pack) and runs the full evaluation (raven.evaluate) of
+each seed on the test set; the task returns every seed's numbers and files, and the driver
+alone writes MLflow: one parent run per reproduction (tag
 raven.role = "reproduction", the budget as params) and one child run per task (tags
 raven.dataset / raven.method / raven.seed, the training config as params, per-epoch
 metrics at step = epoch, the evaluation through raven.tracking.log_evaluation, the data it
@@ -37,7 +38,8 @@ from raven.data import DataError
 from raven.progress import bar, duration, say
 from raven.reproduce_grid import CHECKPOINT_ARTIFACTS, Budget, Cell, CellResult, Hyperparameters
 from raven.reproduce_grid import FULL_BUDGET, SMOKE_BUDGET  # noqa: F401  (the budgets are public here too)
-from raven.reproduce_grid import default_hyperparameters, eval_config, paper_hyperparameters, run_cell, train_config
+from raven.reproduce_grid import (default_hyperparameters, eval_config, group_cells, paper_hyperparameters, run_pack,
+                                  train_config)
 from raven.reproduce_offline import read_export
 from raven.selection import OBJECTIVE
 from raven.tracking import (BUDGET, BUDGET_TEXT, COMPLETE_TAG, DATASET, ERROR, FAILED_RUNS, HYPERPARAMETERS,
@@ -125,7 +127,7 @@ def log_cell(result: CellResult, budget: Budget, hp: Hyperparameters) -> str:
     with mlflow.start_run(run_name=cell.name, nested=True, tags=tags) as run:
         run_id = run.info.run_id
         tracking.log_params(client, run_id, {**result.config, "budget": budget.describe(), "device": result.device,
-                                             "node": result.node})
+                                             "node": result.node, "pack_size": result.pack_size})
         tracking.log_inputs(client, run_id, result.inputs)
         now = int(time.time() * 1000)  # per-epoch metrics at step = epoch
         client.log_batch(run_id, metrics=[Metric(key, float(value), now, int(row["epoch"]))
@@ -203,17 +205,21 @@ def _failure(exc: BaseException) -> str:
 def run_cells(cells: list[Cell], budget: Budget, hps: dict[str, Hyperparameters], address: str | None,
               cpus_per_task: float, gpus_per_task: float | None, data_dir: str | os.PathLike | None,
               out_root: Path, device: str, log: Callable[[str], None]) -> tuple[list[Cell], dict[Cell, str]]:
-    """One Ray task per cell; each result is logged as a child of the active MLflow run as it arrives."""
+    """One Ray task per (dataset, method): its cells' seeds as one pack; each cell is logged as a child of
+    the active MLflow run as its task's results arrive."""
     cluster = connect(address, log=log)
     try:
         gpus = cluster.gpus_per(gpus_per_task, TRIAL_GPU_SHARE)
         slots = cluster.slots(cpus_per_task, gpus)
         mlflow.set_tags({"raven.cpus_per_task": str(cpus_per_task), "raven.gpus_per_task": str(gpus)})
-        jobs = {cell: (cell, train_config(cell, budget, hps[cell.dataset]), eval_config(cell, budget),
-                       None if data_dir is None else str(data_dir), str(out_root / cell.name),
-                       max(1, int(cpus_per_task)), device) for cell in cells}
-        log(f"{len(cells)} Ray task{'s' if len(cells) != 1 else ''} submitted ({cpus_per_task:g} CPU, {gpus:g} GPU "
-            f"each, {slots} at a time); the time left is estimated from the first finished runs")
+        packs = group_cells(cells)
+        jobs = {key: (group, [train_config(c, budget, hps[c.dataset]) for c in group],
+                      [eval_config(c, budget) for c in group], None if data_dir is None else str(data_dir),
+                      [str(out_root / c.name) for c in group], max(1, int(cpus_per_task)), device)
+                for key, group in packs.items()}
+        log(f"{len(jobs)} Ray task{'s' if len(jobs) != 1 else ''} submitted, one per (dataset, method), its seeds "
+            f"trained as one pack: {len(cells)} run{'s' if len(cells) != 1 else ''} ({cpus_per_task:g} CPU and "
+            f"{gpus:g} GPU a task, {slots} at a time); the time left is estimated from the first finished tasks")
         finished, failed, walls = [], {}, []
         progress = bar(len(cells), "reproduction", "run")
 
@@ -223,25 +229,31 @@ def run_cells(cells: list[Cell], budget: Budget, hps: dict[str, Hyperparameters]
             else:
                 say(text, progress)
 
-        for cell, result, error in run_tasks(run_cell, jobs, cpus=cpus_per_task, gpus=gpus):
+        for key, results, error in run_tasks(run_pack, jobs, cpus=cpus_per_task, gpus=gpus):
+            group = packs[key]
             if error is not None:  # a crashed task is recorded and the rest go on
-                result = CellResult(cell, train_config(cell, budget, hps[cell.dataset]).to_dict(), error=_failure(error))
-            log_cell(result, budget, hps[cell.dataset])
-            walls.append(result.train_seconds + result.eval_seconds)
-            count = f"[{len(finished) + len(failed) + 1}/{len(cells)}] {cell.name}"
-            left = len(cells) - len(finished) - len(failed) - 1
-            eta = f"; ~{duration(left * sum(walls) / len(walls) / slots)} left" if left and sum(walls) else ""
-            progress.update(1)
-            progress.set_postfix_str(eta.removeprefix("; "))
-            if result.error:
-                failed[cell] = result.error
-                line(f"{count} FAILED: {result.error}{eta}")
-                continue
-            finished.append(cell)
-            ev = result.evaluation
-            line(f"{count}: {len(result.history)} epochs, clean accuracy {ev.clean_accuracy:.4f}, MSE {ev.mse:.1f}, "
-                 f"pair distance {ev.latent_pair_distance['mean']:.3g} ({result.train_seconds:.0f}s train, "
-                 f"{result.eval_seconds:.0f}s eval, {result.device}){eta}")
+                results = [CellResult(c, train_config(c, budget, hps[c.dataset]).to_dict(), pack_size=len(group),
+                                      error=_failure(error)) for c in group]
+            # A task's wall: its pack's training once, then every seed's evaluation.
+            walls.append(results[0].train_seconds + sum(r.eval_seconds for r in results))
+            tasks_left = len(jobs) - len(walls)
+            eta = f"; ~{duration(tasks_left * sum(walls) / len(walls) / slots)} left" \
+                if tasks_left and sum(walls) else ""
+            for result in results:
+                cell = result.cell
+                log_cell(result, budget, hps[cell.dataset])
+                count = f"[{len(finished) + len(failed) + 1}/{len(cells)}] {cell.name}"
+                progress.update(1)
+                progress.set_postfix_str(eta.removeprefix("; "))
+                if result.error:
+                    failed[cell] = result.error
+                    line(f"{count} FAILED: {result.error}{eta}")
+                    continue
+                finished.append(cell)
+                ev = result.evaluation
+                line(f"{count}: {len(result.history)} epochs, clean accuracy {ev.clean_accuracy:.4f}, MSE "
+                     f"{ev.mse:.1f}, pair distance {ev.latent_pair_distance['mean']:.3g} ({result.train_seconds:.0f}s "
+                     f"train for the pack of {len(group)}, {result.eval_seconds:.0f}s eval, {result.device}){eta}")
         progress.close()
         return finished, failed
     finally:

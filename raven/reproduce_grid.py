@@ -1,7 +1,13 @@
-"""The paper's grid of runs (Section 4): the budget, the (dataset, method, seed) cells, one cell's work.
+"""The paper's grid of runs (Section 4): the budget, the (dataset, method, seed) cells, one pack's work.
 
-Torch only (no Ray, no MLflow): a cell runs the same inside a Ray task (raven.reproduce) and in
+Torch only (no Ray, no MLflow): a pack runs the same inside a Ray task (raven.reproduce) and in
 a local process pool on a machine without either (raven.reproduce_offline).
+
+The seeds of a (dataset, method) are one pack (`group_cells`, `run_pack`): they differ only in
+their seed, so they train as one packed model (raven.pack.train_pack: each seed exactly its solo
+run, its own early stopping and NaN guard, its own checkpoint in its cell's folder, which
+`raven evaluate` and `raven.load_checkpoint` read), then each is evaluated on the test set.
+Each seed stays its own cell: its own result, MLflow child run and resume unit.
 
 "Until the model converges" (Section 4.1.2) is made concrete as at most `epochs` epochs with
 early stopping when the validation ELBO has not improved for `patience` epochs. A Budget below
@@ -23,8 +29,9 @@ import torch
 from raven.config import DATASETS, DEFAULT_ETA, METHODS, PAPER_ETA, PAPER_SIGMA_AUG, ConfigError, TrainConfig
 from raven.data import load_splits
 from raven.evaluate import EvalConfig, EvalResult, evaluate_model
+from raven.pack import train_pack
 from raven.provenance import dataset_inputs
-from raven.train import CHECKPOINT_NAME, METRICS_NAME, TrainingDiverged, resolve_device, train
+from raven.train import CHECKPOINT_NAME, METRICS_NAME, resolve_device
 
 PAPER_SEEDS = 5
 TRAIN_SPLIT_IMAGES = 55_000
@@ -135,7 +142,7 @@ SMOKE_BUDGET = Budget(epochs=2, patience=None, limit=5000, eval_limit=300, probe
 
 @dataclass(frozen=True)
 class Cell:
-    """One (dataset, method, seed) of the reproduction: one Ray task, one MLflow child run."""
+    """One (dataset, method, seed) of the reproduction: one MLflow child run, trained in its (dataset, method)'s pack."""
 
     dataset: str
     method: str
@@ -197,42 +204,58 @@ class CellResult:
     evaluation: EvalResult | None = None  # its artifact paths are local to the worker
     files: dict[str, bytes] = field(default_factory=dict)  # "checkpoint/checkpoint.pt" -> bytes
     inputs: list[dict[str, Any]] = field(default_factory=list)  # raven.tracking.dataset_inputs of the data read
-    train_seconds: float = 0.0
+    train_seconds: float = 0.0  # the pack's training, which all its pack_size seeds share
+    pack_size: int = 1
     eval_seconds: float = 0.0
     device: str = ""
     node: str = ""
     error: str | None = None
 
 
-def run_cell(cell: Cell, config: TrainConfig, evaluation: EvalConfig, data_dir: str | None, out_dir: str,
-             threads: int = 1, device: str = "auto") -> CellResult:
-    """Train `config` into out_dir (resuming a checkpoint there) and evaluate it on the test set.
+def group_cells(cells: list[Cell]) -> dict[tuple[str, str], list[Cell]]:
+    """{(dataset, method): its cells, seeds in order}: the packs of the reproduction, in the cells' order."""
+    packs: dict[tuple[str, str], list[Cell]] = {}
+    for cell in cells:
+        packs.setdefault((cell.dataset, cell.method), []).append(cell)
+    return {key: sorted(group, key=lambda c: c.seed) for key, group in packs.items()}
 
-    Runs inside a Ray worker (or a local process). A diverged run comes back with `error` set.
+
+def run_pack(cells: list[Cell], configs: list[TrainConfig], evaluations: list[EvalConfig], data_dir: str | None,
+             out_dirs: list[str], threads: int = 1, device: str = "auto") -> list[CellResult]:
+    """Train the cells of one (dataset, method) as one pack into their out_dirs (resuming checkpoints there),
+    then evaluate each seed on the test set; one CellResult per cell, in order.
+
+    Runs inside a Ray worker (or a local process). A seed that diverged comes back with `error` set;
+    the others are trained and evaluated as usual.
     """
     torch.set_num_threads(max(1, threads))
     device = resolve_device(device)
-    out = Path(out_dir)
-    result = CellResult(cell, config.to_dict(), device=str(device), node=platform.node())
-    # The whole training split: train() keeps the first config.limit images, the probe the
+    first = configs[0]
+    results = [CellResult(cell, config.to_dict(), device=str(device), node=platform.node(), pack_size=len(cells))
+               for cell, config in zip(cells, configs)]
+    # The whole training split: training keeps the first config.limit images, the probe the
     # first probe_limit (the paper's probe sees every training image).
-    splits = load_splits(config.dataset, data_dir, device, config.validation_size)
-    result.inputs = dataset_inputs(config.dataset, data_dir, {
-        "train": len(splits.train_x[:config.limit]), "validation": len(splits.val_x),
-        "test": len(splits.test_x[:evaluation.limit])}, config.validation_size)
+    splits = load_splits(first.dataset, data_dir, device, first.validation_size)
+    for result, evaluation in zip(results, evaluations):
+        result.inputs = dataset_inputs(first.dataset, data_dir, {
+            "train": len(splits.train_x[:first.limit]), "validation": len(splits.val_x),
+            "test": len(splits.test_x[:evaluation.limit])}, first.validation_size)
     started = time.perf_counter()
-    try:
-        trained = train(config, splits=splits, device=device, out_dir=out, progress=False)
-    except TrainingDiverged as exc:
-        result.error = f"training diverged: {exc}"
-        return result
-    result.history = trained.history
-    result.train_seconds = time.perf_counter() - started
-    started = time.perf_counter()
-    result.evaluation = evaluate_model(trained.model, splits, evaluation, out_dir=out / "evaluation", label=cell.name)
-    result.eval_seconds = time.perf_counter() - started
-    for path in result.evaluation.artifacts:
-        result.files[f"robustness/{Path(path).name}"] = Path(path).read_bytes()
-    for name in (CHECKPOINT_NAME, METRICS_NAME):
-        result.files[f"{CHECKPOINT_ARTIFACTS}/{name}"] = (out / name).read_bytes()
-    return result
+    trained = train_pack(configs, splits=splits, device=device, out_dirs=out_dirs, progress=False)
+    train_seconds = time.perf_counter() - started
+    for result, member, evaluation, out_dir in zip(results, trained, evaluations, out_dirs):
+        result.train_seconds = train_seconds
+        if member.diverged:
+            result.error = f"training diverged: {member.diverged}"
+            continue
+        out = Path(out_dir)
+        result.history = member.history
+        started = time.perf_counter()
+        result.evaluation = evaluate_model(member.model, splits, evaluation, out_dir=out / "evaluation",
+                                           label=result.cell.name)
+        result.eval_seconds = time.perf_counter() - started
+        for path in result.evaluation.artifacts:
+            result.files[f"robustness/{Path(path).name}"] = Path(path).read_bytes()
+        for name in (CHECKPOINT_NAME, METRICS_NAME):
+            result.files[f"{CHECKPOINT_ARTIFACTS}/{name}"] = (out / name).read_bytes()
+    return results

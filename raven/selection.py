@@ -12,7 +12,12 @@
 * `Objective`: a metric the trial reports at its last epoch and a direction, written
   `val_robust_accuracy:max`. A sweep has one (Optuna's TPE on that value) or several
   (multi-objective TPE, and the configurations on the Pareto front are the candidates).
-* `rank_configurations`: the trials grouped by searched value (seeds averaged), each flagged
+* `seed_statistics`: a trial trains the seeds of its configuration as one pack (raven.pack) and
+  reports, for every metric of the models, the mean over its seeds under the metric's own name
+  (what the searcher, ASHA and the ranking see; with several objectives, each one's mean), and
+  with more than one seed the std over seeds (`<metric>_std`) and each seed's value
+  (`<metric>_seed<S>`).
+* `rank_configurations`: the trials' seeds grouped by searched value, each configuration flagged
   Pareto-optimal or not, best first: the Pareto front ordered by the first objective, then the
   rest. With one objective that is simply best value first.
 """
@@ -22,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -39,6 +44,8 @@ PROTOCOL_OBJECTIVE = {"paper": OBJECTIVE, "strong": STRONG_OBJECTIVE}
 PROTOCOL_STEPS = {"paper": 10, "strong": StrongObjectiveSettings.steps}
 # Validation metrics of raven.train every epoch reports, besides the objective's own.
 TRAIN_METRICS = ("val_elbo", "val_loss", "val_mse_255")
+# Metrics of a model (one per seed of a trial), as opposed to the trial's own (epoch, timings).
+MODEL_METRIC_PREFIXES = ("train_", "val_")
 _NAME = re.compile(r"^[A-Za-z0-9_.]+$")
 
 
@@ -142,6 +149,30 @@ def validation_objective(model, splits: DataSplits, settings: ObjectiveSettings)
             values.append(float(acc))
     metrics[OBJECTIVE] = sum(values) / len(values)
     return metrics
+
+
+def seed_key(metric: str, seed: int) -> str:
+    """The name of one seed's value of `metric` in a trial of several seeds: val_elbo_seed3."""
+    return f"{metric}_seed{seed}"
+
+
+def seed_statistics(members: Mapping[int, Mapping[str, float]]) -> dict[str, float]:
+    """{metric: mean over seeds} for every model metric of `members` ({seed: metrics}), and with more
+    than one seed {metric}_std (the sample std, ddof 1, as the ranking's) and {metric}_seed<S>.
+
+    A metric counts the seeds that report it (a seed that diverged reports nothing more); its std
+    needs two of them.
+    """
+    names = dict.fromkeys(k for m in members.values() for k in m if k.startswith(MODEL_METRIC_PREFIXES))
+    out: dict[str, float] = {}
+    for name in names:
+        values = {seed: float(m[name]) for seed, m in members.items() if name in m}
+        out[name] = float(np.mean(list(values.values())))
+        if len(members) > 1:
+            if len(values) > 1:
+                out[f"{name}_std"] = float(np.std(list(values.values()), ddof=1))
+            out.update({seed_key(name, seed): value for seed, value in values.items()})
+    return out
 
 
 def pareto_mask(values: np.ndarray, modes: Sequence[str]) -> np.ndarray:

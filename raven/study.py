@@ -1,4 +1,4 @@
-"""A sweep's Optuna study: its database, the searcher that writes into it, repeats of a configuration.
+"""A sweep's Optuna study: its database and the searcher that writes into it.
 
 The study (named after the sweep) lives in an RDB storage, `spec.study_storage`: SQLite beside
 the sweep's Tune folder by default, PostgreSQL on a cluster, so `optuna-dashboard <storage>`
@@ -7,7 +7,9 @@ opens any sweep. Optuna's TPE (seeded) proposes configurations through Ray Tune'
 its Tune trial id (user attribute `tune_trial_id`); the study names its objectives and its MLflow
 record. `--resume` continues the same study: Tune restores the searcher, which writes into the
 same database; trials the database is ahead on are reconciled (`ObjectiveOptunaSearch`,
-`fail_lost_trials`). `--seeds N` repeats every configuration (`MeanRepeater`).
+`fail_lost_trials`). With `--seeds N` a trial trains its configuration's N seeds as one pack
+and reports their mean (raven.tune, raven.selection.seed_statistics): one Optuna trial per
+configuration, whose value is that mean.
 """
 
 from __future__ import annotations
@@ -15,9 +17,7 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-import numpy as np
 import optuna
-from ray.tune.search import Repeater
 from ray.tune.search.optuna import OptunaSearch
 
 from raven.sweep_spec import SweepError, SweepSpec
@@ -58,21 +58,6 @@ class ObjectiveOptunaSearch(OptunaSearch):
                                                                   optuna.trial.TrialState.FAIL,
                                                                   optuna.trial.TrialState.PRUNED))
         return trial.number in {t.number for t in ended}
-
-
-class MeanRepeater(Repeater):
-    """Repeater whose searcher sees the mean over the repeats of each objective (Ray's averages a single one)."""
-
-    def on_trial_complete(self, trial_id: str, result: dict | None = None, **kwargs) -> None:
-        metrics = self.searcher.metric if isinstance(self.searcher.metric, list) else [self.searcher.metric]
-        group = self._trial_id_to_group[trial_id]
-        group.report(trial_id, [float(result[m]) if result and m in result else np.nan for m in metrics])
-        if group.finished_reporting():
-            means = np.nanmean(np.array(group.scores(), dtype=float), axis=0)
-            result = {m: float(v) for m, v in zip(metrics, means)}
-            if isinstance(self.searcher.metric, str):
-                result = {self.searcher.metric: result[self.searcher.metric]}
-            self.searcher.on_trial_complete(group.primary_trial_id, result=result, **kwargs)
 
 
 def open_study(spec: SweepSpec, resume: bool) -> optuna.Study:

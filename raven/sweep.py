@@ -10,11 +10,12 @@ proposes them from a persistent study, MLflow records everything (raven.tracking
    and evaluation task reads it from there. The time it will take is estimated first
    (raven.sweep_clock); Tune runs the trials; the selection objective(s) are computed on the
    validation split only (raven.selection);
-3. rank: the trials grouped by searched value (seeds averaged), the Pareto front first;
+3. rank: the trials' seeds grouped by searched value (each trial trains its configuration's
+   `--seeds` seeds as one pack; seeds averaged), the Pareto front first;
 4. evaluate the best: the full robustness evaluation (`raven.evaluate.evaluate_model`: both
-   attacks, 50 steps, the paper's delta grid, the test set, FID, t-SNE) of the top
-   configuration(s), as Ray tasks on the cluster's GPUs when it has any; the results come back
-   to the driver, which writes every MLflow record;
+   attacks, 50 steps, the paper's delta grid, the test set, FID, t-SNE) of every seed of the
+   top configuration(s), as Ray tasks on the cluster's GPUs when it has any; the results come
+   back to the driver, which writes every MLflow record;
 5. close the record: trials.csv, the study's plots, the Pareto front, the evaluations on the
    parent run; the best evaluated model registered as raven-{dataset}-{method}.
 """
@@ -41,6 +42,7 @@ from raven.config import ConfigError
 from raven.data import DataError, DataSplits, load_splits
 from raven.evaluate import CURVES_PNG, EvalConfig, EvalResult, evaluate_model
 from raven.progress import bar, duration, say
+from raven.pack import member_dirname
 from raven.provenance import dataset_inputs
 from raven.selection import candidates, rank_configurations
 from raven.sweep_clock import SweepClock, calibrate, evaluation_estimate
@@ -86,8 +88,9 @@ def open_record(spec: SweepSpec, cluster: ClusterInfo, resume: bool, log: Log) -
             raise SweepError(f"the MLflow tracking store {spec.tracking_uri} stopped answering while the writes "
                              f"left by the interrupted driver were replayed; they are kept in "
                              f"{tracker.queue.path}: run --resume again once it is back")
+    seeds = f" (seeds {spec.seed_list[0]}-{spec.seed_list[-1]} of each trained as one pack)" if spec.seeds > 1 else ""
     log(f"{'continuing' if resume else 'starting'} sweep {spec.name}: {spec.method} on {spec.dataset}, "
-        f"{spec.param} {spec.space}, {spec.num_samples} samples x {spec.seeds} seed(s), {spec.epochs} epoch(s), "
+        f"{spec.param} {spec.space}, {spec.num_samples} trials{seeds}, {spec.epochs} epoch(s), "
         f"objectives {','.join(spec.objectives)}; Tune folder {spec.experiment_dir.resolve()}; "
         f"MLflow {spec.tracking_uri} experiment {spec.experiment!r} parent run {parent_id}"
         f"{'' if created else ' (existing)'}; Optuna study in {hide_password(spec.study_storage)}")
@@ -170,7 +173,7 @@ def search(spec: SweepSpec, record: Record, splits: DataSplits, splits_ref, clus
     # Writes the callback could not deliver during the sweep (the store was unreachable).
     record.tracker.queue.load_pending()
     record.tracker.queue.drain()
-    expected, finished = spec.num_samples * spec.seeds, finished_trials(spec)
+    expected, finished = spec.num_samples, finished_trials(spec)
     if finished < expected:
         log(f"interrupted with {finished} of {expected} trials finished; continue with: "
             f"python sweeps/{spec.kind}.py --resume --name {spec.name} --storage-path {spec.storage_path}")
@@ -219,11 +222,14 @@ def _evaluate_task(checkpoint_bytes: bytes, splits: DataSplits, evaluation: dict
 
 def _log_evaluation(spec: SweepSpec, record: Record, job: dict[str, Any], payload: dict[str, Any],
                     folder: Path, inputs: list[dict[str, Any]]) -> tuple[str, str, str | None]:
-    """The evaluation run of one trial: metrics, files, dataset inputs, the model; (run id, model uri, model id)."""
+    """The evaluation run of one seed of a trial: metrics, files, dataset inputs, the model; (run id, model uri,
+    model id)."""
     tracker = record.tracker
     result: EvalResult = payload["result"]
-    run_id = tracker.new_evaluation_run(job["trial_id"], f"eval {trial_label(spec, job['config'], job['trial_id'])}",
-                                        trial_params(spec, job["config"], job["trial_id"]))
+    seed = job["seed"]
+    run_id = tracker.new_evaluation_run(
+        job["trial_id"], f"eval {trial_label(spec, job['config'], job['trial_id'], seed)}",
+        trial_params(spec, job["config"], job["trial_id"], seed), seed=seed)
     tracking.log_evaluation(tracker.client, run_id, result)
     tracking.log_inputs(tracker.client, run_id, inputs)
     tracker.client.log_artifact(run_id, str(folder / CHECKPOINT_NAME), "checkpoint")
@@ -237,10 +243,10 @@ def _log_evaluation(spec: SweepSpec, record: Record, job: dict[str, Any], payloa
 
 def evaluate_best(spec: SweepSpec, record: Record, results, table, ranked, splits_ref, splits: DataSplits,
                   cluster: ClusterInfo, clock: SweepClock, data_dir: str | None, log: Log) -> list[dict[str, Any]]:
-    """Evaluate every trial of the candidate configurations (raven.selection.candidates) as Ray tasks.
+    """Evaluate every seed of the candidate configurations (raven.selection.candidates) as Ray tasks.
 
-    Trials with a FINISHED evaluation run are not evaluated again (their metrics are read back).
-    Returned in ranking order: the first is the best.
+    Seeds with a FINISHED evaluation run are not evaluated again (their metrics are read back);
+    a seed that diverged is not evaluated. Returned in ranking order, seeds in order: the first is the best.
     """
     values = candidates(ranked, spec.evaluate_top, spec.objective_list)
     if not values:
@@ -251,50 +257,53 @@ def evaluate_best(spec: SweepSpec, record: Record, results, table, ranked, split
     cpus = spec.eval_cpus if spec.eval_cpus is not None else spec.cpus_per_trial
     tracker = record.tracker
     done: list[dict[str, Any]] = []
-    jobs: dict[str, tuple] = {}
-    info: dict[str, dict[str, Any]] = {}
+    jobs: dict[tuple[str, int], tuple] = {}
+    info: dict[tuple[str, int], dict[str, Any]] = {}
     for _, row in chosen.iterrows():
-        trial_id = row["trial_id"]
-        item = {"trial_id": trial_id, "value": float(row[spec.param]), "seed": int(row["seed"])}
-        run_id, status = tracker.queue.retrying("reading the evaluation runs", lambda: tracker.evaluation_run(trial_id))
+        trial_id, seed = row["trial_id"], int(row["seed"])
+        item = {"trial_id": trial_id, "value": float(row[spec.param]), "seed": seed}
+        name = f"trial {trial_id}" + (f" seed {seed}" if spec.seeds > 1 else "")
+        run_id, status = tracker.queue.retrying("reading the evaluation runs",
+                                                lambda: tracker.evaluation_run(trial_id, seed))
         if status == "FINISHED":
             run = tracker.client.get_run(run_id)
             model_uri = run.data.tags.get(tracking.MODEL_URI, "")
             done.append({**item, "run_id": run_id, "metrics": run.data.metrics, "reused": True,
                          "model_uri": model_uri, "model_id": model_uri.removeprefix("models:/") or None})
-            log(f"evaluation of trial {trial_id} already in MLflow run {run_id}; not repeated")
+            log(f"evaluation of {name} already in MLflow run {run_id}; not repeated")
             continue
         result = by_id.get(trial_id)
         if result is None or result.checkpoint is None:
-            log(f"trial {trial_id} has no checkpoint; not evaluated")
+            log(f"{name} has no checkpoint; not evaluated")
             continue
         with result.checkpoint.as_directory() as folder:
-            checkpoint_bytes = (Path(folder) / CHECKPOINT_NAME).read_bytes()
-        label = f"{spec.method} {trial_label(spec, result.config, trial_id)}"
-        jobs[trial_id] = (checkpoint_bytes, splits_ref, spec.evaluation, label, max(1, int(cpus)))
-        info[trial_id] = {**item, "config": result.config, "checkpoint_bytes": checkpoint_bytes}
+            checkpoint_bytes = (Path(folder) / member_dirname(seed) / CHECKPOINT_NAME).read_bytes()
+        label = f"{spec.method} {trial_label(spec, result.config, trial_id, seed)}"
+        jobs[trial_id, seed] = (checkpoint_bytes, splits_ref, spec.evaluation, label, max(1, int(cpus)))
+        info[trial_id, seed] = {**item, "name": name, "config": result.config, "checkpoint_bytes": checkpoint_bytes}
     evaluation = spec.eval_config
-    # The evaluation scaled from the objective's cost as the trials measured it (raven.sweep_clock).
+    # The evaluation scaled from the objective's cost as the trials measured it (raven.sweep_clock),
+    # per model: a trial's objective_seconds covers all its seeds.
     measured = table["objective_seconds"].dropna()
-    objective_s = float(measured.mean()) if len(measured) else clock.rates.objective_s
+    objective_s = float(measured.mean()) / spec.seeds if len(measured) else clock.rates.objective_s / spec.seeds
     clock.rates = replace(clock.rates, evaluation_s=evaluation_estimate(spec, objective_s, gpus > 0))
     clock.evaluation_stage(len(jobs))
     inputs = dataset_inputs(spec.dataset, data_dir, {
         "train": len(splits.train_x[:evaluation.probe_limit]), "test": len(splits.test_x[:evaluation.limit])})
     progress = bar(len(jobs), "evaluation", "trial")
-    for trial_id in jobs:
-        say(f"raven sweep: evaluating trial {trial_id} ({jobs[trial_id][3]}) as a Ray task (cpus {cpus:g}, "
+    for key in jobs:
+        say(f"raven sweep: evaluating {info[key]['name']} ({jobs[key][3]}) as a Ray task (cpus {cpus:g}, "
             f"gpus {gpus:g}); {clock.text()}", progress)
 
     def tick() -> None:
         progress.set_postfix_str(clock.text())
 
     out_root = spec.experiment_dir.resolve() / "evaluations"
-    for trial_id, payload, error in run_tasks(_evaluate_task, jobs, cpus=cpus, gpus=gpus, tick=tick):
+    for key, payload, error in run_tasks(_evaluate_task, jobs, cpus=cpus, gpus=gpus, tick=tick):
         if error is not None:
             raise error
-        job = info[trial_id]
-        folder = out_root / trial_id
+        job = info[key]
+        folder = out_root / key[0] / member_dirname(key[1]) if spec.seeds > 1 else out_root / key[0]
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
         for name, data in payload["artifacts"].items():
@@ -304,14 +313,14 @@ def evaluate_best(spec: SweepSpec, record: Record, results, table, ranked, split
         result.artifacts = [folder / name for name in payload["artifacts"]]
         # A retry after a lost connection replaces the half-written evaluation run (new_evaluation_run).
         run_id, model_uri, model_id = tracker.queue.retrying(
-            f"logging the evaluation of trial {trial_id}",
+            f"logging the evaluation of {job['name']}",
             lambda: _log_evaluation(spec, record, job, payload, folder, inputs))
         done.append({**{k: job[k] for k in ("trial_id", "value", "seed")}, "run_id": run_id,
                      "metrics": result.metrics(), "result": result, "reused": False, "model_uri": model_uri,
                      "model_id": model_id})
         clock.evaluation_finished(payload["seconds"])
         progress.update(1)
-        say(f"raven sweep: evaluated trial {trial_id} on {payload['node']} ({payload['device']}) in "
+        say(f"raven sweep: evaluated {job['name']} on {payload['node']} ({payload['device']}) in "
             f"{payload['seconds']:.0f}s: clean {result.clean_accuracy:.4f}; MLflow run {run_id}"
             f"{'; ' + clock.text() if clock.evaluations_done < clock.evaluations else ''}", progress)
     progress.close()
@@ -345,9 +354,11 @@ def close_record(spec: SweepSpec, record: Record, table, ranked, evaluations: li
             name = tracking.registered_model_name(spec.dataset, spec.method)
             version = tracking.register_model(tracker.client, name, best["model_uri"], best["model_id"], best["run_id"],
                                               {tracking.SWEEP_NAME: spec.name, tracking.TRIAL_ID: best["trial_id"],
+                                               tracking.SEED: str(best["seed"]),
                                                tracking.EVALUATION_RUN_ID: best["run_id"]})
             tracker.set_tags(record.parent_id, {tracking.REGISTERED_MODEL: f"{name}/{version}"})
-            log(f"registered the best evaluated model (trial {best['trial_id']}) as {name} version {version}")
+            log(f"registered the best evaluated model (trial {best['trial_id']}, seed {best['seed']}) as {name} "
+                f"version {version}")
         tracker.finish(record.parent_id, "FINISHED")
 
     try:

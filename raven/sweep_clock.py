@@ -1,14 +1,16 @@
 """Time left in a sweep: a cost model of its budget, calibrated at the start, then measured.
 
-Search: every trial trains `epochs` epochs, computes the objective at its due epochs, and pays
-Ray's per-trial overhead; `slots` trials run at once. Evaluation: the top configurations' trials
-are evaluated, `eval_slots` at a time. So
+Search: every trial trains `epochs` epochs of its configuration's `seeds` seeds (one pack),
+computes each seed's objective at its due epochs, and pays Ray's per-trial overhead; `slots`
+trials run at once. Evaluation: every seed of the top configurations is evaluated, `eval_slots`
+at a time. So
 
     search_left     = (epochs_left x epoch_s + objectives_left x objective_s + trials_left x overhead_s) / slots
     evaluation_left = ceil(evaluations_left / eval_slots) x evaluation_s
 
 Before the first epoch the rates come from `calibrate`, on the driver: a few timed training
-steps of the first configuration, one real objective computation, and the evaluation scaled
+steps of one model of the first configuration, one real objective computation, both times the
+seeds of a trial (a pack of N costs about N models on a CPU, README), and the evaluation scaled
 from the objective by its attack work (images x steps x attacks x budgets) plus t-SNE and FID
 at the rates below. Every measured epoch (Tune's time_this_iter_s), objective
 (`objective_seconds`) and evaluation then replaces the calibrated figure with the running mean,
@@ -43,7 +45,8 @@ _CALIBRATION_STEPS = 6
 
 @dataclass(frozen=True)
 class Rates:
-    """Seconds per unit of work: a trial epoch (training and validation), one objective, one evaluation."""
+    """Seconds per unit of work: a trial epoch (training and validation of all its seeds), a trial's objective
+    (all its seeds), one evaluation (one model)."""
 
     epoch_s: float
     objective_s: float
@@ -86,11 +89,11 @@ def calibrate(spec: SweepSpec, splits: DataSplits, eval_on_gpu: bool) -> Rates:
         objective_s = time.perf_counter() - started
     finally:
         torch.set_num_threads(threads)
-    return Rates(epoch_s, objective_s, evaluation_estimate(spec, objective_s, eval_on_gpu))
+    return Rates(spec.seeds * epoch_s, spec.seeds * objective_s, evaluation_estimate(spec, objective_s, eval_on_gpu))
 
 
 def evaluation_estimate(spec: SweepSpec, objective_s: float, on_gpu: bool) -> float:
-    """One full evaluation, scaled from one objective computation by the attack work, plus t-SNE and FID."""
+    """One full evaluation (one model), scaled from one model's objective by the attack work, plus t-SNE and FID."""
     settings, evaluation = spec.objective_settings, spec.eval_config
     objective_work = settings.val_limit * settings.steps * len(settings.attacks) * len(settings.deltas)
     images = evaluation.limit or TEST_IMAGES
@@ -131,7 +134,7 @@ class SweepClock:
 
     @classmethod
     def for_spec(cls, spec: SweepSpec, rates: Rates, slots: int, eval_slots: int) -> "SweepClock":
-        trials = spec.num_samples * spec.seeds
+        trials = spec.num_samples
         return cls(trials=trials, epochs=spec.epochs, objectives_per_trial=objective_epochs(spec),
                    slots=max(1, min(slots, spec.max_concurrent or slots, trials)),
                    evaluations=spec.evaluate_top * spec.seeds, eval_slots=max(1, eval_slots), rates=rates)

@@ -1,7 +1,8 @@
 """What a finished sweep shows: the trial table, the study's plots, the Pareto front, the summary on screen.
 
 The trial table is Tune's own (`ResultGrid.get_dataframe`: each trial's last result and config)
-with the trial's status, checkpoint and MLflow run beside it; the plots are Optuna's, drawn
+with the trial's status, checkpoint and MLflow run beside it, one row per seed of each trial (a
+trial trains its configuration's seeds as one pack); the plots are Optuna's, drawn
 from the sweep's study (optimisation history, the searched value against the objective and,
 with several objectives, the Pareto front).
 """
@@ -16,14 +17,15 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only: no display on a cluster's head node
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import optuna  # noqa: E402
 import optuna.visualization.matplotlib as optuna_plots  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from raven import plots  # noqa: E402
 from raven.evaluate import format_summary  # noqa: E402
-from raven.selection import Objective  # noqa: E402
-from raven.sweep_spec import TRIAL_INDEX, SweepSpec, hide_password  # noqa: E402
+from raven.selection import Objective, seed_key  # noqa: E402
+from raven.sweep_spec import SweepSpec, hide_password  # noqa: E402
 
 TRIALS_CSV = "trials.csv"
 HISTORY_PNG = "optimization_history.png"
@@ -34,8 +36,10 @@ CURVES_PNG = "evaluated_robustness_curves.png"
 
 
 def trial_table(results, spec: SweepSpec, run_ids: dict[str, str]) -> pd.DataFrame:
-    """One row per trial in creation order: number, trial_id, status, the searched value, seed, epochs,
-    the objectives and validation metrics of its last result, checkpoint, MLflow run, error."""
+    """One row per seed of each trial, trials in creation order: number, trial_id, status, the searched
+    value, seed, epochs, the objectives and validation metrics of that seed in its trial's last result,
+    objective_seconds (the trial's), checkpoint (the trial's; the seed's is its seed-S/ folder), MLflow run,
+    error. A seed that diverged in a trial that finished has status DIVERGED and no metrics."""
     frame = results.get_dataframe()
     meta = pd.DataFrame([{
         "number": number, "trial_id": Path(result.path).name.removeprefix("trial_"),
@@ -46,12 +50,20 @@ def trial_table(results, spec: SweepSpec, run_ids: dict[str, str]) -> pd.DataFra
     if frame.empty:
         frame = pd.DataFrame({"trial_id": pd.Series(dtype=str)})
     frame = frame.rename(columns={f"config/{spec.param}": spec.param, "epoch": "epochs"})
-    repeat = frame[f"config/{TRIAL_INDEX}"] if f"config/{TRIAL_INDEX}" in frame else pd.Series(0, index=frame.index)
-    frame["seed"] = int(spec.seed) + repeat.fillna(0).astype(int)
-    table = meta.merge(frame, on="trial_id", how="left")
-    table["mlflow_run_id"] = table["trial_id"].map(run_ids).fillna("")
+    trials = meta.merge(frame, on="trial_id", how="left")
+    trials["mlflow_run_id"] = trials["trial_id"].map(run_ids).fillna("")
     metrics = list(dict.fromkeys([o.metric for o in spec.objective_list]
                                  + ["val_robust_accuracy", "val_clean_accuracy", "val_elbo", "val_mse_255"]))
+    seeds = []
+    for seed in spec.seed_list:
+        rows = trials.copy()
+        rows["seed"] = seed
+        if spec.seeds > 1:  # the seed's own values (raven.selection.seed_statistics)
+            for name in metrics:
+                rows[name] = trials[seed_key(name, seed)] if seed_key(name, seed) in trials else np.nan
+            rows.loc[(rows["status"] == "TERMINATED") & rows["val_elbo"].isna(), "status"] = "DIVERGED"
+        seeds.append(rows)
+    table = pd.concat(seeds).sort_values(["number", "seed"], kind="stable").reset_index(drop=True)
     columns = ["number", "trial_id", "status", spec.param, "seed", "epochs", *metrics, "objective_seconds",
                "checkpoint", "mlflow_run_id", "error"]
     return table.reindex(columns=columns)
@@ -96,10 +108,13 @@ def pareto_table(ranked: pd.DataFrame, spec: SweepSpec) -> pd.DataFrame:
 
 def summary_metrics(spec: SweepSpec, table: pd.DataFrame, ranked: pd.DataFrame,
                     evaluations: Sequence[dict[str, Any]]) -> dict[str, float]:
-    """The parent run's metrics: trial counts, best_<objective> and best_<param> (the top-ranked
-    configuration), the Pareto front's size, and the test results of the best evaluated trial."""
-    metrics = {"trials_completed": float((table["status"] == "TERMINATED").sum()),
-               "trials_errored": float((table["status"] == "ERROR").sum())}
+    """The parent run's metrics: trial counts (and with several seeds, seeds_diverged), best_<objective>
+    and best_<param> (the top-ranked configuration), the Pareto front's size, and the test results of
+    the best evaluated trial."""
+    errored = table.loc[table["status"] == "ERROR", "trial_id"].nunique()
+    metrics = {"trials_completed": float(table["trial_id"].nunique() - errored), "trials_errored": float(errored)}
+    if spec.seeds > 1:
+        metrics["seeds_diverged"] = float((table["status"] == "DIVERGED").sum())
     if not ranked.empty:
         for objective in spec.objective_list:
             metrics[f"best_{objective.metric}"] = float(ranked[f"{objective.metric}_mean"].iloc[0])
@@ -137,7 +152,8 @@ def print_summary(spec: SweepSpec, table: pd.DataFrame, ranked: pd.DataFrame, ev
     metrics = list(dict.fromkeys([o.metric for o in objectives] + ["val_clean_accuracy", "val_elbo"]))
     columns = ["number", "trial_id", "status", spec.param, "seed", "epochs", *metrics]
     with pd.option_context("display.max_rows", 500, "display.width", 200, "display.float_format", "{:.4g}".format):
-        print(f"\nTrials of sweep {spec.name} ({len(table)}):")
+        seeds = f", {spec.seeds} seeds each, one row per seed" if spec.seeds > 1 else ""
+        print(f"\nTrials of sweep {spec.name} ({table['trial_id'].nunique()}{seeds}):")
         print(table[columns].to_string(index=False))
     if ranked.empty:
         print("\nNo trial completed with an objective value.")

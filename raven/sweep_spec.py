@@ -36,7 +36,9 @@ from raven.write_queue import write_atomic
 
 SPEC_NAME = "raven_sweep.json"
 STUDY_NAME = "optuna.db"  # the default Optuna storage, beside the sweep in its Tune folder
-TRIAL_INDEX = "__trial_index__"  # ray.tune.search.repeater.TRIAL_INDEX: the repeat (seed) of a configuration
+# The config key of Ray's tune.search.Repeater, with which an earlier raven ran each seed of a
+# configuration as its own trial: such a sweep cannot be continued as packed trials.
+REPEATER_INDEX = "__trial_index__"
 # Appendix C.2's sigma grid (printed garbled as {0.1, 0.2, 0.4, 0.1, 0.2, 0.4, 1}; the selected
 # values 0.01 and 0.04 show the first three are 0.01, 0.02, 0.04).
 PAPER_SIGMA_GRID = (0.01, 0.02, 0.04, 0.1, 0.2, 0.4, 1.0)
@@ -88,7 +90,8 @@ class SweepSpec:
                               "`optuna-dashboard URL` opens it", CLUSTER, metavar="URL")
     dataset: str = flag("mnist", "data set", BUDGET, choices=DATASETS)
     num_samples: int = flag(20, "configurations to try (default 20)", BUDGET, smoke=2, low=1)
-    seeds: int = flag(1, "training seeds per configuration; the searcher sees their mean (default 1)", BUDGET, low=1)
+    seeds: int = flag(1, "training seeds per configuration, trained together as one packed trial (raven.pack); "
+                      "the searcher sees their mean (default 1)", BUDGET, low=1)
     epochs: int = flag(20, "epochs per trial (default 20)", BUDGET, smoke=1, low=1)
     limit: int | None = flag(None, "train on the first N training images (default all)", BUDGET, smoke=1000, low=1)
     seed: int = flag(0, "base training seed and Optuna sampler seed (default 0)", BUDGET, low=0)
@@ -210,9 +213,18 @@ class SweepSpec:
         return {"epochs": self.epochs, "limit": self.limit, **self.train_extra}
 
     def train_config(self, value: float, repeat: int = 0) -> TrainConfig:
-        """The TrainConfig of one trial: fixed settings, the searched value, seed = base seed + repeat."""
+        """The TrainConfig of one seed of a trial: fixed settings, the searched value, seed = base seed + repeat."""
         return TrainConfig.from_dict({**self.train, "method": self.method, "dataset": self.dataset,
                                       self.param: float(value), "seed": int(self.seed) + int(repeat)})
+
+    @property
+    def seed_list(self) -> tuple[int, ...]:
+        """The training seeds of every trial: base seed .. base seed + seeds - 1."""
+        return tuple(int(self.seed) + k for k in range(self.seeds))
+
+    def train_configs(self, value: float) -> list[TrainConfig]:
+        """The TrainConfigs a trial trains as one pack: one per seed of `seed_list`."""
+        return [self.train_config(value, k) for k in range(self.seeds)]
 
     # ------------------------------------------------------------------ files and the record
 
@@ -232,7 +244,13 @@ class SweepSpec:
 
     @classmethod
     def load(cls, experiment_dir: str | os.PathLike) -> "SweepSpec":
-        return cls.from_dict(json.loads((Path(experiment_dir) / SPEC_NAME).read_text()))
+        spec = cls.from_dict(json.loads((Path(experiment_dir) / SPEC_NAME).read_text()))
+        if spec.seeds > 1 and any(REPEATER_INDEX in path.read_text()
+                                  for path in Path(experiment_dir).glob("trial_*/params.json")):
+            raise SweepError(f"sweep {spec.name!r} ran each of its --seeds as its own trial (an earlier raven, "
+                             f"before packed trials); continue it with the version that started it, or start a "
+                             f"new sweep")
+        return spec
 
     def mlflow_params(self) -> dict[str, Any]:
         """The parent run's parameters: search space, objectives, budget, fixed settings, code version."""
@@ -243,7 +261,8 @@ class SweepSpec:
             "search.initial": list(self.initial) or "none", "search.objectives": ",".join(map(str, objectives)),
             "search.study_storage": hide_password(self.study_storage),
             "budget.num_samples": self.num_samples, "budget.seeds": self.seeds,
-            "budget.trials": self.num_samples * self.seeds, "budget.asha": self.asha,
+            "budget.trials": self.num_samples, "budget.models": self.num_samples * self.seeds,
+            "budget.asha": self.asha,
             "budget.max_concurrent": self.max_concurrent or "auto",
             "resources.cpus_per_trial": self.cpus_per_trial,
             "resources.gpus_per_trial": "auto" if self.gpus_per_trial is None else self.gpus_per_trial,

@@ -5,11 +5,14 @@ Sweeps, the reproduction and `raven evaluate` all write through this module. A s
     parent      tags raven.role=sweep,      raven.sweep_name=NAME
     trial       tags raven.role=trial,      raven.trial_id=ID, raven.parent_sweep=NAME,
                      mlflow.parentRunId=<parent>, raven.checkpoint=<latest Tune checkpoint>
-    evaluation  tags raven.role=evaluation, raven.trial_id=ID, raven.parent_sweep=NAME,
+    evaluation  tags raven.role=evaluation, raven.trial_id=ID, raven.seed=S, raven.parent_sweep=NAME,
                      mlflow.parentRunId=<parent>, raven.trial_run_id=<trial run>
 
-A trial run also carries raven.evaluation_run_id once evaluated, and raven.node_id / node_ids /
-node_ip: the Ray node of its latest epoch and every node it ran on (two after a lost node).
+A trial trains the seeds of its configuration as one pack and is one run (its metrics the means
+over the seeds, `_std` and `_seed<S>` beside them); each evaluated seed has its own evaluation
+run. A trial run also carries raven.evaluation_run_id once evaluated (its seeds' evaluation runs,
+comma-separated in seed order), and raven.node_id / node_ids / node_ip: the Ray node of its
+latest epoch and every node it ran on (two after a lost node).
 Per-epoch metrics are logged at step=epoch; an epoch whose `epoch` metric is in the run is never
 logged again. Every raven experiment is tagged mlflow.experimentKind = custom_model_development,
 MLflow's marker of model development (MLflow 3.17's UI itself lands on the runs in its Model
@@ -384,9 +387,13 @@ class SweepTracker:
 
     # ------------------------------------------------------------------ trials
 
-    def _child(self, role: str, trial_id: str) -> str | None:
-        runs = self._search(f"tags.`{PARENT_RUN_ID}` = '{self.parent_id}' and tags.`{ROLE}` = '{role}' "
-                            f"and tags.`{TRIAL_ID}` = '{trial_id}'")
+    def _children(self, role: str, trial_id: str, seed: int | None = None) -> list:
+        seed_clause = f" and tags.`{SEED}` = '{seed}'" if seed is not None else ""
+        return self._search(f"tags.`{PARENT_RUN_ID}` = '{self.parent_id}' and tags.`{ROLE}` = '{role}' "
+                            f"and tags.`{TRIAL_ID}` = '{trial_id}'{seed_clause}")
+
+    def _child(self, role: str, trial_id: str, seed: int | None = None) -> str | None:
+        runs = self._children(role, trial_id, seed)
         return runs[0].info.run_id if runs else None
 
     def trial_run(self, trial_id: str, run_name: str | None = None, params: Mapping[str, Any] | None = None,
@@ -484,25 +491,27 @@ class SweepTracker:
 
     # ------------------------------------------------------------------ evaluations
 
-    def evaluation_run(self, trial_id: str) -> tuple[str | None, str | None]:
-        """(run id, status) of the trial's evaluation run, or (None, None)."""
-        run_id = self._child(EVALUATION_ROLE, trial_id)
+    def evaluation_run(self, trial_id: str, seed: int | None = None) -> tuple[str | None, str | None]:
+        """(run id, status) of the evaluation run of the trial (of its seed `seed`), or (None, None)."""
+        run_id = self._child(EVALUATION_ROLE, trial_id, seed)
         if run_id is None:
             return None, None
         return run_id, self.client.get_run(run_id).info.status
 
-    def new_evaluation_run(self, trial_id: str, run_name: str, params: Mapping[str, Any]) -> str:
-        """A fresh evaluation run for the trial; an unfinished earlier one (interrupted) is deleted first."""
-        old, status = self.evaluation_run(trial_id)
+    def new_evaluation_run(self, trial_id: str, run_name: str, params: Mapping[str, Any],
+                           seed: int | None = None) -> str:
+        """A fresh evaluation run for the trial (its seed `seed`); an unfinished earlier one (interrupted)
+        is deleted first. The trial run's raven.evaluation_run_id lists its evaluation runs in seed order."""
+        old, status = self.evaluation_run(trial_id, seed)
         if old is not None:
             if status == "FINISHED":
                 return old
             self.client.delete_run(old)
         trial_run = self.trial_run(trial_id)
-        run_id = self.client.create_run(
-            self.experiment_id, run_name=run_name,
-            tags={ROLE: EVALUATION_ROLE, TRIAL_ID: trial_id, PARENT_SWEEP: self.sweep_name,
-                  PARENT_RUN_ID: self.parent_id, TRIAL_RUN_ID: trial_run}).info.run_id
+        tags = {ROLE: EVALUATION_ROLE, TRIAL_ID: trial_id, PARENT_SWEEP: self.sweep_name, PARENT_RUN_ID: self.parent_id,
+                TRIAL_RUN_ID: trial_run, **({SEED: str(seed)} if seed is not None else {})}
+        run_id = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags).info.run_id
         log_params(self.client, run_id, params)
-        self.client.set_tag(trial_run, EVALUATION_RUN_ID, run_id)
+        runs = sorted(self._children(EVALUATION_ROLE, trial_id), key=lambda r: int(r.data.tags.get(SEED, -1)))
+        self.client.set_tag(trial_run, EVALUATION_RUN_ID, ",".join(r.info.run_id for r in runs))
         return run_id

@@ -10,6 +10,12 @@ All randomness (shuffling, per-step pixel noise, PGD starts, reparameterisation,
 order within a step) comes from one torch.Generator whose state is checkpointed, so a
 resumed run replays exactly the steps an uninterrupted run would have taken; the fixed
 noisy copy is drawn from the seed alone and drawn again identically on resume.
+
+The step keeps its random draws apart from its arithmetic: `partner_noise` and
+`latent_noise` draw, `make_partner` and `step_terms` compute from the draws. The solo
+loop chains them on one generator (draw_partner, method_terms); raven.pack draws each
+member's from that member's generator, stacks them, and runs the same make_partner and
+step_terms on its K members at once.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from raven.config import ConfigError, TrainConfig
-from raven.data import DataSplits, bernoulli_target, fixed_noisy_copy, load_splits, noisy_copy
+from raven.data import IMAGE_SIZE, DataSplits, bernoulli_target, fixed_noisy_copy, load_splits, noisy_copy
 from raven.gaussians import (
     diag_gaussian_kl,
     diag_gaussian_log_prob,
@@ -64,13 +70,15 @@ class TrainingDiverged(RuntimeError):
 
 @dataclass(frozen=True)
 class EpochReport:
-    """What a callback receives after each epoch (epoch counts from 1)."""
+    """What a callback receives after each epoch (epoch counts from 1); `last`: no epoch follows
+    (config.epochs reached, or patience ran out)."""
 
     epoch: int
     metrics: dict[str, float]
     config: TrainConfig
     model: RavenModel
     checkpoint_path: Path | None
+    last: bool = False
 
 
 class Callback(Protocol):
@@ -83,6 +91,9 @@ class TrainResult:
     config: TrainConfig
     history: list[dict[str, float]] = field(default_factory=list)
     out_dir: Path | None = None
+    # Set by raven.pack for a member whose loss became non-finite (train() raises instead):
+    # the divergence message; model and history are then those of its last good epoch.
+    diverged: str | None = None
 
     @property
     def final_metrics(self) -> dict[str, float]:
@@ -109,6 +120,20 @@ def build_model(config: TrainConfig) -> RavenModel:
         return RavenModel(config.latent_dim, config.n_components if config.method == "raven-gmm" else None)
 
 
+class StepSettings(Protocol):
+    """What a step's arithmetic reads of its configuration: a TrainConfig, or raven.pack's
+    PackSettings, whose values that differ between members are tensors broadcasting over
+    the pack ((K, 1) per pair, (K, 1, d) for sigma_aug)."""
+
+    method: str
+    noise_std: float
+    se_epsilon: float
+    se_steps: int
+    sigma_aug: float | tuple[float, ...] | torch.Tensor
+    beta: float | torch.Tensor
+    eta: float | torch.Tensor
+
+
 def epoch_order(n: int, generator: torch.Generator, device: torch.device | str) -> torch.Tensor:
     """The epoch's batch order: a permutation of the n training rows drawn from `generator`."""
     return torch.randperm(n, generator=generator, device=device)
@@ -125,13 +150,35 @@ def training_noisy_copy(config: TrainConfig, train_x: torch.Tensor) -> torch.Ten
     return fixed_noisy_copy(train_x, config.noise_std, config.seed)
 
 
-def se_partner(model: RavenModel, x: torch.Tensor, config: TrainConfig, generator: torch.Generator) -> torch.Tensor:
+def partner_noise(config: TrainConfig, batch_size: int, generator: torch.Generator,
+                  fixed_partner: bool = False) -> dict[str, torch.Tensor]:
+    """The random numbers of a batch's partner, the first a step draws: "start", the Smooth
+    Encoder's U(0, 1) PGD start, or "pixel", the N(0, 1) of a fresh noisy copy, each
+    (batch, 784); nothing for the VAE or when the batch's rows of a fixed copy are given."""
+    device = generator.device
+    if config.method == "se":
+        return {"start": torch.rand((batch_size, IMAGE_SIZE), generator=generator, device=device)}
+    if config.paired and not fixed_partner:
+        return {"pixel": torch.randn((batch_size, IMAGE_SIZE), generator=generator, device=device)}
+    return {}
+
+
+def latent_noise(config: TrainConfig, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+    """The N(0, 1) of the step's reparameterisation, drawn after the partner's: (rows, d), with
+    rows = 2 * batch for the paired methods (clean rows, then partner rows), batch otherwise
+    (the Smooth Encoder samples z for x_a alone)."""
+    rows = 2 * batch_size if config.paired else batch_size
+    return torch.randn((rows, config.latent_dim), generator=generator, device=generator.device)
+
+
+def se_partner(model: RavenModel, x: torch.Tensor, config: StepSettings, start_noise: torch.Tensor) -> torch.Tensor:
     """x_b = Select(x_a; L, eps) of Cemgil et al.'s Algorithm 1, L = W2 between the posteriors.
 
     PGD in the L-inf ball of radius eps = config.se_epsilon around x (intersected with [0, 1]):
-    a uniform random start drawn from `generator`, then config.se_steps sign-gradient steps
-    of 2.5 eps / steps (Madry et al.'s rule, so the iterate can cross the ball), ascending
-    W2^2(q(.|x_a), q(.|x_b)); the last iterate is kept. Gradients go to the input only.
+    a uniform random start from `start_noise` (U(0, 1) shaped like x, `partner_noise`), then
+    config.se_steps sign-gradient steps of 2.5 eps / steps (Madry et al.'s rule, so the iterate
+    can cross the ball), ascending W2^2(q(.|x_a), q(.|x_b)); the last iterate is kept.
+    Gradients go to the input only. Rows may carry a leading pack dimension.
     """
     with torch.no_grad():
         mu, logvar = model.encoder(x)
@@ -141,55 +188,82 @@ def se_partner(model: RavenModel, x: torch.Tensor, config: TrainConfig, generato
         return diag_gaussian_w2_squared(mu, logvar, mu_b, logvar_b)
 
     return pgd_linf(w2, x, config.se_epsilon, config.se_steps, 2.5 * config.se_epsilon / config.se_steps,
-                    random_start=True, generator=generator, keep_best=False)
+                    random_start=True, keep_best=False, start_noise=start_noise)
 
 
-def draw_partner(model: RavenModel, config: TrainConfig, x: torch.Tensor, generator: torch.Generator,
+def make_partner(model: RavenModel, config: StepSettings, x: torch.Tensor, noise: dict[str, torch.Tensor],
                  fixed_partner: torch.Tensor | None = None) -> torch.Tensor | None:
-    """The batch's partner images: None for the VAE, x_b for SE, the noisy copy x + eps otherwise.
-
-    Paired methods take `fixed_partner` (the batch's rows of `training_noisy_copy`) when given,
-    else draw fresh noise from `generator`; the noisy copy is unclipped (raven.data.noisy_copy).
-    """
+    """The batch's partner images from its draws (`partner_noise`): None for the VAE, x_b for
+    SE, the noisy copy x + eps otherwise (`fixed_partner`, the batch's rows of
+    `training_noisy_copy`, when given). The noisy copy is unclipped (raven.data.noisy_copy)."""
     if config.method == "vae":
         return None
     if config.method == "se":
-        return se_partner(model, x, config, generator)
-    return fixed_partner if fixed_partner is not None else noisy_copy(x, config.noise_std, generator)
+        return se_partner(model, x, config, noise["start"])
+    return fixed_partner if fixed_partner is not None else noisy_copy(x, config.noise_std, eps=noise["pixel"])
 
 
-def method_terms(model: RavenModel, config: TrainConfig, x: torch.Tensor, partner: torch.Tensor | None,
-                 generator: torch.Generator) -> Terms:
-    """The method's objective on clean images x and their partners; draws only the z samples."""
+def step_terms(model: RavenModel, config: StepSettings, x: torch.Tensor, partner: torch.Tensor | None,
+               eps: torch.Tensor) -> Terms:
+    """The method's objective on clean images x and their partners, z sampled with `eps` (`latent_noise`).
+
+    Written over the last two dimensions, so raven.pack passes (K, batch, 784) images and
+    partners, its K-member model and stacked draws, and gets one value per member in every term.
+    """
     if config.method == "vae":
         mu, logvar = model.encoder(x)
-        logits = model.decoder(reparameterize(mu, logvar, generator))
+        logits = model.decoder(reparameterize(mu, logvar, eps=eps))
         return vae_loss(x, logits, mu, logvar, config.beta)
     # One pass over the stacked pair: twice the rows per matrix product, half the kernel launches.
-    mu_both, logvar_both = model.encoder(torch.cat([x, partner]))
-    mu, mu_pair = mu_both.chunk(2)
-    logvar, logvar_pair = logvar_both.chunk(2)
+    mu_both, logvar_both = model.encoder(torch.cat([x, partner], dim=-2))
+    mu, mu_pair = mu_both.chunk(2, dim=-2)
+    logvar, logvar_pair = logvar_both.chunk(2, dim=-2)
     if config.method == "se":
-        logits = model.decoder(reparameterize(mu, logvar, generator))
+        logits = model.decoder(reparameterize(mu, logvar, eps=eps))
         return smooth_encoder_loss(x, logits, mu, logvar, mu_pair, logvar_pair, config.eta, config.beta)
-    z_both = reparameterize(mu_both, logvar_both, generator)
-    logits, logits_pair = model.decoder(z_both).chunk(2)
+    z_both = reparameterize(mu_both, logvar_both, eps=eps)
+    logits, logits_pair = model.decoder(z_both).chunk(2, dim=-2)
     target_pair = bernoulli_target(partner)
     if config.method == "vae-noise":
         return vae_noise_loss(x, target_pair, logits, logits_pair, mu, logvar, mu_pair, logvar_pair, config.beta)
     if config.method == "raven":
         return raven_loss(x, target_pair, logits, logits_pair, mu, logvar, mu_pair, logvar_pair, config.sigma_aug,
                           config.beta)
-    z, z_pair = z_both.chunk(2)
+    z, z_pair = z_both.chunk(2, dim=-2)
     prior = model.prior
     return raven_gmm_loss(x, target_pair, logits, logits_pair, mu, logvar, mu_pair, logvar_pair, z, z_pair,
                           prior.logits, prior.means, prior.logvars, config.sigma_aug, config.beta)
+
+
+def draw_partner(model: RavenModel, config: TrainConfig, x: torch.Tensor, generator: torch.Generator,
+                 fixed_partner: torch.Tensor | None = None) -> torch.Tensor | None:
+    """The batch's partner images, their noise drawn from `generator` (see `make_partner`)."""
+    noise = partner_noise(config, len(x), generator, fixed_partner is not None)
+    return make_partner(model, config, x, noise, fixed_partner)
+
+
+def method_terms(model: RavenModel, config: TrainConfig, x: torch.Tensor, partner: torch.Tensor | None,
+                 generator: torch.Generator) -> Terms:
+    """The method's objective on clean images x and their partners; draws only the z samples."""
+    return step_terms(model, config, x, partner, latent_noise(config, len(x), generator))
 
 
 def method_loss(model: RavenModel, config: TrainConfig, x: torch.Tensor, generator: torch.Generator,
                 fixed_partner: torch.Tensor | None = None) -> Terms:
     """The method's objective on a batch of clean images, partners and z drawn from `generator`."""
     return method_terms(model, config, x, draw_partner(model, config, x, generator, fixed_partner), generator)
+
+
+def train_step(model: RavenModel, optimizer: torch.optim.Optimizer, config: TrainConfig, x: torch.Tensor,
+               generator: torch.Generator, fixed_partner: torch.Tensor | None = None) -> Terms:
+    """One optimiser step of the solo loop on batch x: objective, backward, norm cap, RAdam."""
+    terms = method_loss(model, config, x, generator, fixed_partner)
+    optimizer.zero_grad(set_to_none=True)
+    terms["loss"].backward()
+    if config.grad_clip_norm is not None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip_norm)
+    optimizer.step()
+    return terms
 
 
 def single_image_kl(model: RavenModel, config: TrainConfig, mu: torch.Tensor, logvar: torch.Tensor,
@@ -298,6 +372,44 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     return model
 
 
+def resume_state(checkpoint_path: Path, config: TrainConfig, device: torch.device) -> dict[str, Any] | None:
+    """The checkpoint to resume `config` from, None when there is none; epochs and patience may change."""
+    if not checkpoint_path.is_file():
+        return None
+    state = load_state(checkpoint_path, device)
+    saved = TrainConfig.from_dict(state["config"])
+    if saved.replace(epochs=config.epochs, patience=config.patience) != config:
+        raise ConfigError(f"{checkpoint_path} was trained with a different config; "
+                          "use another --out, or --fresh to start over")
+    return state
+
+
+def write_checkpoint(out_path: Path, config: TrainConfig, model_state: dict[str, torch.Tensor],
+                     optimizer_state: dict[str, Any], generator: torch.Generator, history: list[dict[str, float]],
+                     device: torch.device, train_images: int) -> None:
+    """DIR/checkpoint.pt (everything resume needs) and DIR/metrics.json after epoch len(history)."""
+    _atomic_torch_save({
+        "format": CHECKPOINT_FORMAT,
+        "config": config.to_dict(),
+        "model": model_state,
+        "optimizer": optimizer_state,
+        "generator": generator.get_state(),
+        "epoch": len(history),
+        "history": history,
+        "torch_version": torch.__version__,
+    }, out_path / CHECKPOINT_NAME)
+    _write_json({"config": config.to_dict(), "device": str(device), "train_images": train_images,
+                 "history": history, "final": history[-1]}, out_path / METRICS_NAME)
+
+
+def divergence_message(epoch: int, bad_step: int, steps_per_epoch: int, out_path: Path | None) -> str:
+    """What TrainingDiverged says: epoch (from 0) and step (from 0) of the first non-finite loss."""
+    return (f"loss became NaN or infinite at epoch {epoch + 1}, step {bad_step + 1} of {steps_per_epoch} "
+            f"(global step {epoch * steps_per_epoch + bad_step + 1})"
+            f"{'; the last good checkpoint is kept in ' + str(out_path) if out_path else ''}"
+            "; try a lower --lr or --beta")
+
+
 def train(
     config: TrainConfig,
     splits: DataSplits | None = None,
@@ -338,12 +450,8 @@ def train(
     checkpoint_path = out_path / CHECKPOINT_NAME if out_path else None
     if out_path:
         out_path.mkdir(parents=True, exist_ok=True)
-        if resume and checkpoint_path.is_file():
-            state = load_state(checkpoint_path, device)
-            saved = TrainConfig.from_dict(state["config"])
-            if saved.replace(epochs=config.epochs, patience=config.patience) != config:
-                raise ConfigError(f"{checkpoint_path} was trained with a different config; "
-                                  "use another --out, or --fresh to start over")
+        state = resume_state(checkpoint_path, config, device) if resume else None
+        if state is not None:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             generator.set_state(state["generator"].cpu())
@@ -368,13 +476,9 @@ def train(
             for step in range(steps_per_epoch):
                 index = order[step * config.batch_size:(step + 1) * config.batch_size]
                 x = train_x[index]
-                terms = method_loss(model, config, x, generator, None if fixed_pairs is None else fixed_pairs[index])
+                terms = train_step(model, optimizer, config, x, generator,
+                                   None if fixed_pairs is None else fixed_pairs[index])
                 loss = terms["loss"]
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if config.grad_clip_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip_norm)
-                optimizer.step()
                 with torch.no_grad():
                     for name, value in terms.items():
                         totals[name] = totals.get(name, 0.0) + value.detach()
@@ -382,13 +486,8 @@ def train(
                     first_bad_step = torch.where(bad_now, step, first_bad_step)
                 if (step + 1) % FINITE_CHECK_EVERY == 0 or step + 1 == steps_per_epoch:
                     if int(first_bad_step) >= 0:
-                        bad = int(first_bad_step)
-                        raise TrainingDiverged(
-                            f"loss became NaN or infinite at epoch {epoch + 1}, step {bad + 1} of {steps_per_epoch} "
-                            f"(global step {epoch * steps_per_epoch + bad + 1})"
-                            f"{'; the last good checkpoint is kept in ' + str(out_path) if out_path else ''}"
-                            "; try a lower --lr or --beta"
-                        )
+                        raise TrainingDiverged(divergence_message(epoch, int(first_bad_step), steps_per_epoch,
+                                                                  out_path))
                 bar.update(1)
             seconds = time.perf_counter() - started
             metrics = {f"train_{name}": float(total) / steps_per_epoch for name, total in totals.items()}
@@ -398,23 +497,14 @@ def train(
             metrics["images_per_second"] = len(train_x) / seconds
             history.append(metrics)
             if out_path:
-                _atomic_torch_save({
-                    "format": CHECKPOINT_FORMAT,
-                    "config": config.to_dict(),
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "generator": generator.get_state(),
-                    "epoch": epoch + 1,
-                    "history": history,
-                    "torch_version": torch.__version__,
-                }, checkpoint_path)
-                _write_json({"config": config.to_dict(), "device": str(device), "train_images": len(train_x),
-                             "history": history, "final": metrics}, out_path / METRICS_NAME)
+                write_checkpoint(out_path, config, model.state_dict(), optimizer.state_dict(), generator, history,
+                                 device, len(train_x))
             if log:
                 log(f"epoch {epoch + 1}/{config.epochs}  loss {metrics['train_loss']:.2f}  "
                     f"val_elbo {metrics['val_elbo']:.2f}  val_mse_255 {metrics['val_mse_255']:.1f}  "
                     f"{metrics['images_per_second']:.0f} img/s")
-            report = EpochReport(epoch + 1, metrics, config, model, checkpoint_path)
+            report = EpochReport(epoch + 1, metrics, config, model, checkpoint_path,
+                                 last=epoch + 1 == config.epochs or should_stop(config, history))
             for callback in callbacks or []:
                 callback(report)
     finally:

@@ -1,11 +1,16 @@
 """The Ray Tune side of a sweep: the trainable and its restore, the Tuner, the callbacks.
 
-* `sweep_trial`, a function trainable: a trial trains one TrainConfig (`raven.train.train`) and
-  reports every epoch (its metrics, the Ray node it ran on, the objective when due) with a Tune
-  checkpoint (the trial's checkpoint.pt and the reported history). A restored trial copies its
-  Tune checkpoint back (or a newer complete one it finds in storage) and resumes training
-  exactly where it stopped. A failed trial (a lost node, a crashed worker) is restarted that way,
-  on any node, up to `max_failures` times.
+* `sweep_trial`, a function trainable: a trial trains the `--seeds` seeds of one configuration
+  as one pack (`raven.pack.train_pack`; a pack of one is the solo loop) and reports every epoch
+  the statistics over its seeds (raven.selection.seed_statistics: the mean of every metric under
+  its own name, which the searcher and ASHA see, and with several seeds the std and each seed's
+  value), the Ray node it ran on and the objective when due, with a Tune checkpoint: a
+  seed-S/ folder per seed (checkpoint.pt, metrics.json, as `raven train --seeds` writes them)
+  and the reported history. A restored trial copies its Tune checkpoint back (or a newer
+  complete one it finds in storage) and resumes every seed exactly where it stopped. A failed
+  trial (a lost node, a crashed worker) is restarted that way, on any node, up to
+  `max_failures` times. A seed that diverges leaves the pack and the means (its last good
+  checkpoint stays); a trial whose every seed diverged fails.
 * The Tuner: the trainable with its resources, the searcher over the sweep's Optuna study
   (raven.study), ASHA when asked, the callbacks; or the interrupted Tuner, restored.
 * Two callbacks on the driver: `MlflowCallback` turns Tune's events into writes queued on the
@@ -32,14 +37,15 @@ import torch
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
+from raven.pack import member_dirname, train_pack
 from raven.progress import bar, say
-from raven.selection import validation_objective
-from raven.study import MeanRepeater, ObjectiveOptunaSearch
+from raven.selection import seed_statistics, validation_objective
+from raven.study import ObjectiveOptunaSearch
 from raven.sweep_clock import Rates, SweepClock
-from raven.sweep_spec import TRIAL_INDEX, SweepSpec
+from raven.sweep_spec import SweepSpec
 from raven.tracking import (CHECKPOINT, ERROR_FILE, PENDING_NAME, TRIAL_RESTARTS, TRIAL_STATUS, SweepTracker,
                             retry_seconds)
-from raven.train import CHECKPOINT_NAME, load_state, resolve_device, should_stop, train
+from raven.train import CHECKPOINT_NAME, EpochReport, TrainingDiverged, load_state, resolve_device
 from raven.write_queue import write_atomic
 
 REPORTED_NAME = "reported.json"
@@ -52,21 +58,22 @@ _SHOWN = ("train_loss", "val_elbo")
 # ----------------------------------------------------------------------------- naming
 
 
-def repeat_of(config: dict[str, Any]) -> int:
-    return int(config.get(TRIAL_INDEX, 0) or 0)
-
-
-def trial_label(spec: SweepSpec, config: dict[str, Any], trial_id: str | None = None) -> str:
+def trial_label(spec: SweepSpec, config: dict[str, Any], trial_id: str | None = None, seed: int | None = None) -> str:
+    """sigma_aug=0.01 [id]; with several seeds, `seeds 0-4` for the trial, `seed=3` for one of them."""
     text = f"{spec.param}={float(config[spec.param]):.4g}"
     if spec.seeds > 1:
-        text += f" seed={int(spec.seed) + repeat_of(config)}"
+        text += f" seed={seed}" if seed is not None else f" seeds {spec.seed_list[0]}-{spec.seed_list[-1]}"
     return f"{text} [{trial_id}]" if trial_id else text
 
 
-def trial_params(spec: SweepSpec, config: dict[str, Any], trial_id: str) -> dict[str, Any]:
-    """A trial run's params: its TrainConfig, its Tune trial id and repeat index."""
-    params = spec.train_config(config[spec.param], repeat_of(config)).to_dict()
-    params.update(trial_id=trial_id, repeat=repeat_of(config))
+def trial_params(spec: SweepSpec, config: dict[str, Any], trial_id: str, seed: int | None = None) -> dict[str, Any]:
+    """A run's params: the TrainConfig of the trial (its seed the list of its seeds when it has several)
+    or of one of its seeds (an evaluation run), and its Tune trial id."""
+    repeat = 0 if seed is None else spec.seed_list.index(seed)
+    params = spec.train_config(config[spec.param], repeat).to_dict()
+    if seed is None and spec.seeds > 1:
+        params["seed"] = list(spec.seed_list)
+    params["trial_id"] = trial_id
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in params.items()}
 
 
@@ -75,10 +82,9 @@ def trial_dirname(trial) -> str:
 
 
 def trial_name(trial) -> str:
-    """Tune's name of a trial: the searched value, the repeat, the id (sigma_aug=0.01_r1_<id>)."""
-    value = next((f"{k}={float(v):.3g}" for k, v in trial.config.items() if k != TRIAL_INDEX), "trial")
-    repeat = f"_r{trial.config[TRIAL_INDEX]}" if TRIAL_INDEX in trial.config else ""
-    return f"{value}{repeat}_{trial.trial_id}"
+    """Tune's name of a trial: the searched value and the id (sigma_aug=0.01_<id>)."""
+    value = next((f"{k}={float(v):.3g}" for k, v in trial.config.items()), "trial")
+    return f"{value}_{trial.trial_id}"
 
 
 def epoch_metrics(result: dict[str, Any]) -> dict[str, float]:
@@ -91,13 +97,14 @@ def epoch_metrics(result: dict[str, Any]) -> dict[str, float]:
 # ----------------------------------------------------------------------------- the trainable
 
 
-def _newest_saved_checkpoint(trial_dir: Path, after_epoch: int) -> Path | None:
+def _newest_saved_checkpoint(trial_dir: Path, after_epoch: int, seeds: tuple[int, ...]) -> Path | None:
     """A complete checkpoint folder of this trial newer than `after_epoch`, if storage holds one.
 
     Tune registers a reported checkpoint only when a later step of its loop processes it,
     so a driver stopped in between (Ctrl-C right after an epoch, or killed) restores the
     previous one, or none, although the newer files are in storage. Only filesystem
-    storage is scanned; a folder is used when its checkpoint.pt loads.
+    storage is scanned; a folder is used when every seed's checkpoint.pt loads and the
+    furthest is at the reported epoch (a seed that diverged stays at its last good one).
     """
     found = []
     for folder in trial_dir.glob("checkpoint_*") if trial_dir.is_dir() else []:
@@ -106,60 +113,76 @@ def _newest_saved_checkpoint(trial_dir: Path, after_epoch: int) -> Path | None:
             epoch = int(history[-1]["epoch"]) if history else 0
         except (OSError, ValueError, KeyError, IndexError, TypeError):
             continue
-        if epoch > after_epoch and (folder / CHECKPOINT_NAME).is_file():
+        if epoch > after_epoch:
             found.append((epoch, folder))
     for epoch, folder in sorted(found, reverse=True):
         try:
-            state = load_state(folder / CHECKPOINT_NAME)
-        except Exception:  # noqa: BLE001 - a partly copied checkpoint: try an older one
+            epochs = [int(load_state(folder / member_dirname(seed) / CHECKPOINT_NAME).get("epoch", -1))
+                      for seed in seeds]
+        except Exception:  # noqa: BLE001 - missing or partly copied: try an older one
             continue
-        if int(state.get("epoch", -1)) == epoch:
+        if max(epochs) == epoch:
             return folder
     return None
 
 
 def _restore(work: Path, spec: SweepSpec) -> list[dict[str, Any]]:
-    """Copy the trial's latest checkpoint into `work`; the epochs it had reported."""
+    """Copy the trial's latest checkpoint (every seed's folder) into `work`; the epochs it had reported."""
     reported: list[dict[str, Any]] = []
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
-            for item in Path(folder).iterdir():
-                if item.is_file():
-                    shutil.copy2(item, work / item.name)
+            shutil.copytree(folder, work, dirs_exist_ok=True)
         if (work / REPORTED_NAME).is_file():
             reported = json.loads((work / REPORTED_NAME).read_text())
     newer = _newest_saved_checkpoint(spec.experiment_dir / f"trial_{tune.get_context().get_trial_id()}",
-                                     after_epoch=len(reported))
+                                     after_epoch=len(reported), seeds=spec.seed_list)
     if newer is not None:
-        for item in newer.iterdir():
-            if item.is_file():
-                shutil.copy2(item, work / item.name)
+        shutil.copytree(newer, work, dirs_exist_ok=True)
         reported = json.loads((work / REPORTED_NAME).read_text())
     return reported
 
 
 class EpochReporter:
-    """The train() callback of a trial: objective when due, then tune.report with a checkpoint of `work`."""
+    """The train_pack callback of a trial: each seed's objective when due, the statistics over the
+    seeds (raven.selection.seed_statistics) and the trial's own numbers, then tune.report with a
+    checkpoint of `work`.
+
+    The trial's own numbers: epoch, node_id, epoch_seconds (the pack's epoch), images_per_second
+    (the pack's: every seed's images) and objective_seconds (all seeds' objectives).
+    """
 
     def __init__(self, spec: SweepSpec, splits, work: Path, reported: list[dict[str, Any]]) -> None:
         self.spec, self.splits, self.work, self.reported = spec, splits, work, reported
         self.node_id = ray.get_runtime_context().get_node_id()
         self.sent = 0
 
-    def __call__(self, report) -> None:
-        metrics: dict[str, Any] = {k: float(v) for k, v in report.metrics.items()
-                                   if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        metrics["epoch"] = report.epoch
-        metrics["node_id"] = self.node_id  # the Ray node this epoch ran on (MLflow tags raven.node_id(s))
+    def __call__(self, reports: list[EpochReport]) -> None:
+        # Nothing to say for an epoch whose every seed diverged; and a seed that diverged before an
+        # interruption trains again up to its divergence on resume, in epochs already reported.
+        if not reports or reports[0].epoch <= len(self.reported):
+            return
         settings = self.spec.objective_settings
-        if settings.due(report.epoch, report.config.epochs, last=should_stop(report.config, self.reported + [metrics])):
-            started = time.perf_counter()
-            metrics.update(validation_objective(report.model, self.splits, settings))
-            metrics["objective_seconds"] = time.perf_counter() - started
-        self.reported.append(metrics)
+        members: dict[int, dict[str, float]] = {}
+        objective_s: float | None = None
+        for report in reports:
+            metrics = {k: float(v) for k, v in report.metrics.items()
+                       if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            if settings.due(report.epoch, report.config.epochs, last=report.last):
+                started = time.perf_counter()
+                metrics.update(validation_objective(report.model, self.splits, settings))
+                objective_s = (objective_s or 0.0) + time.perf_counter() - started
+            members[report.config.seed] = metrics
+        result: dict[str, Any] = seed_statistics(members)
+        result["epoch"] = reports[0].epoch
+        result["node_id"] = self.node_id  # the Ray node this epoch ran on (MLflow tags raven.node_id(s))
+        result["epoch_seconds"] = reports[0].metrics["epoch_seconds"]
+        result["images_per_second"] = sum(m["images_per_second"] for m in members.values())
+        if objective_s is not None:
+            result["objective_seconds"] = objective_s
+        self.reported.append(result)
         write_atomic(self.work / REPORTED_NAME, json.dumps(self.reported))
-        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(self.work)))
+        tune.report(result, checkpoint=tune.Checkpoint.from_directory(str(self.work)))
         self.sent += 1
 
     def close(self) -> None:
@@ -170,15 +193,15 @@ class EpochReporter:
 
 
 def sweep_trial(config: dict[str, Any], splits, spec: dict[str, Any]) -> None:
-    """Ray Tune function trainable: train one configuration, report every epoch with a checkpoint.
+    """Ray Tune function trainable: train one configuration's seeds as one pack, report every epoch with a checkpoint.
 
     `splits` is the DataSplits from the object store (passed with tune.with_parameters), `spec`
-    the SweepSpec as a dict. A trial restored by Tune (resume, node failure) continues from its
-    latest checkpoint's epoch with the same RNG state (`train(..., resume=True)`).
+    the SweepSpec as a dict. A trial restored by Tune (resume, node failure) continues every
+    seed from its latest checkpoint's epoch with the same RNG state (`train_pack(..., resume=True)`).
     """
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # not one "Checkpoint created" line per epoch
     sweep = SweepSpec.from_dict(spec)
-    train_config = sweep.train_config(config[sweep.param], repeat_of(config))
+    configs = sweep.train_configs(config[sweep.param])
     torch.set_num_threads(max(1, int(sweep.cpus_per_trial)))
     device = resolve_device("auto")
     if splits.device != device:
@@ -186,8 +209,14 @@ def sweep_trial(config: dict[str, Any], splits, spec: dict[str, Any]) -> None:
     work = Path(tempfile.mkdtemp(prefix="raven-trial-"))
     try:
         reporter = EpochReporter(sweep, splits, work, _restore(work, sweep))
-        train(train_config, splits=splits, device=device, out_dir=work, callbacks=[reporter], resume=True,
-              progress=False)
+        results = train_pack(configs, splits=splits, device=device,
+                             out_dirs=[work / member_dirname(c.seed) for c in configs], pack_callbacks=[reporter],
+                             resume=True, progress=False)
+        diverged = [f"seed {r.config.seed}: {r.diverged}" for r in results if r.diverged]
+        if len(diverged) == len(results):
+            raise TrainingDiverged("; ".join(diverged))
+        for line in diverged:
+            print(f"raven sweep: {trial_label(sweep, config)}: {line}; the other seeds went on", file=sys.stderr)
         reporter.close()
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -214,6 +243,10 @@ def build_tuner(spec: SweepSpec, splits_ref, trial_gpus: float, inputs: list[dic
     # The classic output engine, which verbose=0 silences (the newer one still prints its banners):
     # the driver prints its own progress (ProgressCallback).
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    # A trial of N seeds is one process doing N models' arithmetic in --cpus-per-trial threads (on a
+    # GPU, in one pack: the speed-up of raven.pack). Its CPUs are not scaled with N: one CPU per trial
+    # keeps as many configurations in flight as there are cores, at the same models per second as N
+    # one-seed trials (README, "Seeds of a configuration"); --cpus-per-trial N gives a pack N threads.
     trainable = tune.with_resources(tune.with_parameters(sweep_trial, splits=splits_ref, spec=spec.to_dict()),
                                     {"cpu": spec.cpus_per_trial, "gpu": trial_gpus})
     experiment_dir = str(spec.experiment_dir.resolve())
@@ -227,8 +260,6 @@ def build_tuner(spec: SweepSpec, splits_ref, trial_gpus: float, inputs: list[dic
                                      storage=optuna.storages.RDBStorage(spec.study_storage),
                                      points_to_evaluate=[{spec.param: float(v)} for v in spec.initial] or None,
                                      sampler=optuna.samplers.TPESampler(seed=spec.seed))
-    if spec.seeds > 1:
-        searcher = MeanRepeater(searcher, repeat=spec.seeds, set_index=True)
     scheduler = None
     if spec.asha:
         scheduler = ASHAScheduler(time_attr="epoch", metric=objectives[0].metric, mode=objectives[0].mode,
@@ -240,7 +271,7 @@ def build_tuner(spec: SweepSpec, splits_ref, trial_gpus: float, inputs: list[dic
         trainable,
         param_space={spec.param: _search_domain(spec.space)},
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler,
-                                    num_samples=spec.num_samples * spec.seeds,
+                                    num_samples=spec.num_samples,
                                     max_concurrent_trials=spec.max_concurrent,
                                     trial_name_creator=trial_name, trial_dirname_creator=trial_dirname),
         run_config=tune.RunConfig(
@@ -258,6 +289,9 @@ def build_tuner(spec: SweepSpec, splits_ref, trial_gpus: float, inputs: list[dic
 
 class MlflowCallback(tune.Callback):
     """Tune's events as queued MLflow writes: a child run per trial, per-epoch metrics, status, node, checkpoint.
+
+    A trial of several seeds is one run: its metrics are the means over the seeds under their own
+    names, with `<metric>_std` and `<metric>_seed<S>` beside them (raven.selection.seed_statistics).
 
     Tune pickles it with the experiment (tuner.pkl) and restores it on `--resume`; it holds no
     state of its own beyond the tracker settings: runs and logged epochs are found in MLflow.
@@ -378,7 +412,8 @@ class ProgressCallback(tune.Callback):
         self.clock.epoch(trial.trial_id, epoch, result.get("time_this_iter_s"),
                          objective_s if isinstance(objective_s, (int, float)) else None)
         self._bar.update(self.clock.trial_epochs_done - before)
-        shown = [f"{key} {result[key]:.4g}" for key in (*_SHOWN, *(o.metric for o in self._sweep.objective_list))
+        shown = [f"{key} {_with_std(result, key, '.4g')}"
+                 for key in (*_SHOWN, *(o.metric for o in self._sweep.objective_list))
                  if isinstance(result.get(key), (int, float))]
         node = result.get("node_id")
         where = f" on node {node[:8]}" if isinstance(node, str) and node else ""
@@ -399,8 +434,9 @@ class ProgressCallback(tune.Callback):
             before = self.clock.trial_epochs_done
             self.clock.trial_finished(trial.trial_id)
             self._bar.update(self.clock.trial_epochs_done - before)
-        values = [f"{o.metric}={(trial.last_result or {})[o.metric]:.4f}" for o in self._sweep.objective_list
-                  if isinstance((trial.last_result or {}).get(o.metric), (int, float))]
+        last = trial.last_result or {}
+        values = [f"{o.metric}={_with_std(last, o.metric, '.4f')}" for o in self._sweep.objective_list
+                  if isinstance(last.get(o.metric), (int, float))]
         self._say(f"trial {trial.trial_id} finished: {', '.join(values) or 'no objective'}")
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
@@ -409,6 +445,12 @@ class ProgressCallback(tune.Callback):
     def on_experiment_end(self, trials, **info) -> None:
         if self._bar is not None:
             self._bar.close()
+
+
+def _with_std(result: dict[str, Any], key: str, spec: str) -> str:
+    """A reported mean, with its std over the trial's seeds when it has several: 0.4512 +- 0.0123."""
+    std = result.get(f"{key}_std")
+    return f"{result[key]:{spec}}" + (f" +- {std:{spec}}" if isinstance(std, (int, float)) else "")
 
 
 def epochs_in_storage(spec: SweepSpec) -> dict[str, int]:

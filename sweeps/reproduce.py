@@ -1,5 +1,7 @@
 """Reproduce the paper's experiment: 5 methods x 2 datasets x 5 seeds on Ray, recorded in MLflow.
 
+Each (dataset, method) is one Ray task that trains its seeds as one pack (raven.pack), then evaluates each.
+
     python sweeps/reproduce.py --smoke              # a few minutes on a laptop CPU, every table and figure
     python sweeps/reproduce.py --address auto --gpus-per-task 0.25   # the full budget on a Ray cluster
     raven report                                    # tables and figures of the latest reproduction
@@ -52,7 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--address", default=None,
                    help="Ray cluster to join: 'auto' (RAY_ADDRESS, else a cluster started on this machine) or "
                         "HOST:PORT; absent: start a local Ray with this machine's resources")
-    p.add_argument("--cpus-per-task", type=float, default=1.0, help="CPUs per (dataset, method, seed) task (default 1)")
+    p.add_argument("--cpus-per-task", type=float, default=1.0, help="CPUs per (dataset, method) task, which trains its seeds as one pack "
+                        "(default 1)")
     p.add_argument("--gpus-per-task", type=float, default=None,
                    help="GPUs per task; fractions share one GPU between tasks (default 0.25 on a cluster with GPUs, "
                         "else 0)")
@@ -68,7 +71,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="checkpoint folder on each node (default runs/reproduce)")
     offline = p.add_argument_group("machines without Ray or MLflow (e.g. a lent GPU box)")
     offline.add_argument("--export", type=Path, default=None,
-                         help="run every cell in a local process pool and write the results to this file "
+                         help="run every (dataset, method) pack in a local process pool and write the results to this file "
                               "(no Ray, no MLflow; the paper's sigma_aug and eta); record it later with --import")
     offline.add_argument("--workers", type=int, default=4, help="with --export: processes sharing the device")
     offline.add_argument("--device", default="auto", help="with --export: device of every process (auto, cuda, cpu)")

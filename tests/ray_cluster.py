@@ -548,7 +548,8 @@ def checkpoint_reports(trial_dir: Path) -> list[dict]:
             history = json.loads((folder / "reported.json").read_text())
         except (OSError, ValueError):
             continue
-        if (folder / "checkpoint.pt").is_file() and len(history) > len(best):
+        # A trial's checkpoint holds a seed-S/ folder per seed of its pack (raven.tune).
+        if any(folder.glob("seed-*/checkpoint.pt")) and len(history) > len(best):
             best = history
     return best
 

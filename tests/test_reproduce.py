@@ -14,13 +14,15 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
 
+from raven import load_checkpoint
 from raven.config import DATASETS, METHODS, ConfigError
 from raven.reproduce import FULL_BUDGET, SMOKE_BUDGET, Budget
+from raven.reproduce_grid import default_hyperparameters, eval_config, group_cells, run_pack, train_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SMOKE_TIMEOUT = 900
@@ -137,6 +139,45 @@ def test_bad_flag_fails_before_any_work(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+def test_the_grid_is_one_pack_per_dataset_and_method():
+    packs = group_cells(list(reversed(FULL_BUDGET.cells())))
+    assert sorted(packs) == sorted((d, m) for d in DATASETS for m in METHODS)
+    assert all([c.seed for c in group] == [0, 1, 2, 3, 4] and {(c.dataset, c.method) for c in group} == {key}
+               for key, group in packs.items())
+
+
+def test_a_pack_task_gives_each_seed_its_solo_model_checkpoint_and_evaluation(tmp_path, data_dir):
+    """run_pack on 2 seeds: each seed's checkpoint in its cell's folder is its solo train() run (1e-5), loads
+    with raven.load_checkpoint, and its evaluation is evaluate_model's of that checkpoint."""
+    import torch
+
+    from raven.data import load_splits
+    from raven.evaluate import evaluate_model
+    from raven.train import train
+
+    budget = Budget(epochs=1, patience=None, limit=256, eval_limit=40, probe_limit=256, seeds=2, steps=2, fid=False,
+                    datasets=("mnist",), methods=("raven",))
+    cells = budget.cells()
+    hp = default_hyperparameters("mnist", "test")
+    configs = [train_config(c, budget, hp) for c in cells]
+    evaluations = [replace(eval_config(c, budget), tsne=False) for c in cells]
+    results = run_pack(cells, configs, evaluations, str(data_dir), [str(tmp_path / c.name) for c in cells])
+    splits = load_splits("mnist", data_dir, "cpu")
+    for cell, config, evaluation, result in zip(cells, configs, evaluations, results):
+        assert result.cell == cell and result.error is None and result.pack_size == 2
+        folder = tmp_path / cell.name
+        model = load_checkpoint(folder)
+        assert result.files["checkpoint/checkpoint.pt"] == (folder / "checkpoint.pt").read_bytes()
+        solo = train(config, splits=splits, device="cpu", progress=False)
+        for name, value in solo.model.state_dict().items():
+            assert torch.allclose(value, model.state_dict()[name], atol=1e-5, rtol=0), (cell, name)
+        assert [h["val_elbo"] for h in result.history] == pytest.approx([h["val_elbo"] for h in solo.history])
+        again = evaluate_model(model, splits, evaluation)
+        assert result.evaluation.clean_accuracy == again.clean_accuracy
+        assert result.evaluation.mse == pytest.approx(again.mse, rel=1e-6)
+        assert result.evaluation.metrics() == pytest.approx(again.metrics(), rel=1e-5, abs=1e-6)
+
+
 # ----------------------------------------------------------------------------- the smoke reproduction
 
 
@@ -154,6 +195,7 @@ def test_smoke_reproduction_records_every_run_in_mlflow(smoke_store):
     assert float(parent.data.params["sigma_aug.fashion-mnist"]) == 0.04
     assert "WARNING: no finished sigma_aug sweep for fashion-mnist" in smoke_store.stderr
     assert "REDUCED budget (--smoke)" in smoke_store.stdout
+    assert "10 Ray tasks submitted, one per (dataset, method)" in smoke_store.stderr  # the 2 seeds of each: a pack
 
     assert client.get_experiment_by_name("raven-reproduction").tags["mlflow.experimentKind"] == \
         "custom_model_development"
@@ -165,6 +207,10 @@ def test_smoke_reproduction_records_every_run_in_mlflow(smoke_store):
         assert run.data.tags["raven.role"] == "reproduction-run" and run.data.tags["raven.budget"] == "smoke"
         assert run.data.params["budget"] == SMOKE_BUDGET.describe()
         assert run.data.params["method"] == run.data.tags["raven.method"] and run.data.params["limit"] == "5000"
+        assert run.data.params["pack_size"] == "2"
+        # Every seed's ordinary checkpoint, as `raven evaluate` reads it, in its cell's work folder.
+        folder = smoke_store.cwd / "runs" / "reproduce" / parent.info.run_id / run.info.run_name
+        assert load_checkpoint(folder).config.seed == int(run.data.tags["raven.seed"])
         metrics = run.data.metrics
         assert 0.0 <= metrics["clean_accuracy"] <= 1.0 and 0.0 < metrics["mse_255"] < 255.0**2
         assert {"adv_acc_kl_delta_0.1", "adv_acc_w2_delta_0.3", "latent_pair_distance_mean"} <= set(metrics)

@@ -1,6 +1,9 @@
-"""Choosing configurations (raven.selection, raven.study): Pareto front, ranking, repeats, the study across a resume."""
+"""Choosing configurations (raven.selection, raven.study): Pareto front, ranking, seeds, the study across a resume."""
 
 from __future__ import annotations
+
+import statistics
+from types import SimpleNamespace
 
 import numpy as np
 import optuna
@@ -8,9 +11,10 @@ import pandas as pd
 import pytest
 from ray import tune
 
-from raven.selection import Objective, candidates, pareto_mask, rank_configurations
+from raven.selection import Objective, candidates, pareto_mask, rank_configurations, seed_statistics
+from raven.sweep_report import trial_table
 from raven.sweep_spec import SweepError, SweepSpec
-from raven.study import MeanRepeater, ObjectiveOptunaSearch, fail_lost_trials, open_study
+from raven.study import ObjectiveOptunaSearch, fail_lost_trials, open_study
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -56,32 +60,63 @@ def test_ranking_puts_the_pareto_front_first_and_evaluates_only_it():
     assert elbo_min.index[0] == 0.3
 
 
-class _Recorder(tune.search.Searcher):
-    def __init__(self, metric, mode):
-        super().__init__(metric=metric, mode=mode)
-        self.told = []
+def test_a_trial_reports_the_mean_std_and_each_seed_of_every_model_metric():
+    members = {3: {"val_robust_accuracy": 0.40, "val_elbo": -500.0, "train_loss": 510.0, "epoch_seconds": 9.0},
+               4: {"val_robust_accuracy": 0.46, "val_elbo": -520.0, "train_loss": 530.0, "epoch_seconds": 9.0},
+               5: {"val_robust_accuracy": 0.49, "val_elbo": -490.0, "train_loss": 505.0, "epoch_seconds": 9.0}}
+    result = seed_statistics(members)
+    for name in ("val_robust_accuracy", "val_elbo", "train_loss"):
+        values = [m[name] for m in members.values()]
+        assert result[name] == pytest.approx(statistics.mean(values))
+        assert result[f"{name}_std"] == pytest.approx(statistics.stdev(values))  # the sample std, as the ranking's
+        assert [result[f"{name}_seed{s}"] for s in (3, 4, 5)] == values
+    assert "epoch_seconds" not in result  # the trial's own numbers are not averaged here
+    # A seed that diverged reports nothing more: the others' mean; one seed alone has no std.
+    del members[5]["val_elbo"], members[4]["val_elbo"]
+    result = seed_statistics(members)
+    assert result["val_elbo"] == -500.0 and "val_elbo_std" not in result and "val_elbo_seed4" not in result
+    # One seed: its values under their own names, nothing else.
+    assert seed_statistics({0: {"val_elbo": -500.0, "val_loss": 3.0}}) == {"val_elbo": -500.0, "val_loss": 3.0}
 
-    def suggest(self, trial_id):
-        return {"x": 1.0}
 
-    def on_trial_complete(self, trial_id, result=None, error=False):
-        self.told.append((trial_id, result))
+class _Grid:
+    """What trial_table reads of Tune's ResultGrid: the trials' last results, and the results in creation order."""
+
+    def __init__(self, rows, results):
+        self.rows, self.results = rows, results
+
+    def get_dataframe(self):
+        return pd.DataFrame(self.rows)
+
+    def __iter__(self):
+        return iter(self.results)
 
 
-def test_repeats_report_the_mean_of_every_objective():
-    inner = _Recorder(["a", "b"], ["max", "min"])
-    repeater = MeanRepeater(inner, repeat=3)
-    for trial in ("t1", "t2", "t3"):
-        repeater.suggest(trial)
-    for trial, (a, b) in zip(("t1", "t2", "t3"), ((1.0, 10.0), (2.0, 20.0), (6.0, 60.0))):
-        repeater.on_trial_complete(trial, {"a": a, "b": b})
-    assert inner.told == [("t1", {"a": 3.0, "b": 30.0})]
-    single = _Recorder("a", "max")
-    repeater = MeanRepeater(single, repeat=2)
-    repeater.suggest("u1"), repeater.suggest("u2")
-    repeater.on_trial_complete("u1", {"a": 1.0})
-    repeater.on_trial_complete("u2", {"a": 2.0, "b": 5.0})
-    assert single.told == [("u1", {"a": 1.5})]
+def test_the_trial_table_has_a_row_per_seed_and_ranks_their_mean(tmp_path):
+    """Tune's last results of packed trials of seeds 0-2 become one row per seed; the ranking's mean and std
+    over those rows are the trial's own reported ones."""
+    spec = SweepSpec(kind="sigma_aug", method="raven", param="sigma_aug", seeds=3, storage_path=str(tmp_path),
+                     space={"type": "loguniform", "low": 1e-3, "high": 1.0})
+    accuracy = {"a": [0.40, 0.46, 0.49], "b": [0.30, 0.35, np.nan]}  # seed 2 of trial b diverged
+    rows = []
+    for trial_id, values in accuracy.items():
+        members = {s: {"val_robust_accuracy": v, "val_elbo": -500.0 - s} for s, v in enumerate(values) if v == v}
+        rows.append({"trial_id": trial_id, "config/sigma_aug": 0.1 if trial_id == "a" else 0.2, "epoch": 2,
+                     **seed_statistics(members)})
+    grid = _Grid(rows, [SimpleNamespace(path=str(tmp_path / f"trial_{t}"), error=None, checkpoint=None)
+                        for t in accuracy])
+    table = trial_table(grid, spec, {"a": "run-a"})
+    assert list(zip(table["trial_id"], table["seed"], table["status"])) == [
+        ("a", 0, "TERMINATED"), ("a", 1, "TERMINATED"), ("a", 2, "TERMINATED"),
+        ("b", 0, "TERMINATED"), ("b", 1, "TERMINATED"), ("b", 2, "DIVERGED")]
+    assert list(table["val_robust_accuracy"][:5]) == [0.40, 0.46, 0.49, 0.30, 0.35]
+    assert list(table["mlflow_run_id"]) == ["run-a"] * 3 + [""] * 3
+    ranked = rank_configurations(table, "sigma_aug", (Objective("val_robust_accuracy", "max"),))
+    for trial_id, value in (("a", 0.1), ("b", 0.2)):
+        reported = next(r for r in rows if r["trial_id"] == trial_id)
+        assert ranked.loc[value, "val_robust_accuracy_mean"] == pytest.approx(reported["val_robust_accuracy"])
+        assert ranked.loc[value, "val_robust_accuracy_std"] == pytest.approx(reported["val_robust_accuracy_std"])
+    assert list(ranked["count"]) == [3, 2]
 
 
 def test_study_lives_in_its_storage_and_a_resume_continues_it(tmp_path):

@@ -400,3 +400,121 @@ def test_interrupted_sweep_resumes_without_repeating_anything(tmp_path, data_dir
     for run in trials:
         for name in ("train_loss", "val_elbo", "val_mse_255", "epoch"):
             assert [m.step for m in client.get_metric_history(run.info.run_id, name)] == [1, 2], (run.info.run_name, name)
+
+
+# ----------------------------------------------------------------------------- --seeds: packed trials
+
+
+def test_a_packed_trial_resumes_from_its_newest_complete_checkpoint(tmp_path):
+    """Every seed's checkpoint must load and the furthest be at the reported epoch (one that diverged stays behind)."""
+    from raven.train import CHECKPOINT_FORMAT
+    from raven.tune import REPORTED_NAME, _newest_saved_checkpoint
+
+    def folder(name, reported_epochs, seed_epochs):
+        path = tmp_path / name
+        path.mkdir()
+        (path / REPORTED_NAME).write_text(json.dumps([{"epoch": e} for e in range(1, reported_epochs + 1)]))
+        for seed, epoch in seed_epochs.items():
+            (path / f"seed-{seed}").mkdir()
+            if epoch is not None:
+                torch.save({"format": CHECKPOINT_FORMAT, "epoch": epoch}, path / f"seed-{seed}" / "checkpoint.pt")
+        return path
+
+    first = folder("checkpoint_000000", 1, {0: 1, 1: 1})
+    folder("checkpoint_000001", 2, {0: 2, 1: None})  # seed 1's file not copied yet
+    assert _newest_saved_checkpoint(tmp_path, 0, (0, 1)) == first
+    assert _newest_saved_checkpoint(tmp_path, 1, (0, 1)) is None
+    behind = folder("checkpoint_000002", 3, {0: 3, 1: 1})  # seed 1 diverged after epoch 1
+    assert _newest_saved_checkpoint(tmp_path, 1, (0, 1)) == behind
+
+
+def test_a_sweep_of_one_trial_per_seed_is_not_resumed_as_packed_trials(tmp_path):
+    """A sweep an earlier raven ran with Tune's Repeater (a trial per seed) is refused in one line."""
+    from raven.sweep_spec import SweepError, SweepSpec, find_resumable
+
+    spec = SweepSpec(kind="sigma_aug", method="raven", param="sigma_aug", seeds=2, name="old",
+                     storage_path=str(tmp_path), space={"type": "loguniform", "low": 1e-3, "high": 1.0})
+    spec.save()
+    (spec.experiment_dir / "trial_a").mkdir()
+    (spec.experiment_dir / "trial_a" / "params.json").write_text(json.dumps({"sigma_aug": 0.01}))
+    assert find_resumable(tmp_path, "sigma_aug", "old").seeds == 2  # a packed sweep resumes
+    (spec.experiment_dir / "trial_b").mkdir()
+    (spec.experiment_dir / "trial_b" / "params.json").write_text(json.dumps({"sigma_aug": 0.01, "__trial_index__": 1}))
+    with pytest.raises(SweepError, match="ran each of its --seeds as its own trial"):
+        find_resumable(tmp_path, "sigma_aug", "old")
+
+
+@pytest.mark.slow
+def test_packed_seeds_are_one_trial_that_resumes_and_evaluates_every_seed(tmp_path, data_dir, short_tmp):
+    """--seeds 2: one Tune trial (one MLflow run, one Optuna trial) whose metrics are the seeds' mean,
+    with their std and each seed's value; interrupted after epoch 1 and resumed, both seeds go on from
+    their checkpoints; both are evaluated, each in its own run."""
+    import optuna
+    import pandas as pd
+
+    from raven.config import TrainConfig
+    from raven.data import load_splits
+    from raven.train import load_checkpoint, load_state, train, validation_metrics
+
+    env = base_env(data_dir, short_tmp)
+    env["RAY_TMPDIR"] = str(short_tmp)
+    cmd = [sys.executable, str(SIGMA_SCRIPT), *LEAN_SWEEP_FLAGS, "--seeds", "2", "--num-samples", "1", "--epochs",
+           "2", "--evaluate-top", "1", "--eval-limit", "100", "--eval-steps", "2", "--no-tsne", "--name", "packed"]
+    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    lines, trial = [], None
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if trial is None and " epoch 1/2" in line:
+                trial = line.split("trial ")[1].split()[0]
+                assert re.search(r"val_elbo -?[\d.]+ \+- [\d.]+", line), line  # the mean and std over the seeds
+                proc.send_signal(signal.SIGINT)
+        rc = proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        stop_session(proc.pid)
+    assert trial is not None and rc == 130, "".join(lines)[-5000:]
+    resumed = subprocess.run([sys.executable, str(SIGMA_SCRIPT), "--resume"], env=env, cwd=tmp_path,
+                             capture_output=True, text=True, timeout=400, start_new_session=True)
+    assert resumed.returncode == 0, resumed.stderr[-6000:]
+    assert f"trial {trial} epoch 1/2" not in resumed.stderr and f"trial {trial} epoch 2/2" in resumed.stderr
+    experiment_dir = tmp_path / "ray_results" / "packed"
+
+    client, exp, by_role = mlflow_runs(tmp_path / "mlflow.db", "raven-sigma-aug")
+    (run,) = by_role["trial"]
+    assert run.data.params["seed"] == "0,1" and run.info.run_name.startswith("sigma_aug=0.01 seeds 0-1")
+    for name in ("epoch", "epoch_seconds", "val_elbo", "val_elbo_std", "val_elbo_seed0", "val_elbo_seed1"):
+        assert [m.step for m in client.get_metric_history(run.info.run_id, name)] == [1, 2], name
+    metrics = run.data.metrics
+    per_seed = [metrics[f"val_robust_accuracy_seed{s}"] for s in (0, 1)]
+    assert metrics["val_robust_accuracy"] == pytest.approx(sum(per_seed) / 2)
+    assert metrics["val_robust_accuracy_std"] == pytest.approx(abs(per_seed[0] - per_seed[1]) / math.sqrt(2))
+    (study_trial,) = optuna.load_study(study_name="packed", storage=f"sqlite:///{experiment_dir / 'optuna.db'}").trials
+    assert study_trial.values[0] == pytest.approx(metrics["val_robust_accuracy"])  # the searcher saw the mean
+
+    # Each seed is its solo run: the trial's final seed-S folders against train() of that seed, and the
+    # logged per-seed numbers against the validation metrics recomputed from those checkpoints.
+    final = Path(run.data.tags["raven.checkpoint"])
+    first_epoch = client.get_metric_history(run.info.run_id, "epoch_seconds")[0].value
+    splits = load_splits("mnist", data_dir, "cpu")
+    for seed in (0, 1):
+        model = load_checkpoint(final / f"seed-{seed}")
+        assert model.config == TrainConfig(method="raven", sigma_aug=0.01, epochs=2, limit=500, seed=seed)
+        # Epoch 1 was trained once, before the interruption: its timing is the one logged then.
+        assert model.history[0]["epoch_seconds"] == first_epoch
+        solo = train(model.config, splits=splits, device="cpu")
+        for name, value in solo.model.state_dict().items():
+            assert torch.allclose(value, model.state_dict()[name], atol=1e-5, rtol=0), name
+        assert validation_metrics(model, model.config, splits.val_x)["val_elbo"] == \
+            pytest.approx(metrics[f"val_elbo_seed{seed}"], rel=1e-6)
+        assert load_state(final / f"seed-{seed}")["epoch"] == 2
+
+    evaluations = sorted(by_role["evaluation"], key=lambda r: int(r.data.tags["raven.seed"]))
+    assert [(e.data.tags["raven.trial_id"], e.data.tags["raven.seed"]) for e in evaluations] == [(trial, "0"), (trial, "1")]
+    assert run.data.tags["raven.evaluation_run_id"] == ",".join(e.info.run_id for e in evaluations)
+    assert [e.data.params["seed"] for e in evaluations] == ["0", "1"]
+    table = pd.read_csv(experiment_dir / "trials.csv")
+    assert list(table["seed"]) == [0, 1] and list(table["trial_id"]) == [trial, trial]
+    assert list(table["val_robust_accuracy"]) == pytest.approx(per_seed)

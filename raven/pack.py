@@ -1,0 +1,616 @@
+"""Packed training: the K seeds (or settings) of one configuration trained as one model.
+
+Each member is an ordinary run: its model is initialised exactly as `build_model(config)`
+of its seed, it has its own torch.Generator (batch order, pixel noise, PGD start,
+reparameterisation), its own fixed noisy copy of the training set where its method uses
+one (`training_noisy_copy` of its seed, indexed by its own batch order), its own sigma_aug,
+eta and beta, its own gradient-norm cap, NaN guard, early stopping and checkpoint. What
+the members share is the arithmetic: every Linear layer of the K models is one batched
+matrix product over weights of shape (K, out, in), every PReLU one elementwise select,
+and one RAdam steps the stacked parameters (RAdam is elementwise, so that equals K
+separate RAdams). The step is the solo loop's own: the random numbers are
+`raven.train.partner_noise` and `latent_noise`, drawn member by member from each
+member's generator in the solo order and stacked, and the partner and the objective are
+`raven.train.make_partner` and `step_terms`, run on (K, batch, 784) tensors, so a member
+of a pack trains exactly as it would alone:
+
+- on CPU a pack of 1 is bitwise the solo loop; a pack of K is bitwise K solo runs with one
+  thread, and equal to float rounding with more (PyTorch splits a whole-tensor sum, such
+  as a PReLU weight's gradient or a gradient norm, across threads, but a per-member sum
+  of the same numbers in a different order);
+- each member unpacks to DIR/checkpoint.pt + DIR/metrics.json in the solo format, so
+  `raven.load_checkpoint`, `raven evaluate` and `raven.train.train` (resume) read it, and
+  a pack resumes from its members' checkpoints (or solo ones) exactly.
+
+Members leave the pack when they stop early, finish their epochs or diverge; the rest are
+repacked, so a stopped member's parameters and optimizer state stay exactly as they were.
+Members resumed at different epochs join when the pack reaches theirs. Only the seed and
+PER_MEMBER_FIELDS may differ inside a pack; everything that shapes the computation
+(method, dataset, architecture, batch size, training images, lr, ...) must agree.
+
+On CUDA the training step is captured in CUDA graphs (one per batch shape, after a few
+eager warm-up steps on a side stream) and replayed: one launch per step instead of a few
+hundred, with the data, the accumulated losses and the NaN flags on the device and one
+host synchronisation per epoch. Each member's generator is registered with every graph
+(CUDAGraph.register_generator_state), so a replay draws from the members' Philox streams
+at the offsets eager steps would use and their states keep advancing as in a solo run;
+drawing all members' noise from one generator could not reproduce K solo runs. RAdam runs
+with capturable=True there (its step count on the device), which computes the bias
+corrections in float32 on the device: equal to a solo CUDA run to float rounding. A
+capture that fails falls back to eager steps with a log line; RAVEN_CUDA_GRAPHS=0 (or
+cuda_graphs=False) turns graphs off. The CPU path never uses them.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import os
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from raven.config import ConfigError, TrainConfig
+from raven.data import DataSplits, load_splits
+from raven.models import RavenModel
+from raven.train import (
+    CHECKPOINT_NAME,
+    EpochReport,
+    TrainResult,
+    build_model,
+    divergence_message,
+    latent_noise,
+    make_partner,
+    partner_noise,
+    resolve_device,
+    resume_state,
+    should_stop,
+    step_terms,
+    training_noisy_copy,
+    validation_metrics,
+    write_checkpoint,
+)
+
+# TrainConfig fields that may differ between the members of one pack (with the seed).
+PER_MEMBER_FIELDS = ("seed", "sigma_aug", "eta", "beta", "grad_clip_norm", "epochs", "patience")
+# Eager steps of a batch shape before its CUDA graph is captured (lazy initialisation of
+# cuBLAS and the autograd engine must happen outside a capture).
+GRAPH_WARMUP_STEPS = 3
+GRAPHS_ENV = "RAVEN_CUDA_GRAPHS"
+
+
+def check_packable(configs: list[TrainConfig]) -> None:
+    """Raise ConfigError unless `configs` can train as one pack (all but PER_MEMBER_FIELDS agree)."""
+    if not configs:
+        raise ConfigError("a pack needs at least one config")
+    first = configs[0]
+    for config in configs[1:]:
+        for f in dataclasses.fields(TrainConfig):
+            if f.name not in PER_MEMBER_FIELDS and getattr(config, f.name) != getattr(first, f.name):
+                raise ConfigError(
+                    f"the configs of one pack must share {f.name} (got {getattr(first, f.name)!r} and "
+                    f"{getattr(config, f.name)!r}); only {', '.join(PER_MEMBER_FIELDS)} may differ")
+
+
+def member_dirname(seed: int) -> str:
+    """The folder of one seed of a pack, under the pack's folder: seed-3 (`raven train --seeds`, sweeps,
+    the reproduction)."""
+    return f"seed-{seed}"
+
+
+def parse_seeds(text: str) -> tuple[int, ...]:
+    """'0-4' -> (0, 1, 2, 3, 4), '0,2,5' -> (0, 2, 5); ranges and lists mix ('0-2,7')."""
+    seeds: list[int] = []
+    for word in (w.strip() for w in text.split(",")):
+        low, dash, high = word.partition("-")
+        try:
+            span = range(int(low), int(high) + 1) if dash else [int(word)]
+        except ValueError:
+            span = []
+        if not span or min(span) < 0:
+            raise ConfigError(f"--seeds expects seeds >= 0 as a range or a list, such as 0-4 or 0,2,5; got {text!r}")
+        seeds.extend(span)
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--seeds repeats a seed: {text!r}")
+    return tuple(seeds)
+
+
+class _BatchedLinear(torch.autograd.Function):
+    """y[k] = x[k] W[k]^T + b[k] for every member k, with nn.Linear's arithmetic.
+
+    Forward is baddbmm, which starts each product from the bias as nn.Linear's addmm does.
+    Backward forms the products as autograd does for addmm (grad_W = grad^T x, grad_x =
+    grad W, grad_b = sum over rows), where baddbmm's own backward would form x^T grad:
+    the same sums, which BLAS orders differently for thin matrices. So on CPU each member's
+    outputs and gradients are bitwise those of its own nn.Linear.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        return torch.baddbmm(bias.unsqueeze(-2), x, weight.transpose(-1, -2))
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, weight = ctx.saved_tensors
+        grad_x = torch.bmm(grad, weight) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.bmm(grad.transpose(-1, -2), x) if ctx.needs_input_grad[1] else None
+        grad_bias = grad.sum(dim=-2) if ctx.needs_input_grad[2] else None
+        return grad_x, grad_weight, grad_bias
+
+
+class PackedLinear(nn.Module):
+    """K nn.Linear layers as one: weight (K, out, in), bias (K, out), inputs (K, N, in)."""
+
+    def __init__(self, layers: list[nn.Linear]) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.stack([layer.weight.detach() for layer in layers]))
+        self.bias = nn.Parameter(torch.stack([layer.bias.detach() for layer in layers]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _BatchedLinear.apply(x, self.weight, self.bias)
+
+
+class PackedPReLU(nn.Module):
+    """K nn.PReLU layers as one: weight (K, P) with P = 1 or the channel count."""
+
+    def __init__(self, layers: list[nn.PReLU]) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.stack([layer.weight.detach() for layer in layers]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # F.prelu's own rule (x if x > 0 else a x), with a per-member slope.
+        return torch.where(x > 0, x, self.weight.unsqueeze(-2) * x)
+
+
+def _stack_modules(modules: list[nn.Module]) -> nn.Module:
+    """One module of the same structure with every layer packed and every parameter stacked."""
+    first = modules[0]
+    if isinstance(first, nn.Linear):
+        return PackedLinear(modules)
+    if isinstance(first, nn.PReLU):
+        return PackedPReLU(modules)
+    assert not list(first.buffers(recurse=False)), f"cannot pack {type(first).__name__}: it has buffers"
+    packed = copy.deepcopy(first)
+    for name, _ in first.named_parameters(recurse=False):
+        setattr(packed, name, nn.Parameter(torch.stack([getattr(m, name).detach() for m in modules])))
+    for name, _ in first.named_children():
+        setattr(packed, name, _stack_modules([getattr(m, name) for m in modules]))
+    return packed
+
+
+class PackedModel(nn.Module):
+    """K RavenModels as one. Same module tree and state_dict keys, every tensor with a leading
+    member dimension; encoder and decoder map (K, N, in) to (K, N, out)."""
+
+    def __init__(self, models: list[RavenModel]) -> None:
+        super().__init__()
+        self.size = len(models)
+        self.latent_dim = models[0].latent_dim
+        self.encoder = _stack_modules([m.encoder for m in models])
+        self.decoder = _stack_modules([m.decoder for m in models])
+        self.prior = _stack_modules([m.prior for m in models]) if models[0].prior is not None else None
+
+    def member_state_dict(self, k: int) -> dict[str, torch.Tensor]:
+        """Member k's parameters under RavenModel's keys (views: copy before training on)."""
+        return {name: tensor[k] for name, tensor in self.state_dict().items()}
+
+
+@dataclass(frozen=True)
+class PackSettings:
+    """The settings a step reads (raven.train.StepSettings), for a pack. A per-member value
+    that all members share stays the solo loop's own float (or tuple), so a pack of members
+    that agree computes exactly what each would alone; one that differs becomes a tensor
+    broadcasting over the pack: beta and eta (K, 1) against per-pair terms (K, batch),
+    sigma_aug (K, 1, d) against (K, batch, d)."""
+
+    method: str
+    noise_std: float
+    se_epsilon: float
+    se_steps: int
+    sigma_aug: float | tuple[float, ...] | torch.Tensor
+    beta: float | torch.Tensor
+    eta: float | torch.Tensor
+
+    @classmethod
+    def of(cls, configs: list[TrainConfig], device: torch.device) -> "PackSettings":
+        d = configs[0].latent_dim
+
+        def per_member(values: list[Any], row: Callable[[Any], Any] = lambda v: v) -> Any:
+            if all(v == values[0] for v in values):
+                return values[0]
+            return torch.tensor([row(v) for v in values], dtype=torch.float32, device=device).unsqueeze(1)
+
+        first = configs[0]
+        return cls(method=first.method, noise_std=first.noise_std, se_epsilon=first.se_epsilon,
+                   se_steps=first.se_steps,
+                   sigma_aug=per_member([c.sigma_aug for c in configs],
+                                        lambda s: list(s) if isinstance(s, tuple) else [s] * d),
+                   beta=per_member([c.beta for c in configs]), eta=per_member([c.eta for c in configs]))
+
+
+def _solo_param_groups(model: RavenModel, config: TrainConfig) -> list[dict[str, Any]]:
+    """The param_groups a solo run's RAdam saves, so unpacked optimizer states load there unchanged."""
+    return torch.optim.RAdam(model.parameters(), lr=config.lr).state_dict()["param_groups"]
+
+
+class PackedTrainer:
+    """The stacked model, optimizer and per-member generators of the members trained together.
+
+    `models`, `generators` and `optimizer_states` (solo RAdam state_dicts, None for fresh
+    members) are the members' current states; all members must be at the same step.
+    `noisy_copies` holds each member's `training_noisy_copy` (N, 784) where the method
+    trains on a fixed copy, else None. `train_epoch` runs one epoch and returns its
+    per-member loss sums and first non-finite step, read from the device once.
+    """
+
+    def __init__(self, configs: list[TrainConfig], train_x: torch.Tensor, models: list[RavenModel],
+                 generators: list[torch.Generator], optimizer_states: list[dict[str, Any] | None],
+                 noisy_copies: list[torch.Tensor] | None = None, cuda_graphs: bool = False,
+                 log: Callable[[str], None] | None = None) -> None:
+        check_packable(configs)
+        assert noisy_copies is None or len(noisy_copies) == len(configs), "one noisy copy per member"
+        self.configs = configs
+        self.train_x = train_x
+        self.noisy_copies = noisy_copies
+        device = train_x.device
+        self.model = PackedModel(models).to(device)
+        self.model.train()
+        # A captured step needs RAdam's step count on the device (no host read of it).
+        capturable = cuda_graphs and device.type == "cuda"
+        self.optimizer = torch.optim.RAdam(self.model.parameters(), lr=configs[0].lr, capturable=capturable)
+        self._load_optimizer_states(optimizer_states, device, capturable)
+        self.generators = generators
+        self.settings = PackSettings.of(configs, device)
+        caps = [c.grad_clip_norm for c in configs]
+        # A member without a cap gets an infinite one: its clip factor is then exactly 1.
+        self.max_norm = (None if all(c is None for c in caps) else
+                         torch.tensor([math.inf if c is None else c for c in caps], device=device))
+        self.totals: dict[str, torch.Tensor] | None = None
+        self.first_bad = torch.full((len(configs),), -1, dtype=torch.long, device=device)
+        self.step_count = torch.zeros((), dtype=torch.long, device=device)
+        self._graphs = _GraphedStep(self._step, generators, list(self.model.parameters()), log) if cuda_graphs else None
+
+    def _load_optimizer_states(self, states: list[dict[str, Any] | None], device: torch.device,
+                               capturable: bool) -> None:
+        """Stack the members' RAdam states (or zeros, as RAdam would start) into the pack's."""
+        assert all(s is None for s in states) or all(s is not None for s in states), "members at different steps"
+        for i, p in enumerate(self.model.parameters()):
+            if states[0] is None:
+                step = 0.0
+                exp_avg, exp_avg_sq = torch.zeros_like(p), torch.zeros_like(p)
+            else:
+                member = [s["state"][i] for s in states]
+                steps = {float(m["step"]) for m in member}
+                assert len(steps) == 1, f"members at different optimizer steps {sorted(steps)}"
+                step = steps.pop()
+                exp_avg = torch.stack([m["exp_avg"].to(device) for m in member])
+                exp_avg_sq = torch.stack([m["exp_avg_sq"].to(device) for m in member])
+            self.optimizer.state[p] = {
+                "step": torch.tensor(step, dtype=torch.float32, device=device if capturable else "cpu"),
+                "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq,
+            }
+
+    def member_optimizer_state(self, k: int, param_groups: list[dict[str, Any]]) -> dict[str, Any]:
+        """Member k's RAdam state_dict in the solo format (copies)."""
+        state = {}
+        for i, p in enumerate(self.model.parameters()):
+            s = self.optimizer.state[p]
+            state[i] = {"step": s["step"].detach().to("cpu", torch.float32).clone(),
+                        "exp_avg": s["exp_avg"][k].clone(), "exp_avg_sq": s["exp_avg_sq"][k].clone()}
+        return {"state": state, "param_groups": copy.deepcopy(param_groups)}
+
+    def _clip_gradients(self) -> None:
+        """Each member's global gradient norm capped at its own max, as clip_grad_norm_ does per model."""
+        grads = [p.grad for p in self.model.parameters()]
+        # (K, parameters), so each member's total is a contiguous reduction like its solo one.
+        norms = torch.stack([torch.linalg.vector_norm(g, 2, dim=tuple(range(1, g.dim()))) for g in grads], dim=1)
+        total = torch.linalg.vector_norm(norms, 2, dim=1)
+        # clip_grad_norm_'s arithmetic: max_norm / (norm + 1e-6) is reciprocal(...) * max_norm.
+        coef = torch.clamp((total + 1e-6).reciprocal() * self.max_norm, max=1.0)
+        for g in grads:
+            g.mul_(coef.view(-1, *([1] * (g.dim() - 1))))
+
+    def _step(self, index: torch.Tensor) -> None:
+        """One optimiser step of every member on its batch train_x[index[k]]; nothing read back."""
+        x = self.train_x[index]
+        # Each member's rows of its own fixed copy, in its own batch order.
+        fixed = (None if self.noisy_copies is None
+                 else torch.stack([copy[rows] for copy, rows in zip(self.noisy_copies, index)]))
+        draws, eps = [], []
+        for config, generator in zip(self.configs, self.generators):
+            # The solo order: the partner's draws, then the reparameterisation's.
+            draws.append(partner_noise(config, index.shape[1], generator, fixed is not None))
+            eps.append(latent_noise(config, index.shape[1], generator))
+        noise = {name: torch.stack([d[name] for d in draws]) for name in draws[0]}
+        partner = make_partner(self.model, self.settings, x, noise, fixed)
+        terms = step_terms(self.model, self.settings, x, partner, torch.stack(eps))
+        loss = terms["loss"]
+        self.optimizer.zero_grad(set_to_none=True)
+        # Members share no parameter, so each gets exactly the gradient of its own loss.
+        loss.sum().backward()
+        if self.max_norm is not None:
+            self._clip_gradients()
+        self.optimizer.step()
+        with torch.no_grad():
+            if self.totals is None:
+                self.totals = {name: torch.zeros_like(value) for name, value in terms.items()}
+            for name, value in terms.items():
+                self.totals[name].add_(value.detach())
+            bad_now = (~torch.isfinite(loss)) & (self.first_bad < 0)
+            self.first_bad.copy_(torch.where(bad_now, self.step_count, self.first_bad))
+            self.step_count.add_(1)
+
+    def step(self, index: torch.Tensor) -> None:
+        """One step on batch indices (K, b): replayed from a CUDA graph where enabled."""
+        if self._graphs is not None:
+            self._graphs(index)
+        else:
+            self._step(index)
+
+    def epoch_order(self) -> torch.Tensor:
+        """Each member's permutation of the training images, (K, N), from its generator."""
+        n, device = len(self.train_x), self.train_x.device
+        return torch.stack([torch.randperm(n, generator=g, device=device) for g in self.generators])
+
+    def train_epoch(self, batch_size: int, on_step: Callable[[], None] | None = None
+                    ) -> tuple[dict[str, list[float]], list[int]]:
+        """One epoch; returns per-member sums of every term and the first non-finite step (-1: none)."""
+        order = self.epoch_order()
+        if self.totals is not None:
+            for total in self.totals.values():
+                total.zero_()
+        self.first_bad.fill_(-1)
+        self.step_count.zero_()
+        for start in range(0, order.shape[1], batch_size):
+            self.step(order[:, start:start + batch_size])
+            if on_step:
+                on_step()
+        assert self.totals is not None
+        return {name: total.tolist() for name, total in self.totals.items()}, self.first_bad.tolist()
+
+
+class _GraphedStep:
+    """Runs a step function from CUDA graphs, one per batch shape, each captured after
+    GRAPH_WARMUP_STEPS eager steps of its shape on a side stream. Capture executes nothing,
+    so the first replay right after it is that step; eager and replayed steps update the
+    same tensors in place and may alternate (the epoch's last, smaller batch)."""
+
+    def __init__(self, step: Callable[[torch.Tensor], None], generators: list[torch.Generator],
+                 parameters: list[nn.Parameter], log: Callable[[str], None] | None) -> None:
+        self.step_fn = step
+        self.generators = generators
+        self.parameters = parameters
+        self.log = log
+        self.graphs: dict[tuple[int, ...], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.eager_steps: Counter[tuple[int, ...]] = Counter()
+        self.failed = False
+        self.side = torch.cuda.Stream()
+
+    def _eager(self, index: torch.Tensor) -> None:
+        self.side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.side):
+            self.step_fn(index)
+        torch.cuda.current_stream().wait_stream(self.side)
+
+    def __call__(self, index: torch.Tensor) -> None:
+        key = tuple(index.shape)
+        if key in self.graphs:
+            graph, static_index = self.graphs[key]
+            static_index.copy_(index)
+            graph.replay()
+            return
+        if self.failed or self.eager_steps[key] < GRAPH_WARMUP_STEPS:
+            self.eager_steps[key] += 1
+            self._eager(index)
+            return
+        static_index = index.clone()
+        graph = torch.cuda.CUDAGraph()
+        states = [g.get_state() for g in self.generators]
+        for p in self.parameters:
+            # The captured backward then allocates the gradients in the graph's own memory.
+            p.grad = None
+        try:
+            for g in self.generators:
+                graph.register_generator_state(g)
+            with torch.cuda.graph(graph):
+                self.step_fn(static_index)
+        except Exception as exc:  # noqa: BLE001 - any capture failure falls back to the same steps, eagerly
+            self.failed = True
+            for g, state in zip(self.generators, states):
+                g.set_state(state)
+            if self.log:
+                self.log(f"CUDA graph capture failed ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
+                         "training this pack eagerly")
+            self._eager(index)
+            return
+        self.graphs[key] = (graph, static_index)
+        graph.replay()
+
+
+def graphs_wanted(device: torch.device, cuda_graphs: bool | None) -> bool:
+    """cuda_graphs None: on for CUDA unless RAVEN_CUDA_GRAPHS=0; never on CPU."""
+    if cuda_graphs is None:
+        return device.type == "cuda" and os.environ.get(GRAPHS_ENV, "1") != "0"
+    if cuda_graphs and device.type != "cuda":
+        raise ConfigError(f"CUDA graphs need a CUDA device, not {device}")
+    return cuda_graphs
+
+
+@dataclass
+class _Member:
+    """One member's state between epochs; `model` is its current parameters as a RavenModel."""
+
+    index: int
+    config: TrainConfig
+    label: str
+    out_path: Path | None
+    model: RavenModel
+    generator: torch.Generator
+    param_groups: list[dict[str, Any]]
+    optimizer_state: dict[str, Any] | None = None
+    noisy_copy: torch.Tensor | None = None
+    history: list[dict[str, float]] = field(default_factory=list)
+    diverged: str | None = None
+    stopped: bool = False
+
+    @property
+    def epoch(self) -> int:
+        return len(self.history)
+
+    @property
+    def running(self) -> bool:
+        return not (self.stopped or self.diverged) and self.epoch < self.config.epochs
+
+
+def _open_member(index: int, config: TrainConfig, label: str, out_dir: str | os.PathLike | None, resume: bool,
+                 train_x: torch.Tensor) -> _Member:
+    """A member as train() would start it: fresh from its seed, or from its checkpoint, with its
+    fixed noisy copy when it has epochs left to train on it."""
+    device = train_x.device
+    model = build_model(config).to(device)
+    model.train()
+    member = _Member(index, config, label, Path(out_dir) if out_dir is not None else None, model,
+                     torch.Generator(device=device).manual_seed(config.seed), _solo_param_groups(model, config))
+    if member.out_path:
+        member.out_path.mkdir(parents=True, exist_ok=True)
+        state = resume_state(member.out_path / CHECKPOINT_NAME, config, device) if resume else None
+        if state is not None:
+            model.load_state_dict(state["model"])
+            member.optimizer_state = state["optimizer"]
+            member.generator.set_state(state["generator"].cpu())
+            member.history = state["history"]
+            assert state["epoch"] == len(member.history), "checkpoint epoch and history disagree"
+    if member.running:
+        member.noisy_copy = training_noisy_copy(config, train_x)
+    return member
+
+
+def train_pack(
+    configs: list[TrainConfig],
+    splits: DataSplits | None = None,
+    device: str | torch.device = "auto",
+    out_dirs: list[str | os.PathLike] | None = None,
+    callbacks: list[Callable[[EpochReport], None]] | None = None,
+    pack_callbacks: list[Callable[[list[EpochReport]], None]] | None = None,
+    resume: bool = True,
+    data_dir: str | os.PathLike | None = None,
+    progress: bool | None = None,
+    log: Callable[[str], None] | None = None,
+    cuda_graphs: bool | None = None,
+) -> list[TrainResult]:
+    """Train `configs` as one pack; one TrainResult per config, in order, as train() would give.
+
+    out_dirs: one folder per member for its checkpoint.pt and metrics.json (resumed when
+    `resume`). callbacks receive each member's EpochReport, as in train(); pack_callbacks
+    receive, once per epoch, the reports of the members that trained in it. A member whose
+    loss becomes non-finite is reported in the log and in its result's `diverged`, keeps
+    its last good checkpoint, and the others go on. cuda_graphs: see graphs_wanted.
+    """
+    check_packable(configs)
+    if out_dirs is not None:
+        if len(out_dirs) != len(configs):
+            raise ConfigError(f"{len(configs)} configs but {len(out_dirs)} output folders")
+        if len({Path(d).resolve() for d in out_dirs}) != len(out_dirs):
+            raise ConfigError("every member of a pack needs its own output folder")
+    device = resolve_device(device)
+    use_graphs = graphs_wanted(device, cuda_graphs)
+    first = configs[0]
+    if device.type == "cpu":
+        # As in train(): tiny posterior variances underflow into slow denormal floats.
+        torch.set_flush_denormal(True)
+    if splits is None:
+        splits = load_splits(first.dataset, data_dir, device, first.validation_size, first.limit)
+    elif splits.device != device:
+        splits = splits.to(device)
+    train_x = splits.train_x if first.limit is None else splits.train_x[:first.limit]
+    if len(train_x) == 0:
+        raise ConfigError("no training images (check --limit)")
+    seeds = [c.seed for c in configs]
+    labels = ([f"seed {s}" for s in seeds] if len(set(seeds)) == len(seeds)
+              else [f"member {i} (seed {s})" for i, s in enumerate(seeds)])
+    members = [_open_member(i, c, labels[i], out_dirs[i] if out_dirs else None, resume, train_x)
+               for i, c in enumerate(configs)]
+
+    steps_per_epoch = math.ceil(len(train_x) / first.batch_size)
+    start_epoch = min(m.epoch for m in members)
+    last_epoch = max(c.epochs for c in configs)
+    show_bar = sys.stderr.isatty() if progress is None else progress
+    bar = tqdm(total=steps_per_epoch * max(last_epoch - start_epoch, 0), disable=not show_bar, unit="step",
+               desc=f"{first.method} {first.dataset} pack of {len(configs)}", leave=False)
+    trainer: PackedTrainer | None = None
+    packed: list[int] = []
+    try:
+        for epoch in range(start_epoch, last_epoch):
+            if not any(m.running for m in members):
+                break
+            for m in members:
+                if m.running and m.epoch == epoch and should_stop(m.config, m.history):
+                    m.stopped = True
+                    if log:
+                        log(f"{m.label}: early stop after epoch {epoch}: val_elbo has not improved for "
+                            f"{m.config.patience} epochs")
+            active = [m for m in members if m.running and m.epoch == epoch]
+            if not active:
+                bar.update(steps_per_epoch)
+                continue
+            if [m.index for m in active] != packed:
+                # Repack: members that left keep their last state; those at this epoch join.
+                for m in members:
+                    if not m.running:
+                        m.noisy_copy = None  # a training set's worth of memory per member
+                copies = [m.noisy_copy for m in active]
+                trainer = PackedTrainer([m.config for m in active], train_x, [m.model for m in active],
+                                        [m.generator for m in active], [m.optimizer_state for m in active],
+                                        None if copies[0] is None else copies, cuda_graphs=use_graphs, log=log)
+                packed = [m.index for m in active]
+            started = time.perf_counter()
+            sums, first_bad = trainer.train_epoch(first.batch_size, on_step=lambda: bar.update(1))
+            seconds = time.perf_counter() - started
+            reports = []
+            for k, m in enumerate(active):
+                if first_bad[k] >= 0:
+                    m.diverged = divergence_message(epoch, first_bad[k], steps_per_epoch, m.out_path)
+                    if log:
+                        log(f"{m.label}: training diverged: {m.diverged}")
+                    continue
+                m.model.load_state_dict(trainer.model.member_state_dict(k))
+                m.optimizer_state = trainer.member_optimizer_state(k, m.param_groups)
+                metrics = {f"train_{name}": values[k] / steps_per_epoch for name, values in sums.items()}
+                metrics.update(validation_metrics(m.model, m.config, splits.val_x))
+                metrics["epoch"] = epoch + 1
+                metrics["epoch_seconds"] = seconds
+                metrics["images_per_second"] = len(train_x) / seconds
+                m.history.append(metrics)
+                if m.out_path:
+                    write_checkpoint(m.out_path, m.config, m.model.state_dict(), m.optimizer_state, m.generator,
+                                     m.history, device, len(train_x))
+                if log:
+                    log(f"{m.label}: epoch {epoch + 1}/{m.config.epochs}  loss {metrics['train_loss']:.2f}  "
+                        f"val_elbo {metrics['val_elbo']:.2f}  val_mse_255 {metrics['val_mse_255']:.1f}  "
+                        f"{len(active) * metrics['images_per_second']:.0f} img/s for the pack of {len(active)}")
+                report = EpochReport(epoch + 1, metrics, m.config, m.model,
+                                     m.out_path / CHECKPOINT_NAME if m.out_path else None,
+                                     last=epoch + 1 == m.config.epochs or should_stop(m.config, m.history))
+                for callback in callbacks or []:
+                    callback(report)
+                reports.append(report)
+            for callback in pack_callbacks or []:
+                callback(reports)
+    finally:
+        bar.close()
+    results = []
+    for m in members:
+        m.model.eval()
+        m.model.config = m.config
+        m.model.history = m.history
+        results.append(TrainResult(m.model, m.config, m.history, m.out_path, diverged=m.diverged))
+    return results
