@@ -30,6 +30,7 @@ from raven.config import DATASETS, DEFAULT_ETA, METHODS, PAPER_ETA, PAPER_SIGMA_
 from raven.data import load_splits
 from raven.evaluate import EvalConfig, EvalResult, evaluate_model
 from raven.pack import train_pack
+from raven.protocols import PROTOCOLS, StrongConfig
 from raven.provenance import dataset_inputs
 from raven.train import CHECKPOINT_NAME, METRICS_NAME, resolve_device
 
@@ -48,6 +49,10 @@ class Budget:
     55,000-image training split). eval_limit: test images attacked and measured (None:
     10,000). probe_limit: training images the linear probe is fitted on (None: all). seeds:
     0 .. seeds-1. steps: PGD steps per attack (paper: 50). fid: compute FID (Table 2).
+    protocol: the evaluation's protocol (raven evaluate --protocol; "both": the paper's and
+    the strong one side by side). strong_steps: the strong protocol's PGD steps and AutoAttack
+    iterations (100 by default, AutoAttack's standard); strong_restarts: its PGD restarts;
+    square_queries: Square's queries (standard: 5,000).
     """
 
     epochs: int = 100
@@ -60,10 +65,16 @@ class Budget:
     datasets: tuple[str, ...] = DATASETS
     methods: tuple[str, ...] = METHODS
     fid: bool = True
+    protocol: str = "both"
+    strong_steps: int = StrongConfig.steps
+    strong_restarts: int = StrongConfig.restarts
+    square_queries: int = StrongConfig.square_queries
     smoke: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "seeds", "steps"):
+        if self.protocol not in PROTOCOLS:
+            raise ConfigError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {self.protocol!r}")
+        for name in ("epochs", "seeds", "steps", "strong_steps", "strong_restarts", "square_queries"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
@@ -99,7 +110,8 @@ class Budget:
         if self.full:
             return ("full budget: up to 100 epochs with early stopping (patience 5 on val_elbo), all 55,000 "
                     "training images, 10,000 test images, probe on all training images, 5 seeds, 50-step PGD, "
-                    "FID, both datasets, all methods")
+                    "FID, both datasets, all methods; the paper's protocol and the strong one (100-step PGD x 2 "
+                    "restarts, AutoAttack's standard set)")
         changes = []
         if (self.epochs, self.patience) != (FULL_BUDGET.epochs, FULL_BUDGET.patience):
             stop = f"early stopping patience {self.patience}" if self.patience else "no early stopping"
@@ -116,6 +128,13 @@ class Budget:
             changes.append(f"{self.steps}-step PGD (paper: 50)")
         if not self.fid:
             changes.append("no FID")
+        if self.protocol != FULL_BUDGET.protocol:
+            changes.append(f"{self.protocol} protocol only (full: both)")
+        if self.protocol != "paper":
+            strong = (self.strong_steps, self.strong_restarts, self.square_queries)
+            if strong != (FULL_BUDGET.strong_steps, FULL_BUDGET.strong_restarts, FULL_BUDGET.square_queries):
+                changes.append(f"strong protocol at {self.strong_steps} steps x {self.strong_restarts} restart(s), "
+                               f"Square {self.square_queries} queries (full: 100 x 2, 5,000)")
         if self.datasets != DATASETS:
             changes.append("datasets " + ", ".join(self.datasets))
         if self.methods != METHODS:
@@ -137,7 +156,7 @@ FULL_BUDGET = Budget()
 # Sized to finish in a few minutes on 2 CPU cores while still producing every table and
 # figure: both datasets, all five methods, 2 seeds (so a std over seeds exists) = 20 tasks.
 SMOKE_BUDGET = Budget(epochs=2, patience=None, limit=5000, eval_limit=300, probe_limit=5000, seeds=2, steps=10,
-                      fid=False, smoke=True)
+                      fid=False, strong_steps=5, strong_restarts=1, square_queries=50, smoke=True)
 
 
 @dataclass(frozen=True)
@@ -187,8 +206,10 @@ def train_config(cell: Cell, budget: Budget, hp: Hyperparameters) -> TrainConfig
 
 
 def eval_config(cell: Cell, budget: Budget) -> EvalConfig:
+    strong = StrongConfig(steps=budget.strong_steps, restarts=budget.strong_restarts,
+                          autoattack_steps=budget.strong_steps, square_queries=budget.square_queries)
     return EvalConfig(steps=budget.steps, limit=budget.eval_limit, probe_limit=budget.probe_limit, fid=budget.fid,
-                      tsne=True, seed=cell.seed)
+                      tsne=True, seed=cell.seed, protocol=budget.protocol, strong=strong)
 
 
 # ----------------------------------------------------------------------------- the task

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from raven import reproduce_offline
 from raven.config import DATASETS, METHODS, ConfigError
+from raven.protocols import PROTOCOLS
 from raven.reproduce_grid import FULL_BUDGET, SMOKE_BUDGET, Budget
 
 
@@ -45,6 +46,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     budget.add_argument("--datasets", type=_words, help=f"comma-separated ({','.join(DATASETS)})")
     budget.add_argument("--methods", type=_words, help=f"comma-separated ({','.join(METHODS)})")
     budget.add_argument("--no-fid", action="store_true", help="skip FID (the slowest metric on a CPU)")
+    budget.add_argument("--protocol", choices=PROTOCOLS,
+                        help="evaluation protocol: paper, strong or both (full: both; raven evaluate --protocol)")
+    budget.add_argument("--strong-steps", type=int,
+                        help="strong protocol: PGD steps and AutoAttack iterations (full: 100)")
+    budget.add_argument("--strong-restarts", type=int, help="strong protocol: PGD restarts (full: 2)")
+    budget.add_argument("--square-queries", type=int, help="strong protocol: Square attack queries (full: 5000)")
     p.add_argument("--paper-values", action="store_true",
                    help="use the paper's sigma_aug (0.01 MNIST, 0.04 F-MNIST) and eta (500, 5000), not the sweeps'")
     # Experiment defaults (None) are raven.tracking's names, resolved once MLflow is imported.
@@ -84,7 +91,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def budget_from_args(args: argparse.Namespace) -> Budget:
     base = SMOKE_BUDGET if args.smoke else FULL_BUDGET
     changes = {name: getattr(args, name) for name in ("epochs", "patience", "limit", "eval_limit", "probe_limit",
-                                                     "seeds", "steps", "datasets", "methods")
+                                                     "seeds", "steps", "datasets", "methods", "protocol",
+                                                     "strong_steps", "strong_restarts", "square_queries")
                if getattr(args, name) is not None}
     if args.no_early_stopping:
         changes["patience"] = None

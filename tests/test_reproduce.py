@@ -21,8 +21,9 @@ import pytest
 
 from raven import load_checkpoint
 from raven.config import DATASETS, METHODS, ConfigError
+from raven.protocols import StrongConfig
 from raven.reproduce import FULL_BUDGET, SMOKE_BUDGET, Budget
-from raven.reproduce_grid import default_hyperparameters, eval_config, group_cells, run_pack, train_config
+from raven.reproduce_grid import Cell, default_hyperparameters, eval_config, group_cells, run_pack, train_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SMOKE_TIMEOUT = 900
@@ -102,6 +103,9 @@ def _parent(client):
 def test_full_budget_is_the_paper_protocol_and_says_so():
     assert FULL_BUDGET.full and FULL_BUDGET.kind == "full"
     assert (FULL_BUDGET.seeds, FULL_BUDGET.steps, FULL_BUDGET.fid) == (5, 50, True)
+    # Both protocols at the strong protocol's own defaults (AutoAttack's standard budget).
+    strong = eval_config(Cell("mnist", "vae", 0), FULL_BUDGET)
+    assert strong.protocol == "both" and strong.strong == StrongConfig()
     assert FULL_BUDGET.datasets == DATASETS and FULL_BUDGET.methods == METHODS
     assert FULL_BUDGET.describe().startswith("full budget")
     assert len(FULL_BUDGET.cells()) == 2 * 5 * 5
@@ -111,7 +115,7 @@ def test_reduced_budget_names_every_reduction():
     text = SMOKE_BUDGET.describe()
     assert SMOKE_BUDGET.kind == "smoke" and not SMOKE_BUDGET.full
     for part in ("REDUCED", "--smoke", "2 epochs", "5,000 of 55,000 training images", "300 of 10,000 test images",
-                 "2 of 5 seeds", "10-step PGD", "no FID"):
+                 "2 of 5 seeds", "10-step PGD", "no FID", "strong protocol at 5 steps x 1 restart(s)"):
         assert part in text, part
     partial = FULL_BUDGET.replace(seeds=3, methods=("vae", "raven"))
     assert partial.kind == "reduced"
@@ -124,6 +128,8 @@ def test_reduced_budget_names_every_reduction():
     ({"datasets": ("cifar10",)}, "unknown dataset 'cifar10'"),
     ({"methods": ("vae", "vae")}, "methods must not repeat"),
     ({"eval_limit": -5}, "eval_limit must be an integer >= 1"),
+    ({"protocol": "strongest"}, "protocol must be one of paper, strong, both"),
+    ({"strong_steps": 0}, "strong_steps must be an integer >= 1"),
 ])
 def test_bad_budget_is_rejected_in_one_line(change, message):
     with pytest.raises(ConfigError, match=message):
@@ -214,6 +220,8 @@ def test_smoke_reproduction_records_every_run_in_mlflow(smoke_store):
         metrics = run.data.metrics
         assert 0.0 <= metrics["clean_accuracy"] <= 1.0 and 0.0 < metrics["mse_255"] < 255.0**2
         assert {"adv_acc_kl_delta_0.1", "adv_acc_w2_delta_0.3", "latent_pair_distance_mean"} <= set(metrics)
+        # The strong protocol beside the paper's: no image it counts at delta 0.1 is wrong when clean.
+        assert 0.0 <= metrics["robust_acc_delta_0.1"] <= metrics["clean_accuracy"]
         assert "fid" not in metrics  # the smoke budget has no FID
         dataset = run.data.tags["raven.dataset"]
         inputs = {d.dataset.name: json.loads(d.dataset.profile)["images"] for d in run.inputs.dataset_inputs}
