@@ -89,8 +89,8 @@ def dissimilarity(kind: str, mu: torch.Tensor, logvar: torch.Tensor, mu_adv: tor
     raise ValueError(f"unknown encoder attack {kind!r}; choose one of {', '.join(ENCODER_ATTACKS)}")
 
 
-def _ascent_objective(kind: str, mu: torch.Tensor, logvar: torch.Tensor, mu_adv: torch.Tensor,
-                      logvar_adv: torch.Tensor) -> torch.Tensor:
+def ascent_objective(kind: str, mu: torch.Tensor, logvar: torch.Tensor, mu_adv: torch.Tensor,
+                     logvar_adv: torch.Tensor) -> torch.Tensor:
     """What PGD ascends: the same argmax and the same sign steps as `dissimilarity` (W2^2 for W2)."""
     if kind == "w2":
         return diag_gaussian_w2_squared(*(t.double() for t in (mu, logvar, mu_adv, logvar_adv)))
@@ -123,7 +123,7 @@ def _objective(kind: str, encoder: nn.Module, probe: nn.Module | None, x: torch.
 
     def objective(x_adv: torch.Tensor) -> torch.Tensor:
         mu_adv, logvar_adv = encoder(x_adv)
-        return _ascent_objective(kind, mu, logvar, mu_adv, logvar_adv)
+        return ascent_objective(kind, mu, logvar, mu_adv, logvar_adv)
 
     return objective
 

@@ -158,8 +158,13 @@ class EvalConfig:
 
 def probe_and_attack(model: nn.Module, train_x: torch.Tensor, train_y: torch.Tensor, eval_x: torch.Tensor,
                      eval_y: torch.Tensor, config: EvalConfig,
-                     log: Callable[[str], None] | None = None) -> dict[str, Any]:
+                     log: Callable[[str], None] | None = None, stage: dict[str, Any] | None = None) -> dict[str, Any]:
     """Fit the probe on (train_x, train_y), then attack (eval_x, eval_y) under config.protocol.
+
+    stage: this model's probe and paper-protocol results, already computed with the rest of
+    its pack (its entry of raven.pack_eval.pack_probe_and_attack, the same numbers): the probe
+    is not fitted again, the paper's attacks do not run again, and the strong protocol, when
+    config asks for it, attacks stage's probe.
 
     config.probe_limit / config.limit cut train_x / eval_x to their first rows. Everything
     runs on the model's device. Returns {"clean_accuracy": float, "adversarial_accuracy":
@@ -181,13 +186,18 @@ def probe_and_attack(model: nn.Module, train_x: torch.Tensor, train_y: torch.Ten
     was_training = model.training
     model.eval()
     try:
-        probe, probe_info = train_linear_probe(encode_mean(model, train_x), train_y)
-        clean = probe_accuracy(probe, model, eval_x, eval_y)
+        if stage is None:
+            probe, probe_info = train_linear_probe(encode_mean(model, train_x), train_y)
+            clean = probe_accuracy(probe, model, eval_x, eval_y)
+        else:
+            probe, probe_info, clean = stage["probe_layer"], stage["probe"], stage["clean_accuracy"]
         accuracy: dict[str, dict[str, float]] = {}
         strength: dict[str, dict[str, float]] = {}
         strong = None
         started = time.perf_counter()
-        if config.runs_paper:
+        if config.runs_paper and stage is not None:
+            accuracy, strength = stage["adversarial_accuracy"], stage["attack_dissimilarity"]
+        elif config.runs_paper:
             accuracy, strength = paper_protocol(
                 model, probe, eval_x, eval_y, attacks=config.attacks, deltas=config.deltas, steps=config.steps,
                 step_size=config.step_size, restarts=config.restarts, random_start=config.random_start,
@@ -197,7 +207,7 @@ def probe_and_attack(model: nn.Module, train_x: torch.Tensor, train_y: torch.Ten
                                      batch_size=config.batch_size, log=log)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        seconds = time.perf_counter() - started
+        seconds = time.perf_counter() - started + (stage["attack_seconds"] if stage is not None else 0.0)
     finally:
         model.train(was_training)
     return {"clean_accuracy": clean, "adversarial_accuracy": accuracy, "attack_dissimilarity": strength,
@@ -252,11 +262,12 @@ def _strong_settings(config: EvalConfig) -> dict[str, Any]:
 
 def evaluate_model(model: nn.Module, splits: DataSplits, config: EvalConfig, out_dir: str | os.PathLike | None = None,
                    label: str | None = None, log: Callable[[str], None] | None = None,
-                   extra_settings: dict[str, Any] | None = None) -> EvalResult:
+                   extra_settings: dict[str, Any] | None = None, stage: dict[str, Any] | None = None) -> EvalResult:
     """Every metric of the paper for `model` on `splits`; with out_dir, robustness.json/csv and plots there.
 
     The probe is fitted on splits.train_x (first config.probe_limit rows); attacks and
-    metrics use the first config.limit test images. All on the model's device.
+    metrics use the first config.limit test images. All on the model's device. stage: the
+    probe and paper-protocol results of its pack's evaluation (see probe_and_attack).
     """
     started = time.perf_counter()
     device = next(model.parameters()).device
@@ -275,7 +286,8 @@ def evaluate_model(model: nn.Module, splits: DataSplits, config: EvalConfig, out
         if log:
             log(f"{label}: probe on {probe_images} training images, {config.protocol} protocol on {len(test_x)} "
                 f"test images, device {device}")
-        pa = probe_and_attack(model, splits.train_x, splits.train_y, test_x, test_y, config.replace(limit=None), log=log)
+        pa = probe_and_attack(model, splits.train_x, splits.train_y, test_x, test_y, config.replace(limit=None), log=log,
+                              stage=stage)
         timings["attack_seconds"] = pa["attack_seconds"]
         strong = pa["strong"]
         if strong is not None:

@@ -171,8 +171,9 @@ class PackedPReLU(nn.Module):
         return torch.where(x > 0, x, self.weight.unsqueeze(-2) * x)
 
 
-def _stack_modules(modules: list[nn.Module]) -> nn.Module:
-    """One module of the same structure with every layer packed and every parameter stacked."""
+def stack_modules(modules: list[nn.Module]) -> nn.Module:
+    """One module of the same structure with every layer packed and every parameter stacked: it maps
+    (K, N, in) to (K, N, out), member k with module k's weights (the pack's training, raven.pack_eval)."""
     first = modules[0]
     if isinstance(first, nn.Linear):
         return PackedLinear(modules)
@@ -183,7 +184,7 @@ def _stack_modules(modules: list[nn.Module]) -> nn.Module:
     for name, _ in first.named_parameters(recurse=False):
         setattr(packed, name, nn.Parameter(torch.stack([getattr(m, name).detach() for m in modules])))
     for name, _ in first.named_children():
-        setattr(packed, name, _stack_modules([getattr(m, name) for m in modules]))
+        setattr(packed, name, stack_modules([getattr(m, name) for m in modules]))
     return packed
 
 
@@ -195,9 +196,9 @@ class PackedModel(nn.Module):
         super().__init__()
         self.size = len(models)
         self.latent_dim = models[0].latent_dim
-        self.encoder = _stack_modules([m.encoder for m in models])
-        self.decoder = _stack_modules([m.decoder for m in models])
-        self.prior = _stack_modules([m.prior for m in models]) if models[0].prior is not None else None
+        self.encoder = stack_modules([m.encoder for m in models])
+        self.decoder = stack_modules([m.decoder for m in models])
+        self.prior = stack_modules([m.prior for m in models]) if models[0].prior is not None else None
 
     def member_state_dict(self, k: int) -> dict[str, torch.Tensor]:
         """Member k's parameters under RavenModel's keys (views: copy before training on)."""

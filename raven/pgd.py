@@ -23,16 +23,19 @@ def pgd_linf(
     on_iterate: Callable[[torch.Tensor], None] | None = None,
     start: torch.Tensor | None = None,
     start_noise: torch.Tensor | None = None,
+    row_dims: int = 1,
 ) -> torch.Tensor:
     """Maximise objective(x_adv) per row subject to ||x_adv - x||_inf <= epsilon, 0 <= x_adv <= 1.
 
     objective maps (batch, D) inputs to (batch,) values; rows are attacked independently.
+    row_dims: how many leading dimensions of x index its rows, e.g. 2 for the (K, batch, D)
+    inputs of a pack of K encoders (raven.pack_eval), whose objective returns (K, batch).
     random_start draws the start uniformly in the ball: dissimilarities such as KL and W2
     between q(.|x) and q(.|x + e) have zero value and zero gradient at e = 0, so a start
     there never moves. keep_best returns, per row, the best iterate seen (including the
     final one) rather than the last, which can only make the attack stronger.
     start_noise passes the random start's U(0, 1) draw (shaped like x) instead of drawing it
-    from `generator`. Rows may carry leading dimensions when keep_best is False.
+    from `generator`. Without keep_best, rows may carry more leading dimensions than row_dims.
     Gradients are taken with respect to the input alone; the result is detached.
 
     on_iterate, when given, is called under no_grad with every iterate (the start, and the
@@ -55,8 +58,8 @@ def pgd_linf(
     else:
         x_adv = x.clone()
     best = x_adv.clone() if keep_best else x_adv
-    best_value = torch.full((x.shape[0],), -torch.inf, device=x.device, dtype=x.dtype)
-    row = (-1,) + (1,) * (x.dim() - 1)  # broadcasts a per-row flag over the row
+    best_value = torch.full(x.shape[:row_dims], -torch.inf, device=x.device, dtype=x.dtype)
+    row = x.shape[:row_dims] + (1,) * (x.dim() - row_dims)  # broadcasts a per-row flag over the row
     for _ in range(steps):
         if on_iterate is not None:
             with torch.no_grad():
