@@ -6,7 +6,8 @@ a local process pool on a machine without either (raven.reproduce_offline).
 The seeds of a (dataset, method) are one pack (`group_cells`, `run_pack`): they differ only in
 their seed, so they train as one packed model (raven.pack.train_pack: each seed exactly its solo
 run, its own early stopping and NaN guard, its own checkpoint in its cell's folder, which
-`raven evaluate` and `raven.load_checkpoint` read), then each is evaluated on the test set.
+`raven evaluate` and `raven.load_checkpoint` read), then each is evaluated on the test set: the
+paper's probe and attacks of all seeds in one batched pass (raven.pack_eval), the rest seed by seed.
 Each seed stays its own cell: its own result, MLflow child run and resume unit.
 
 "Until the model converges" (Section 4.1.2) is made concrete as at most `epochs` epochs with
@@ -27,12 +28,13 @@ from typing import Any
 import torch
 
 from raven.config import DATASETS, DEFAULT_ETA, METHODS, PAPER_ETA, PAPER_SIGMA_AUG, ConfigError, TrainConfig
-from raven.data import load_splits
+from raven.data import DataSplits, load_splits
 from raven.evaluate import EvalConfig, EvalResult, evaluate_model
 from raven.pack import train_pack
+from raven.pack_eval import pack_probe_and_attack
 from raven.protocols import PROTOCOLS, StrongConfig
 from raven.provenance import dataset_inputs
-from raven.train import CHECKPOINT_NAME, METRICS_NAME, resolve_device
+from raven.train import CHECKPOINT_NAME, METRICS_NAME, TrainResult, resolve_device
 
 PAPER_SEEDS = 5
 TRAIN_SPLIT_IMAGES = 55_000
@@ -227,7 +229,7 @@ class CellResult:
     inputs: list[dict[str, Any]] = field(default_factory=list)  # raven.tracking.dataset_inputs of the data read
     train_seconds: float = 0.0  # the pack's training, which all its pack_size seeds share
     pack_size: int = 1
-    eval_seconds: float = 0.0
+    eval_seconds: float = 0.0  # its evaluation, with its share of the pack's batched attacks (pack_stages)
     device: str = ""
     node: str = ""
     error: str | None = None
@@ -241,10 +243,27 @@ def group_cells(cells: list[Cell]) -> dict[tuple[str, str], list[Cell]]:
     return {key: sorted(group, key=lambda c: c.seed) for key, group in packs.items()}
 
 
+def pack_stages(trained: list[TrainResult], evaluations: list[EvalConfig], splits: DataSplits
+                ) -> tuple[dict[int, dict[str, Any]], float]:
+    """The probe and paper-protocol attacks of the pack's trained (not diverged) seeds in one batched pass
+    (raven.pack_eval), as {index in the pack: its stage} for evaluate_model, and each seed's share of the
+    pass's seconds. Empty (each seed then attacked alone) with fewer than two such seeds or where an
+    evaluation does not run the paper's protocol."""
+    ready = [k for k, member in enumerate(trained) if not member.diverged]
+    if len(ready) < 2 or not all(evaluations[k].runs_paper for k in ready):
+        return {}, 0.0
+    started = time.perf_counter()
+    entries = pack_probe_and_attack([trained[k].model for k in ready], splits.train_x, splits.train_y,
+                                    splits.test_x, splits.test_y, [evaluations[k] for k in ready])
+    return dict(zip(ready, entries)), (time.perf_counter() - started) / len(ready)
+
+
 def run_pack(cells: list[Cell], configs: list[TrainConfig], evaluations: list[EvalConfig], data_dir: str | None,
              out_dirs: list[str], threads: int = 1, device: str = "auto") -> list[CellResult]:
     """Train the cells of one (dataset, method) as one pack into their out_dirs (resuming checkpoints there),
-    then evaluate each seed on the test set; one CellResult per cell, in order.
+    then evaluate each seed on the test set; one CellResult per cell, in order. The paper protocol's probe and
+    attacks of the seeds run as one batched pass (pack_stages; each seed's numbers those of its solo
+    evaluation), the rest of each seed's evaluation (strong protocol, MSE, FID, ...) one seed after another.
 
     Runs inside a Ray worker (or a local process). A seed that diverged comes back with `error` set;
     the others are trained and evaluated as usual.
@@ -264,7 +283,8 @@ def run_pack(cells: list[Cell], configs: list[TrainConfig], evaluations: list[Ev
     started = time.perf_counter()
     trained = train_pack(configs, splits=splits, device=device, out_dirs=out_dirs, progress=False)
     train_seconds = time.perf_counter() - started
-    for result, member, evaluation, out_dir in zip(results, trained, evaluations, out_dirs):
+    stages, stage_share = pack_stages(trained, evaluations, splits)
+    for k, (result, member, evaluation, out_dir) in enumerate(zip(results, trained, evaluations, out_dirs)):
         result.train_seconds = train_seconds
         if member.diverged:
             result.error = f"training diverged: {member.diverged}"
@@ -273,8 +293,8 @@ def run_pack(cells: list[Cell], configs: list[TrainConfig], evaluations: list[Ev
         result.history = member.history
         started = time.perf_counter()
         result.evaluation = evaluate_model(member.model, splits, evaluation, out_dir=out / "evaluation",
-                                           label=result.cell.name)
-        result.eval_seconds = time.perf_counter() - started
+                                           label=result.cell.name, stage=stages.get(k))
+        result.eval_seconds = time.perf_counter() - started + (stage_share if k in stages else 0.0)
         for path in result.evaluation.artifacts:
             result.files[f"robustness/{Path(path).name}"] = Path(path).read_bytes()
         for name in (CHECKPOINT_NAME, METRICS_NAME):
