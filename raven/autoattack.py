@@ -1,27 +1,29 @@
 """AutoAttack's standard set (Croce & Hein, ICML 2020) on the composite classifier x -> probe(mu(x)).
 
-The four attacks come from torchattacks 3.5.1 (a maintained package; installed with
---no-deps, see .ci/run) and run in AutoAttack's order, each only on the images the previous
-ones left correctly classified, as AutoAttack itself does:
+The four attacks are the reference implementation's own classes (fra31/auto-attack, packaged
+on PyPI as pyautoattack 0.2.0, a core dependency: it declares no requirements, so it installs
+cleanly beside mlflow, where torchattacks 3.5.1's pin requests~=2.25.1 could not). They are
+built with the arguments of the reference's `AutoAttack(version="standard")` and run in its
+order, each only on the images the previous ones left correctly classified, as its
+`run_standard_evaluation` does:
 
-* APGD-CE: APGD on the cross-entropy, `steps` iterations;
-* APGD-T: APGD on the targeted DLR loss against each of the 9 other classes, `steps` each;
-* FAB-T: the targeted minimum-norm attack FAB against the 9 other classes, `steps` each;
-* Square: the score-based random-search attack (no gradients, so gradient masking cannot
-  hide a weakness from it), `square_queries` queries, p_init 0.8.
+* APGD-CE: `APGDAttack(loss="ce")`, `steps` iterations, rho 0.75;
+* APGD-T: `APGDAttack_targeted`, the targeted DLR loss against each of the 9 other classes;
+* FAB-T: `FABAttack_PT(targeted=True)`, the minimum-norm attack against the 9 other classes;
+* Square: `SquareAttack`, the score-based random search (no gradients, so gradient masking
+  cannot hide a weakness from it), `square_queries` queries, p_init 0.8, no rescaled schedule.
 
-Choice: these are the settings of the reference implementation's version="standard"
-(fra31/auto-attack: 100 iterations, 1 restart, 9 target classes, 5,000 Square queries).
-torchattacks' own AutoAttack class builds the same four attacks with its default 10
-iterations, a tenth of the reference's budget, so the set is assembled here from its
-parts with the reference's numbers.
+Choice: the cascade is run here rather than through `AutoAttack.run_standard_evaluation`, so
+that the caller chooses the images (`correct`), counts the survivors after each part, and
+takes the verdict itself (below). The budgets default to the standard version's (100
+iterations, 1 restart, 9 target classes, 5,000 Square queries).
 
 The threat model is the evaluator's: L-inf ball of radius delta around x in [0, 1]
 pixels, intersected with [0, 1]. Every image an attack returns is projected onto that set
-again and classified here, so an image counts as broken only if a point of the set fools
-the probe (torchattacks' rounding can step ~1e-8 outside the ball).
+again and classified here in fp32, so an image counts as broken only if a point of the set
+fools the probe.
 
-torchattacks seeds torch's global generators in every attack; the caller's random state
+The reference seeds torch's global generators in every attack; the caller's random state
 is saved and restored around each call (torch.random.fork_rng).
 """
 
@@ -38,7 +40,7 @@ STANDARD_STEPS = 100
 STANDARD_SQUARE_QUERIES = 5000
 _SIDE = 28
 COMPONENTS = ("apgd-ce", "apgd-t", "fab-t", "square")
-INSTALL_HINT = "pip install --no-deps torchattacks==3.5.1"
+INSTALL_HINT = "pip install pyautoattack==0.2.0"
 
 
 class ProbeOnMean(nn.Module):
@@ -53,31 +55,35 @@ class ProbeOnMean(nn.Module):
         return self.probe(self.encoder(x.flatten(1))[0])
 
 
-def torchattacks_available() -> tuple[bool, str]:
-    """(True, "") when torchattacks imports; else (False, a one-line reason with the install command)."""
+def autoattack_available() -> tuple[bool, str]:
+    """(True, "") when the reference AutoAttack (pyautoattack) imports; else (False, a one-line reason)."""
     try:
-        import torchattacks  # noqa: F401
+        import pyautoattack  # noqa: F401
     except ImportError as error:
-        return False, f"the strong protocol needs torchattacks ({error}); install it with {INSTALL_HINT}"
+        return False, f"the strong protocol needs AutoAttack ({error}); install it with {INSTALL_HINT}"
     return True, ""
 
 
 def _build(name: str, classifier: nn.Module, delta: float, steps: int, square_queries: int, restarts: int,
            seed: int, n_classes: int) -> Any:
-    import torchattacks
+    """One part of the standard set, with the reference's standard arguments and our budget."""
+    from pyautoattack.autopgd_base import APGDAttack, APGDAttack_targeted
+    from pyautoattack.fab_pt import FABAttack_PT
+    from pyautoattack.square import SquareAttack
 
+    targets = n_classes - 1
     if name == "apgd-ce":
-        return torchattacks.APGD(classifier, norm="Linf", eps=delta, steps=steps, n_restarts=restarts, seed=seed,
-                                 loss="ce")
+        return APGDAttack(classifier, n_iter=steps, norm="Linf", n_restarts=restarts, eps=delta, seed=seed,
+                          loss="ce", eot_iter=1, rho=0.75)
     if name == "apgd-t":
-        return torchattacks.APGDT(classifier, norm="Linf", eps=delta, steps=steps, n_restarts=restarts, seed=seed,
-                                  n_classes=n_classes)
+        return APGDAttack_targeted(classifier, n_iter=steps, norm="Linf", n_restarts=restarts, eps=delta,
+                                   seed=seed, eot_iter=1, rho=0.75, n_target_classes=targets)
     if name == "fab-t":
-        return torchattacks.FAB(classifier, norm="Linf", eps=delta, steps=steps, n_restarts=restarts, seed=seed,
-                                multi_targeted=True, n_classes=n_classes)
+        return FABAttack_PT(classifier, norm="Linf", n_restarts=restarts, n_iter=steps, eps=delta, seed=seed,
+                            targeted=True, n_target_classes=targets)
     if name == "square":
-        return torchattacks.Square(classifier, norm="Linf", eps=delta, n_queries=square_queries,
-                                   n_restarts=restarts, seed=seed, p_init=0.8)
+        return SquareAttack(classifier, norm="Linf", n_queries=square_queries, eps=delta, p_init=0.8,
+                            n_restarts=restarts, seed=seed, resc_schedule=False)
     raise ValueError(f"unknown AutoAttack component {name!r}; choose from {', '.join(COMPONENTS)}")
 
 
@@ -115,7 +121,7 @@ def autoattack(classifier: ProbeOnMean, x: torch.Tensor, y: torch.Tensor, delta:
                 with torch.random.fork_rng(devices=devices):
                     adversary = _build(name, classifier, delta, steps, square_queries, restarts,
                                        seed + COMPONENTS.index(name), n_classes)
-                    adv = adversary(images[rows], y[rows]).reshape(len(rows), -1)
+                    adv = adversary.perturb(images[rows], y[rows]).reshape(len(rows), -1)
                 with torch.no_grad():
                     adv = torch.minimum(torch.maximum(adv, low[rows]), high[rows])
                     alive[rows] = classifier(adv).argmax(1) == y[rows]

@@ -254,8 +254,8 @@ def _strong_settings(config: EvalConfig) -> dict[str, Any]:
         "mean": "||mu(x+eps) - mu(x)||^2",
         "autoattack_set": (f"APGD-CE, APGD-T (9 targets), FAB-T (9 targets) with {strong.autoattack_steps} "
                            f"iterations, Square with {strong.square_queries} queries, "
-                           f"{strong.autoattack_restarts} restart(s); torchattacks 3.5.1 on x -> probe(mu(x)), each "
-                           "part on the images the previous left standing" if strong.autoattack else None),
+                           f"{strong.autoattack_restarts} restart(s); the reference AutoAttack (pyautoattack 0.2.0) "
+                           "on x -> probe(mu(x)), each part on the images the previous left standing" if strong.autoattack else None),
         "threat_model": "Linf ball of radius delta around x, intersected with [0, 1]",
     }
 

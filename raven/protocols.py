@@ -51,7 +51,7 @@ from torch import nn
 
 from raven.attacks import ATTACKS, PAPER_STEP_DIVISOR, attack, random_perturbation, survives
 from raven.autoattack import (COMPONENTS, STANDARD_SQUARE_QUERIES, STANDARD_STEPS, ProbeOnMean, autoattack,
-                              torchattacks_available)
+                              autoattack_available)
 from raven.config import ConfigError
 from raven.probe import encode_mean, train_linear_probe
 
@@ -236,7 +236,7 @@ def strong_protocol(model: nn.Module, probe: nn.Module, x: torch.Tensor, y: torc
     "checks": {...} (bite_checks), "seconds": float, "check_seconds": float}.
     """
     if config.autoattack:
-        ok, reason = torchattacks_available()
+        ok, reason = autoattack_available()
         if not ok:
             raise ConfigError(reason)
     started = time.perf_counter()
@@ -383,7 +383,7 @@ def format_checks(checks: dict[str, Any]) -> list[str]:
 
 @dataclass(frozen=True)
 class StrongObjectiveSettings:
-    """The cheap strong selection objective: APGD-CE (torchattacks) on the composite classifier.
+    """The cheap strong selection objective: the reference's APGD-CE on the composite classifier.
 
     `steps` APGD-CE iterations, one restart, on the first `val_limit` validation images, at
     each of `deltas`, with the probe fitted on the first `probe_limit` training images.
@@ -418,7 +418,7 @@ def strong_validation_objective(model: nn.Module, splits: Any, settings: StrongO
     Like raven.sweep.validation_objective, it reads the training and validation splits
     only, never the test split.
     """
-    ok, reason = torchattacks_available()
+    ok, reason = autoattack_available()
     if not ok:
         raise ConfigError(reason)
     device = next(model.parameters()).device

@@ -1,5 +1,5 @@
 """The strong protocol: never weaker than an independent PGD on the probe, monotone in delta, at chance at
-delta = 0.5, beyond random noise; its checks can fail; AutoAttack from torchattacks; the cheap objective."""
+delta = 0.5, beyond random noise; its checks can fail; the reference AutoAttack (pyautoattack); the cheap objective."""
 
 from __future__ import annotations
 
@@ -109,7 +109,7 @@ def test_autoattack_parts_only_remove_survivors_inside_the_ball(vae, probe, imag
         clean = classifier(x).argmax(1) == y
     state = torch.random.get_rng_state()
     alive, survivors = autoattack(classifier, x, y, 0.03, steps=10, square_queries=100, batch_size=64)
-    assert torch.equal(torch.random.get_rng_state(), state)  # torchattacks' reseeding is undone
+    assert torch.equal(torch.random.get_rng_state(), state)  # the reference's reseeding is undone
     counts = [int(clean.sum())] + [survivors[name] for name in COMPONENTS]
     assert counts == sorted(counts, reverse=True) and counts[-1] == int(alive.sum()) < counts[0]
     assert torch.all(clean | ~alive)
