@@ -4,8 +4,8 @@ One sweep searches one hyper-parameter of one method (sweeps/sigma_aug.py: RAVEN
 sweeps/se_eta.py: the Smooth Encoder's eta). Ray Tune runs the trials (raven.tune), Optuna
 proposes them from a persistent study, MLflow records everything (raven.tracking):
 
-1. open the record: the MLflow parent run (found again on --resume), writes a previous driver
-   could not deliver, the Optuna study, the saved spec;
+1. open the record: writes a previous driver could not deliver, the MLflow parent run (found
+   again on --resume), the Optuna study, the saved spec;
 2. search: the data is read once on the driver and put in Ray's object store once; every trial
    and evaluation task reads it from there. The time it will take is estimated first
    (raven.sweep_clock); Tune runs the trials; the selection objective(s) are computed on the
@@ -18,11 +18,20 @@ proposes them from a persistent study, MLflow records everything (raven.tracking
    back to the driver, which writes every MLflow record;
 5. close the record: trials.csv, the study's plots, the Pareto front, the evaluations on the
    parent run; the best evaluated model registered as raven-{dataset}-{method}.
+
+Every MLflow write goes through the sweep's one write queue (raven.write_queue; the driver's own
+writes are raven.sweep_record's ops), so a tracking store that goes away stops nothing: the
+search and the evaluation go on from Tune's results and the checkpoints, reads that only serve
+bookkeeping are skipped while the store is down, and the writes wait in order. The driver waits
+for the store once, at the end, for at most --tracking-wait seconds; writes still kept then are
+named in one last line with the `--resume` that replays them (exit status 75). A `--resume`
+whose kept writes include the record's close only replays them: the work was done.
 """
 
 from __future__ import annotations
 
 import argparse
+import shlex
 import shutil
 import sys
 import tempfile
@@ -46,19 +55,21 @@ from raven.pack import member_dirname
 from raven.provenance import dataset_inputs
 from raven.selection import candidates, rank_configurations
 from raven.sweep_clock import SweepClock, calibrate, evaluation_estimate
+from raven.sweep_record import SweepRecord
 from raven.sweep_spec import SPEC_NAME, SweepError, SweepSpec, find_resumable, hide_password, spec_from_args
 from raven.train import CHECKPOINT_NAME, load_checkpoint, resolve_device
 from raven.study import fail_lost_trials, open_study
 from raven.tune import build_tuner, epochs_in_storage, trial_label, trial_params
 
 Log = Callable[[str], None]
+WRITES_KEPT = 75  # exit status: the work is done, its MLflow writes are kept for --resume (EX_TEMPFAIL)
 
 
 @dataclass
 class Record:
     """The open MLflow record of a sweep and its Optuna study."""
 
-    tracker: tracking.SweepTracker
+    tracker: SweepRecord
     parent_id: str
     study: Any  # optuna.Study
 
@@ -66,10 +77,11 @@ class Record:
 # ----------------------------------------------------------------------------- 1. open the record
 
 
-def open_record(spec: SweepSpec, cluster: ClusterInfo, resume: bool, log: Log) -> Record:
-    tracker = tracking.SweepTracker(spec.tracking_uri, spec.experiment, spec.name,
-                                    pending_path=spec.experiment_dir.resolve() / tracking.PENDING_NAME, log=log)
+def open_record(spec: SweepSpec, tracker: SweepRecord, cluster: ClusterInfo, resume: bool, log: Log) -> Record:
     study = open_study(spec, resume)
+    if tracker.queue.pending:  # writes a previous driver could not deliver go first
+        log(f"replaying {tracker.queue.pending} MLflow write(s) left by the interrupted driver")
+        tracker.queue.flush(force=True)  # what the store cannot take now waits in the queue
     try:
         parent_id, created = tracker.start_parent(spec.mlflow_params(), tags={
             tracking.CODE_VERSION: spec.code_version, tracking.SWEEP_KIND: spec.kind,
@@ -81,13 +93,6 @@ def open_record(spec: SweepSpec, cluster: ClusterInfo, resume: bool, log: Log) -
                          f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
     study.set_user_attr("mlflow.parent_run_id", parent_id)
     spec.save()
-    replayed = tracker.queue.load_pending()
-    if replayed:  # writes a previous driver could not deliver (the store was down when it stopped)
-        log(f"replaying {replayed} MLflow write(s) left by the interrupted driver")
-        if not tracker.queue.drain():
-            raise SweepError(f"the MLflow tracking store {spec.tracking_uri} stopped answering while the writes "
-                             f"left by the interrupted driver were replayed; they are kept in "
-                             f"{tracker.queue.path}: run --resume again once it is back")
     seeds = f" (seeds {spec.seed_list[0]}-{spec.seed_list[-1]} of each trained as one pack)" if spec.seeds > 1 else ""
     log(f"{'continuing' if resume else 'starting'} sweep {spec.name}: {spec.method} on {spec.dataset}, "
         f"{spec.param} {spec.space}, {spec.num_samples} trials{seeds}, {spec.epochs} epoch(s), "
@@ -97,12 +102,31 @@ def open_record(spec: SweepSpec, cluster: ClusterInfo, resume: bool, log: Log) -
     return Record(tracker, parent_id, study)
 
 
-def _close_parent(record: Record, status: str, log: Log) -> None:
-    try:
-        record.tracker.queue.retrying("closing the parent run", lambda: record.tracker.finish(record.parent_id, status),
-                                      timeout=30.0)
-    except Exception as exc:  # noqa: BLE001 - never hides the reason the sweep stopped
-        log(f"warning: MLflow parent run {record.parent_id} not marked {status}: {type(exc).__name__}: {exc}")
+def resume_command(spec: SweepSpec, address: str | None) -> str:
+    """The command that continues this sweep (or replays its kept writes), with the script as it was started."""
+    script = sys.argv[0] if Path(sys.argv[0]).name == f"{spec.kind}.py" else f"sweeps/{spec.kind}.py"
+    return (f"python {shlex.quote(script)} --resume --name {spec.name} --storage-path {shlex.quote(spec.storage_path)}"
+            + (f" --address {shlex.quote(address)}" if address else ""))
+
+
+def deliver(spec: SweepSpec, tracker: SweepRecord, wait: float, command: str, log: Log) -> bool:
+    """The driver's one wait: the queued MLflow writes delivered within `wait` seconds (True); else one line
+    naming the store, the writes kept, their file and the command that replays them (False)."""
+    queue = tracker.queue
+    if queue.flush(force=True):
+        return True
+    if wait > 0:
+        log(f"waiting up to {wait:.0f}s for the {queue.target} to take {queue.pending} queued write(s) "
+            "(Ctrl-C stops waiting; they stay kept)")
+        try:
+            if queue.drain(wait):
+                return True
+        except KeyboardInterrupt:
+            pass
+    sys.stdout.flush()
+    log(f"{queue.target} unreachable: {queue.pending} write(s) kept in {queue.path}; once it is back, "
+        f"replay them with: {command}")
+    return False
 
 
 # ----------------------------------------------------------------------------- 2. search
@@ -113,24 +137,19 @@ def _forget_lost_trials(spec: SweepSpec, record: Record, log: Log) -> None:
 
     A driver that dies (SIGKILL, a lost head) may have started trials after Tune last saved its
     experiment state; the restored sweep does not know them and runs new trials in their place.
-    Their MLflow runs are deleted (soft: `mlflow runs restore --run-id ID` brings one back) and
-    their Optuna trials marked FAILED.
+    Their MLflow runs are deleted by a queued write (soft: `mlflow runs restore --run-id ID` brings
+    one back) and their Optuna trials marked FAILED.
     """
     try:
         known: set[str] = set()  # no saved state at all: the resumed sweep starts over (build_tuner)
         if Tuner.can_restore(str(spec.experiment_dir.resolve())):
             known = {t.trial_id for t in ExperimentAnalysis(str(spec.experiment_dir.resolve())).trials}
-        tracker = record.tracker
-        for trial_id, run_id in tracker.queue.retrying("reading the trial runs", tracker.trial_runs).items():
-            if trial_id not in known:
-                tracker.queue.retrying("deleting a lost trial's run", lambda: tracker.client.delete_run(run_id))
-                log(f"trial {trial_id} started after Tune last saved the sweep's state and is not resumed "
-                    f"(a new trial takes its place); its MLflow run {run_id} is deleted")
+        record.tracker.queue.submit({"op": "forget", "known": sorted(known)})
         failed = fail_lost_trials(record.study, known)
         if failed:
             log(f"{failed} Optuna trial(s) of trials lost with the driver marked FAILED")
-    except Exception as exc:  # noqa: BLE001 - the sweep continues; the record may keep an extra run
-        log(f"warning: runs of trials lost with the driver not checked: {type(exc).__name__}: {exc}")
+    except Exception as exc:  # noqa: BLE001 - the sweep continues; the study may keep a RUNNING trial
+        log(f"warning: trials lost with the driver not checked: {type(exc).__name__}: {exc}")
 
 
 def finished_trials(spec: SweepSpec) -> int:
@@ -167,16 +186,12 @@ def search(spec: SweepSpec, record: Record, splits: DataSplits, splits_ref, clus
         _forget_lost_trials(spec, record, log)
     inputs = dataset_inputs(spec.dataset, data_dir, {"train": len(splits.train_x[:spec.limit]),
                                                      "validation": len(splits.val_x)}, spec.validation_size)
-    tuner = build_tuner(spec, splits_ref, cluster.gpus_per(spec.gpus_per_trial, TRIAL_GPU_SHARE), inputs,
-                        clock.rates, clock.slots, clock.eval_slots, resume)
+    tuner = build_tuner(spec, record.tracker, splits_ref, cluster.gpus_per(spec.gpus_per_trial, TRIAL_GPU_SHARE),
+                        inputs, clock.rates, clock.slots, clock.eval_slots, resume)
     results = tuner.fit()
-    # Writes the callback could not deliver during the sweep (the store was unreachable).
-    record.tracker.queue.load_pending()
-    record.tracker.queue.drain()
     expected, finished = spec.num_samples, finished_trials(spec)
     if finished < expected:
-        log(f"interrupted with {finished} of {expected} trials finished; continue with: "
-            f"python sweeps/{spec.kind}.py --resume --name {spec.name} --storage-path {spec.storage_path}")
+        log(f"interrupted with {finished} of {expected} trials finished")
         return None
     return results
 
@@ -188,7 +203,8 @@ def rank(spec: SweepSpec, record: Record, results, log: Log):
     """(the trial table, the configurations ranked: raven.selection.rank_configurations)."""
     run_ids = {}
     try:
-        run_ids = record.tracker.queue.retrying("reading the trial runs", record.tracker.trial_runs)
+        run_ids = record.tracker.queue.read("looking up the trials' MLflow runs for trials.csv",
+                                            record.tracker.trial_runs, {})
     except Exception as exc:  # noqa: BLE001 - the table is written without the run ids
         log(f"warning: MLflow trial runs not read: {type(exc).__name__}: {exc}")
     table = sweep_report.trial_table(results, spec, run_ids)
@@ -220,33 +236,14 @@ def _evaluate_task(checkpoint_bytes: bytes, splits: DataSplits, evaluation: dict
             "seconds": time.perf_counter() - started}
 
 
-def _log_evaluation(spec: SweepSpec, record: Record, job: dict[str, Any], payload: dict[str, Any],
-                    folder: Path, inputs: list[dict[str, Any]]) -> tuple[str, str, str | None]:
-    """The evaluation run of one seed of a trial: metrics, files, dataset inputs, the model; (run id, model uri,
-    model id)."""
-    tracker = record.tracker
-    result: EvalResult = payload["result"]
-    seed = job["seed"]
-    run_id = tracker.new_evaluation_run(
-        job["trial_id"], f"eval {trial_label(spec, job['config'], job['trial_id'], seed)}",
-        trial_params(spec, job["config"], job["trial_id"], seed), seed=seed)
-    tracking.log_evaluation(tracker.client, run_id, result)
-    tracking.log_inputs(tracker.client, run_id, inputs)
-    tracker.client.log_artifact(run_id, str(folder / CHECKPOINT_NAME), "checkpoint")
-    model = tracking.log_model(spec.tracking_uri, run_id, load_checkpoint(folder / CHECKPOINT_NAME, map_location="cpu"))
-    tracker.set_tags(run_id, {tracking.MODEL_URI: model.model_uri, tracking.EVAL_DEVICE: payload["device"],
-                              tracking.EVAL_NODE: payload["node"], tracking.CHECKPOINT: str(folder / CHECKPOINT_NAME),
-                              tracking.TRIAL_RUN_ID: tracker.trial_run(job["trial_id"])})
-    tracking.log_metrics(tracker.client, run_id, {"eval_seconds": payload["seconds"]})
-    return run_id, model.model_uri, model.model_id
-
-
 def evaluate_best(spec: SweepSpec, record: Record, results, table, ranked, splits_ref, splits: DataSplits,
                   cluster: ClusterInfo, clock: SweepClock, data_dir: str | None, log: Log) -> list[dict[str, Any]]:
     """Evaluate every seed of the candidate configurations (raven.selection.candidates) as Ray tasks.
 
-    Seeds with a FINISHED evaluation run are not evaluated again (their metrics are read back);
-    a seed that diverged is not evaluated. Returned in ranking order, seeds in order: the first is the best.
+    Seeds with a recorded evaluation run are not evaluated again (their metrics are read back;
+    while the store is down none is looked up); a seed that diverged is not evaluated. Each
+    evaluation's folder (files, robustness.json, checkpoint) is written, then its MLflow record
+    queued (raven.sweep_record). Returned in ranking order, seeds in order: the first is the best.
     """
     values = candidates(ranked, spec.evaluate_top, spec.objective_list)
     if not values:
@@ -263,14 +260,11 @@ def evaluate_best(spec: SweepSpec, record: Record, results, table, ranked, split
         trial_id, seed = row["trial_id"], int(row["seed"])
         item = {"trial_id": trial_id, "value": float(row[spec.param]), "seed": seed}
         name = f"trial {trial_id}" + (f" seed {seed}" if spec.seeds > 1 else "")
-        run_id, status = tracker.queue.retrying("reading the evaluation runs",
-                                                lambda: tracker.evaluation_run(trial_id, seed))
-        if status == "FINISHED":
-            run = tracker.client.get_run(run_id)
-            model_uri = run.data.tags.get(tracking.MODEL_URI, "")
-            done.append({**item, "run_id": run_id, "metrics": run.data.metrics, "reused": True,
-                         "model_uri": model_uri, "model_id": model_uri.removeprefix("models:/") or None})
-            log(f"evaluation of {name} already in MLflow run {run_id}; not repeated")
+        found = tracker.queue.read("looking up evaluations recorded earlier",
+                                   lambda: tracker.finished_evaluation(trial_id, seed), None)
+        if found is not None:
+            done.append({**item, "run_id": found["run_id"], "metrics": found["metrics"], "reused": True})
+            log(f"evaluation of {name} already in MLflow run {found['run_id']}; not repeated")
             continue
         result = by_id.get(trial_id)
         if result is None or result.checkpoint is None:
@@ -311,17 +305,21 @@ def evaluate_best(spec: SweepSpec, record: Record, results, table, ranked, split
         (folder / CHECKPOINT_NAME).write_bytes(job["checkpoint_bytes"])
         result: EvalResult = payload["result"]
         result.artifacts = [folder / name for name in payload["artifacts"]]
-        # A retry after a lost connection replaces the half-written evaluation run (new_evaluation_run).
-        run_id, model_uri, model_id = tracker.queue.retrying(
-            f"logging the evaluation of {job['name']}",
-            lambda: _log_evaluation(spec, record, job, payload, folder, inputs))
-        done.append({**{k: job[k] for k in ("trial_id", "value", "seed")}, "run_id": run_id,
-                     "metrics": result.metrics(), "result": result, "reused": False, "model_uri": model_uri,
-                     "model_id": model_id})
+        trial_id, seed = key
+        tracker.queue.submit({
+            "op": "evaluation", "trial_id": trial_id, "seed": seed, "folder": str(folder),
+            "artifacts": list(payload["artifacts"]),
+            "run_name": f"eval {trial_label(spec, job['config'], trial_id, seed)}",
+            "params": trial_params(spec, job["config"], trial_id, seed), "inputs": inputs,
+            "device": payload["device"], "node": payload["node"], "seconds": payload["seconds"]})
+        run_id = tracker.evaluation_runs.get(key, "")
+        done.append({"trial_id": trial_id, "value": job["value"], "seed": seed, "run_id": run_id,
+                     "metrics": result.metrics(), "result": result, "reused": False})
         clock.evaluation_finished(payload["seconds"])
         progress.update(1)
         say(f"raven sweep: evaluated {job['name']} on {payload['node']} ({payload['device']}) in "
-            f"{payload['seconds']:.0f}s: clean {result.clean_accuracy:.4f}; MLflow run {run_id}"
+            f"{payload['seconds']:.0f}s: clean {result.clean_accuracy:.4f}; "
+            f"{f'MLflow run {run_id}' if run_id else 'its MLflow record queued'}"
             f"{'; ' + clock.text() if clock.evaluations_done < clock.evaluations else ''}", progress)
     progress.close()
     order = {v: i for i, v in enumerate(values)}
@@ -331,80 +329,80 @@ def evaluate_best(spec: SweepSpec, record: Record, results, table, ranked, split
 # ----------------------------------------------------------------------------- 5. close the record
 
 
-def close_record(spec: SweepSpec, record: Record, table, ranked, evaluations: list[dict[str, Any]], log: Log) -> None:
-    """The sweep's files on the parent run, its summary metrics, the best model in the registry; FINISHED."""
+def close_record(spec: SweepSpec, record: Record, table, ranked, evaluations: list[dict[str, Any]]) -> None:
+    """The sweep's files, then one queued write: them on the parent run, its summary metrics, the best model
+    in the registry, the parent FINISHED (raven.sweep_record)."""
     out = spec.experiment_dir.resolve()
     table.to_csv(out / sweep_report.TRIALS_CSV, index=False)
     artifacts = [out / sweep_report.TRIALS_CSV, out / SPEC_NAME, *sweep_report.study_plots(record.study, spec, out)]
     artifacts += sweep_report.evaluation_outputs(spec, evaluations, out)
     front = sweep_report.pareto_table(ranked, spec) if len(spec.objective_list) > 1 else None
+    pareto = None
     if front is not None:
         front.to_csv(out / sweep_report.PARETO_CSV, index=False)
         artifacts.append(out / sweep_report.PARETO_CSV)
-    tracker = record.tracker
-
-    def record_parent() -> None:
-        tracking.log_metrics(tracker.client, record.parent_id, sweep_report.summary_metrics(spec, table, ranked,
-                                                                                            evaluations))
-        tracker.log_artifacts(record.parent_id, artifacts)
-        if front is not None:
-            tracker.client.log_table(record.parent_id, data=front, artifact_file=sweep_report.PARETO_JSON)
-        if evaluations and evaluations[0].get("model_uri"):
-            best = evaluations[0]
-            name = tracking.registered_model_name(spec.dataset, spec.method)
-            version = tracking.register_model(tracker.client, name, best["model_uri"], best["model_id"], best["run_id"],
-                                              {tracking.SWEEP_NAME: spec.name, tracking.TRIAL_ID: best["trial_id"],
-                                               tracking.SEED: str(best["seed"]),
-                                               tracking.EVALUATION_RUN_ID: best["run_id"]})
-            tracker.set_tags(record.parent_id, {tracking.REGISTERED_MODEL: f"{name}/{version}"})
-            log(f"registered the best evaluated model (trial {best['trial_id']}, seed {best['seed']}) as {name} "
-                f"version {version}")
-        tracker.finish(record.parent_id, "FINISHED")
-
-    try:
-        tracker.queue.retrying("recording the sweep's results", record_parent)
-    except Exception as exc:  # noqa: BLE001 - the results are on disk; say where
-        log(f"warning: the sweep's results could not be recorded in MLflow ({type(exc).__name__}: {exc}); "
-            f"they are in {out}")
+        pareto = {"csv": str(out / sweep_report.PARETO_CSV), "artifact_file": sweep_report.PARETO_JSON}
+    best = None
+    if evaluations:
+        best = {"trial_id": evaluations[0]["trial_id"], "seed": evaluations[0]["seed"],
+                "name": tracking.registered_model_name(spec.dataset, spec.method)}
+    record.tracker.queue.submit({"op": "close", "metrics": sweep_report.summary_metrics(spec, table, ranked, evaluations),
+                                 "artifacts": [str(p) for p in artifacts], "table": pareto, "best": best})
 
 
 # ----------------------------------------------------------------------------- the driver
 
 
 def run(spec: SweepSpec, address: str | None, data_dir: str | None, resume: bool, log: Log | None = None) -> int:
-    """Run (or, with resume, continue) the sweep: 0 when done, 1 when no trial finished, 130 when interrupted."""
+    """Run (or, with resume, continue) the sweep: 0 when done, 1 when no trial finished, 75 when the work is
+    done but MLflow writes are kept for --resume (the store stayed away), 130 when interrupted."""
     log = log or (lambda line: say(f"raven sweep: {line}"))
     started = time.perf_counter()
+    command = resume_command(spec, address)
+    tracker = SweepRecord(spec.tracking_uri, spec.experiment, spec.name,
+                          pending_path=spec.experiment_dir.resolve() / tracking.PENDING_NAME, log=log)
+    tracker.queue.load_pending()
+    if resume and tracker.closing_queued():
+        log(f"sweep {spec.name} had finished its work; replaying the {tracker.queue.pending} MLflow write(s) it kept")
+        if not deliver(spec, tracker, spec.tracking_wait, command, log):
+            return WRITES_KEPT
+        log(f"the MLflow record of sweep {spec.name} is complete: {spec.tracking_uri}, experiment "
+            f"{spec.experiment!r}, parent run {tracker.parent_id}")
+        return 0
     try:
         splits = load_splits(spec.dataset, data_dir, "cpu", validation_size=spec.validation_size)
     except DataError as exc:
         raise SweepError(str(exc)) from None
     cluster = connect(address, log=log)
     try:
-        record = open_record(spec, cluster, resume, log)
+        record = open_record(spec, tracker, cluster, resume, log)
         log(f"Ray cluster {cluster.address}: {cluster.nodes} node(s), {cluster.cpus:g} CPUs, {cluster.gpus:g} GPUs")
         splits_ref = ray.put(splits)  # once; every trial and evaluation task reads this object
         clock = estimate(spec, splits, cluster, log)
         results = search(spec, record, splits, splits_ref, cluster, clock, data_dir, resume, log)
         if results is None:
-            _close_parent(record, "KILLED", log)
+            tracker.queue.submit({"op": "parent", "status": "KILLED"})
+            if deliver(spec, tracker, 0.0, command, log):
+                log(f"continue with: {command}")
             return 130
         table, ranked = rank(spec, record, results, log)
         try:
             evaluations = evaluate_best(spec, record, results, table, ranked, splits_ref, splits, cluster,
                                         clock, data_dir, log)
         except BaseException:
-            _close_parent(record, "KILLED" if isinstance(sys.exc_info()[1], KeyboardInterrupt) else "FAILED", log)
+            interrupted = isinstance(sys.exc_info()[1], KeyboardInterrupt)
+            tracker.queue.submit({"op": "parent", "status": "KILLED" if interrupted else "FAILED"})
             raise
     finally:
         ray.shutdown()
-    close_record(spec, record, table, ranked, evaluations, log)
-    sweep_report.print_summary(spec, table, ranked, evaluations, record.tracker.experiment_id, record.parent_id,
+    close_record(spec, record, table, ranked, evaluations)
+    sweep_report.print_summary(spec, table, ranked, evaluations, tracker.experiment_id, record.parent_id,
                                time.perf_counter() - started)
     if ranked.empty:
         log("no trial finished with an objective value (see the errors above and in trials.csv)")
-        return 1
-    return 0
+    if not deliver(spec, tracker, spec.tracking_wait, command, log):
+        return WRITES_KEPT
+    return 1 if ranked.empty else 0
 
 
 # ----------------------------------------------------------------------------- command line
@@ -430,6 +428,8 @@ def main(parser: argparse.ArgumentParser, argv: Sequence[str] | None, kind: str,
         if args.resume:
             spec = find_resumable(args.storage_path or SweepSpec.__dataclass_fields__["storage_path"].default,
                                   kind, args.name)
+            if args.tracking_wait is not None:  # the one setting a resumed sweep takes anew
+                spec = replace(spec, tracking_wait=args.tracking_wait)
         else:
             spec = spec_from_args(args, kind=kind, **search_space(args))
         return run(spec, args.address, args.data_dir, resume=args.resume)

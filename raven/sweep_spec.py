@@ -85,6 +85,10 @@ class SweepSpec:
     tracking_uri: str = flag(DEFAULT_TRACKING_URI, "MLflow tracking URI (default sqlite:///mlflow.db in this "
                              "folder, artifacts in ./mlruns)", CLUSTER)
     experiment: str = flag("raven-sweeps", "MLflow experiment", CLUSTER)
+    tracking_wait: float = flag(300.0, "seconds the end of the sweep waits for an unreachable MLflow tracking "
+                                "store to take the writes queued meanwhile; what it has not taken then stays in "
+                                "<Tune folder>/mlflow_pending.json for --resume (default 300; also taken with "
+                                "--resume)", CLUSTER, low=0, metavar="SECONDS")
     study_storage: str = flag("", "Optuna study storage, an RDB URL such as postgresql+psycopg2://USER@HOST/DB "
                               "(password in PGPASSWORD; default sqlite:///<Tune folder>/optuna.db); "
                               "`optuna-dashboard URL` opens it", CLUSTER, metavar="URL")

@@ -24,7 +24,9 @@ Runs are found again by tags, never remembered only in memory, so every call is 
 `raven.write_queue.WriteQueue` (ordered, saved to `<Tune folder>/mlflow_pending.json` while the
 store is unreachable, replayed by `--resume`); a retried write may have reached the store, so it
 is read back first (runs by their tags, epochs by their marker, each metric of a retried epoch at
-its step). For http(s) stores MLflow's own retries are turned down (unless set already) to
+its step). A sweep has one tracker, and so one queue, per process: a tracker unpickled where its
+sweep's tracker is open (Tune restoring its callbacks on the driver) is that tracker
+(`sweep_tracker`). For http(s) stores MLflow's own retries are turned down (unless set already) to
 MLFLOW_HTTP_REQUEST_MAX_RETRIES=1, MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR=1,
 MLFLOW_HTTP_REQUEST_TIMEOUT=15: the defaults (7 retries, 120 s timeout) would block the driver
 for minutes on every write.
@@ -37,6 +39,7 @@ import math
 import os
 import sys
 import time
+import weakref
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -104,7 +107,6 @@ DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 PENDING_NAME = "mlflow_pending.json"
 HTTP_RETRY_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                   "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}
-RETRY_SECONDS_ENV = "RAVEN_TRACKING_RETRY_S"
 _TRANSIENT_CODES = {"TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "INTERNAL_ERROR"}
 
 
@@ -129,14 +131,6 @@ def configure_http_retries(tracking_uri: str) -> None:
     if tracking_uri.startswith(("http://", "https://")):
         for key, value in HTTP_RETRY_ENV.items():
             os.environ.setdefault(key, value)
-
-
-def retry_seconds() -> float:
-    """RAVEN_TRACKING_RETRY_S (default 300): how long the end of a sweep waits for an unreachable store."""
-    try:
-        return max(0.0, float(os.environ.get(RETRY_SECONDS_ENV, "300")))
-    except ValueError:
-        return 300.0
 
 
 def failure_kind(exc: BaseException) -> str | None:
@@ -300,6 +294,15 @@ def register_model(client: MlflowClient, name: str, model_uri: str, model_id: st
 
 # ----------------------------------------------------------------------------- a sweep's runs
 
+_OPEN: "weakref.WeakValueDictionary[tuple[str, str, str], SweepTracker]" = weakref.WeakValueDictionary()
+
+
+def sweep_tracker(tracking_uri: str, experiment: str, sweep_name: str,
+                  pending_path: str | os.PathLike | None = None) -> "SweepTracker":
+    """The sweep's tracker open in this process (newest), else a new one: what an unpickled tracker becomes."""
+    return _OPEN.get((tracking_uri, experiment, sweep_name)) or \
+        SweepTracker(tracking_uri, experiment, sweep_name, pending_path)
+
 
 class SweepTracker:
     """Find-or-create access to a sweep's runs in one tracking store (picklable; the client is lazy)."""
@@ -318,15 +321,12 @@ class SweepTracker:
         self._logged_epochs: dict[str, set[int]] = {}
         self._params_done: set[str] = set()
         self.queue = WriteQueue(self.apply, failure_kind, target=f"MLflow tracking store {tracking_uri}",
-                                path=pending_path, log=self._log, retry_seconds=retry_seconds())
+                                path=pending_path, log=self._log)
         configure_http_retries(tracking_uri)
+        _OPEN[tracking_uri, experiment, sweep_name] = self
 
-    def __getstate__(self) -> dict[str, Any]:
-        return {"tracking_uri": self.tracking_uri, "experiment": self.experiment, "sweep_name": self.sweep_name,
-                "pending_path": self.pending_path}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["tracking_uri"], state["experiment"], state["sweep_name"], state.get("pending_path"))
+    def __reduce__(self):
+        return sweep_tracker, (self.tracking_uri, self.experiment, self.sweep_name, self.pending_path)
 
     @property
     def client(self) -> MlflowClient:

@@ -14,7 +14,8 @@
 * The Tuner: the trainable with its resources, the searcher over the sweep's Optuna study
   (raven.study), ASHA when asked, the callbacks; or the interrupted Tuner, restored.
 * Two callbacks on the driver: `MlflowCallback` turns Tune's events into writes queued on the
-  tracker (raven.tracking, raven.write_queue); `ProgressCallback` prints one line per trial
+  sweep's tracker, the driver's own (raven.tracking, raven.write_queue: one queue for the whole
+  sweep, which the driver drains once at its end); `ProgressCallback` prints one line per trial
   epoch with the time left (raven.sweep_clock) and a bar on a terminal.
 """
 
@@ -43,8 +44,7 @@ from raven.selection import seed_statistics, validation_objective
 from raven.study import ObjectiveOptunaSearch
 from raven.sweep_clock import Rates, SweepClock
 from raven.sweep_spec import SweepSpec
-from raven.tracking import (CHECKPOINT, ERROR_FILE, PENDING_NAME, TRIAL_RESTARTS, TRIAL_STATUS, SweepTracker,
-                            retry_seconds)
+from raven.tracking import CHECKPOINT, ERROR_FILE, TRIAL_RESTARTS, TRIAL_STATUS, SweepTracker
 from raven.train import CHECKPOINT_NAME, EpochReport, TrainingDiverged, load_state, resolve_device
 from raven.write_queue import write_atomic
 
@@ -230,9 +230,10 @@ def _search_domain(space: dict[str, Any]):
     raise ValueError(f"unknown search space type {space['type']!r}")
 
 
-def build_tuner(spec: SweepSpec, splits_ref, trial_gpus: float, inputs: list[dict[str, Any]], rates: Rates,
-                slots: int, eval_slots: int, resume: bool) -> tune.Tuner:
-    """A new Tuner, or the interrupted one restored from spec.experiment_dir when `resume`."""
+def build_tuner(spec: SweepSpec, tracker: SweepTracker, splits_ref, trial_gpus: float, inputs: list[dict[str, Any]],
+                rates: Rates, slots: int, eval_slots: int, resume: bool) -> tune.Tuner:
+    """A new Tuner whose MLflow callback writes through `tracker`, or the interrupted one restored from
+    spec.experiment_dir when `resume` (its unpickled callback finds the same tracker: raven.tracking.sweep_tracker)."""
     # Results without the objective (epochs before the last) are expected.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     # Save the experiment state (what --resume restores) every 5 s instead of Tune's adaptive
@@ -265,8 +266,6 @@ def build_tuner(spec: SweepSpec, splits_ref, trial_gpus: float, inputs: list[dic
         scheduler = ASHAScheduler(time_attr="epoch", metric=objectives[0].metric, mode=objectives[0].mode,
                                   max_t=spec.epochs, grace_period=min(spec.grace_period, spec.epochs),
                                   reduction_factor=2)
-    tracker = SweepTracker(spec.tracking_uri, spec.experiment, spec.name,
-                           pending_path=spec.experiment_dir.resolve() / PENDING_NAME)
     return tune.Tuner(
         trainable,
         param_space={spec.param: _search_domain(spec.space)},
@@ -296,7 +295,7 @@ class MlflowCallback(tune.Callback):
     Tune pickles it with the experiment (tuner.pkl) and restores it on `--resume`; it holds no
     state of its own beyond the tracker settings: runs and logged epochs are found in MLflow.
     A write the store cannot take now waits in the tracker's queue; one it rejects is reported
-    and dropped; neither stops the sweep.
+    and dropped; neither stops the sweep, and the driver, not the callback, waits for the queue.
     """
 
     def __init__(self, tracker: SweepTracker, spec: dict[str, Any], inputs: list[dict[str, Any]]) -> None:
@@ -373,10 +372,6 @@ class MlflowCallback(tune.Callback):
         # Writes queued during an outage go out as soon as the store is back, not only at the next result.
         if self.tracker.queue.pending:
             self.tracker.queue.flush()
-
-    def on_experiment_end(self, trials, **info) -> None:
-        if self.tracker.queue.pending:
-            self.tracker.queue.drain(timeout=min(60.0, retry_seconds()))
 
 
 class ProgressCallback(tune.Callback):

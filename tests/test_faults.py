@@ -6,7 +6,10 @@
     Ctrl-C, is tests/test_sweep.py::test_interrupted_sweep_resumes_without_repeating_anything);
 (c) the MLflow tracking server is killed mid-sweep and restarted ~15 s later on the same port
     and store: the sweep carries on, queues its writes and delivers each of them once (and,
-    without Ray, the write queue itself: order, a lost answer, a driver dying during the outage).
+    without Ray, the write queue itself: order, a lost answer, a driver dying during the outage,
+    reads that do not wait while the store is down);
+(d) the tracking server is killed after the first epoch and stays away past the end: the sweep
+    finishes its work, waits once (--tracking-wait) and ends with one line; `--resume` replays.
 
 Each test ends by checking the final MLflow record: exactly one run per Tune trial, every
 epoch's metrics present exactly once. The Ray tests share one cluster (a head with no CPUs and
@@ -15,7 +18,11 @@ two one-CPU worker nodes, tests/ray_cluster.py); the destructive one, (a), runs 
 
 from __future__ import annotations
 
+import json
+import pickle
 import re
+import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -24,7 +31,7 @@ from pathlib import Path
 import pytest
 
 from ray_cluster import (LEAN_SWEEP_FLAGS, SIGMA_SCRIPT, MlflowServer, RayCluster, assert_one_run_per_trial,
-                         checkpoint_reports, kill_session, stop_session, wait_for)
+                         base_env, checkpoint_reports, kill_session, short_tmpdir, stop_session, wait_for)
 
 EXPERIMENT = "raven-sigma-aug"
 
@@ -178,6 +185,41 @@ def test_write_queue_keeps_order_survives_the_driver_and_writes_each_epoch_once(
     assert failure_kind(MlflowException("a bug")) is None
 
 
+def test_while_the_store_is_down_reads_are_skipped_at_once_and_only_the_drain_waits(tmp_path):
+    from raven.tracking import SweepTracker, sweep_tracker
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    lines: list[str] = []
+    tracker = SweepTracker(uri, "exp", "sweep", pending_path=tmp_path / "mlflow_pending.json", log=lines.append)
+    tracker.start_parent({"search.param": "sigma_aug"})
+    # Tune's restored callback unpickles the tracker: in the driver's process it is the driver's (one queue).
+    assert pickle.loads(pickle.dumps(tracker)) is tracker
+    flaky = FlakyClient(tracker.client)
+    tracker._client = flaky
+    queue = tracker.queue
+    assert queue.read("reading the trial runs", tracker.trial_runs, None) == {} and not queue.down
+
+    flaky.down = True
+    started = time.monotonic()
+    assert queue.read("reading the trial runs", tracker.trial_runs, None) is None  # one try, no wait
+    assert queue.down
+    assert not queue.submit({"op": "trial", "trial_id": "t1", "run_name": "t1", "params": {"sigma_aug": 0.1}})
+    for _ in range(5):  # later reads neither wait nor go to the store
+        assert queue.read("reading the trial runs", tracker.trial_runs, "skipped") == "skipped"
+    assert time.monotonic() - started < 2.0
+    assert sum("reading the trial runs skipped" in line for line in lines) == 1
+    started = time.monotonic()
+    assert not queue.drain(1.0) and 0.9 <= time.monotonic() - started < 3.0  # the one wait, bounded
+    assert queue.pending == 1 and json.loads((tmp_path / "mlflow_pending.json").read_text())[0]["trial_id"] == "t1"
+
+    flaky.down = False  # back: the queued write goes first, then the read sees it
+    assert sweep_tracker(uri, "exp", "sweep") is tracker
+    started = time.monotonic()
+    assert queue.drain(30.0) and time.monotonic() - started < 20.0
+    assert not queue.down and list(queue.read("reading the trial runs", tracker.trial_runs, {})) == ["t1"]
+    assert any("reachable again" in line for line in lines)
+
+
 # ----------------------------------------------------------------------------- (c) tracking server outage
 
 
@@ -226,6 +268,134 @@ def test_tracking_server_outage_loses_and_duplicates_nothing(cluster, tmp_path):
         if driver is not None:
             driver.stop()
         server.stop()
+
+
+# ----------------------------------------------------------------------------- (d) the tracking server stays away
+
+
+class Timeline:
+    """When each complete line of a driver's output first appeared (the test polls while it runs)."""
+
+    def __init__(self, driver: Driver) -> None:
+        self.driver = driver
+        self.lines: list[tuple[float, str]] = []
+
+    def poll(self) -> None:
+        text = self.driver.output
+        for line in text[:text.rfind("\n") + 1].splitlines()[len(self.lines):]:
+            self.lines.append((time.monotonic(), line))
+
+    def first(self, pattern: str) -> float:
+        return next(t for t, line in self.lines if re.search(pattern, line))
+
+    def last(self, pattern: str) -> float:
+        return max(t for t, line in self.lines if re.search(pattern, line))
+
+
+@pytest.mark.slow
+def test_tracking_server_away_past_the_end_waits_once_and_resume_completes_the_record(tmp_path, data_dir):
+    """The server is killed after the first epoch and stays away past the end of the sweep.
+
+    The driver trains, evaluates the best trial and closes the record from what it holds, waits
+    once (--tracking-wait) and ends with one line naming the store, the writes kept, their file
+    and the --resume that replays them. Once the server is back, that command replays them
+    without training or evaluating anything again, and the record is complete.
+    """
+    from mlflow import MlflowClient
+
+    wait_s, epochs, trials = 15, 3, 2
+    ray_tmp = short_tmpdir()
+    env = base_env(data_dir, ray_tmp)
+    env["RAY_TMPDIR"] = str(ray_tmp)  # the sweep's own local Ray
+    server = MlflowServer(f"sqlite:///{tmp_path / 'server.db'}", tmp_path / "artifacts", env=env,
+                          log_path=tmp_path / "mlflow-server.log")
+    storage = tmp_path / "ray_results"
+    args = [*LEAN_SWEEP_FLAGS, "--num-samples", str(trials), "--epochs", str(epochs), "--evaluate-top", "1",
+            "--eval-limit", "100", "--eval-steps", "2", "--no-tsne", "--tracking-uri", "URI",
+            "--tracking-wait", str(wait_s), "--name", "away", "--storage-path", str(storage)]
+    driver = None
+    try:
+        server.start()
+        args[args.index("URI")] = server.uri
+        driver = Driver(args, env, tmp_path, tmp_path / "driver.log")
+        timeline = Timeline(driver)
+        while not any(re.search(r"trial \w+ epoch 1/", line) for _, line in timeline.lines):
+            assert driver.proc.poll() is None and driver.seconds < 300, driver.output[-5000:]
+            timeline.poll()
+            time.sleep(0.05)
+        server.stop(kill=True)
+        down_at = time.monotonic()
+        while driver.proc.poll() is None:
+            assert time.monotonic() - down_at < 600, driver.output[-5000:]
+            timeline.poll()
+            time.sleep(0.1)
+        ended_at = time.monotonic()
+        timeline.poll()
+        driver.stop()
+        output = driver.output
+        assert driver.proc.returncode == 75, output[-6000:]
+        assert "Traceback" not in output, output[-6000:]
+        assert "its MLflow record queued" in output  # the best trial was evaluated during the outage
+
+        # One wait, at the end: after the store went away, the sweep took its own work (the epochs left,
+        # the evaluation task, and at most ~30 s for Tune's end, the plots, Ray's shutdown and the failed
+        # tries at the store) plus at most one --tracking-wait.
+        waited_from = timeline.first(rf"waiting up to {wait_s}s for the MLflow tracking store")
+        training = timeline.last(r"trial \w+ (epoch \d+/|finished)") - down_at
+        evaluation = timeline.last(r"evaluated trial") - timeline.first(r"evaluating trial")
+        after = ended_at - down_at
+        print(f"after the store went away: {after:.0f}s (training {training:.0f}s, evaluation {evaluation:.0f}s, "
+              f"the final wait {ended_at - waited_from:.0f}s of at most {wait_s}s)")
+        assert ended_at - waited_from <= wait_s + 10
+        assert after <= wait_s + training + evaluation + 30, output[-6000:]
+
+        # The last line, and the only one of its kind.
+        pending = storage / "away" / "mlflow_pending.json"
+        last = output.strip().splitlines()[-1]
+        found = re.fullmatch(r"raven sweep: MLflow tracking store (\S+) unreachable: (\d+) write\(s\) kept in "
+                             r"(\S+); once it is back, replay them with: (python .+)", last)
+        assert found, output[-3000:]
+        assert found.group(1) == server.uri and Path(found.group(3)) == pending
+        assert int(found.group(2)) == len(json.loads(pending.read_text())) > 0
+        assert output.count("write(s) kept in") == 1
+        command = shlex.split(found.group(4))
+        assert command[1:] == [str(SIGMA_SCRIPT), "--resume", "--name", "away", "--storage-path", str(storage)]
+
+        server.start()  # back, on the same port and store
+        resumed = subprocess.run([sys.executable, *command[1:]], env=env, cwd=tmp_path, capture_output=True,
+                                 text=True, timeout=300, start_new_session=True)
+        replay = resumed.stdout + resumed.stderr
+        assert resumed.returncode == 0, replay[-6000:]
+        assert "had finished its work; replaying" in replay and "record of sweep away is complete" in replay
+        assert not re.search(r"trial \w+ epoch|evaluating trial|Ray cluster", replay), replay[-3000:]
+        assert not pending.exists()
+
+        # Complete: every trial with every epoch once, the evaluation, the registered model.
+        client = MlflowClient(server.uri)
+        trial_ids = tune_trials(storage / "away")
+        assert len(trial_ids) == trials
+        parent, runs = assert_one_run_per_trial(client, EXPERIMENT, trial_ids, epochs)
+        assert parent.info.status == "FINISHED"
+        assert {"best_val_robust_accuracy", "best_test_clean_accuracy"} <= set(parent.data.metrics)
+        assert {"trials.csv", "optimization_history.png"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+        exp = client.get_experiment_by_name(EXPERIMENT)
+        (evaluation_run,) = client.search_runs([exp.experiment_id], "tags.`raven.role` = 'evaluation'")
+        assert evaluation_run.info.status == "FINISHED"
+        trial_run = next(r for r in runs if r.data.tags["raven.trial_id"] == evaluation_run.data.tags["raven.trial_id"])
+        assert trial_run.data.tags["raven.evaluation_run_id"] == evaluation_run.info.run_id
+        clean = float(re.search(r"evaluated trial \w+ .* clean ([\d.]+)", output).group(1))
+        assert evaluation_run.data.metrics["clean_accuracy"] == pytest.approx(clean, abs=1e-4)  # replayed, not redone
+        assert "checkpoint/checkpoint.pt" in {a.path for a in client.list_artifacts(evaluation_run.info.run_id,
+                                                                                     "checkpoint")}
+        assert evaluation_run.data.tags["raven.model_uri"].startswith("models:/")
+        name, version = parent.data.tags["raven.registered_model"].split("/")
+        assert name == "raven-mnist-raven"
+        assert client.get_model_version(name, version).run_id == evaluation_run.info.run_id
+    finally:
+        if driver is not None:
+            driver.stop()
+        server.stop()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- (b) the driver killed
