@@ -136,7 +136,7 @@ class WriteQueue:
                 return value
         if what not in self._skipped:
             self._skipped.add(what)
-            self._log(f"note: {what} skipped: {self.target} is unreachable; the sweep goes on from what it holds")
+            self._log(f"note: {what} skipped while {self.target} is unreachable")
         return default
 
     def drain(self, timeout: float) -> bool:
