@@ -15,9 +15,15 @@ member's generator in the solo order and stacked, and the partner and the object
 of a pack trains exactly as it would alone:
 
 - on CPU a pack of 1 is bitwise the solo loop; a pack of K is bitwise K solo runs with one
-  thread, and equal to float rounding with more (PyTorch splits a whole-tensor sum, such
-  as a PReLU weight's gradient or a gradient norm, across threads, but a per-member sum
-  of the same numbers in a different order);
+  thread, and differs by float rounding with more: a few sums are split across threads one
+  way for one model and another way for K (MKL splits the contraction of some single
+  matrix products across threads but gives each matrix of a batched product one thread;
+  a PReLU slope's gradient sums the whole (N, P) input). For the Smooth Encoder that
+  rounding does not stay rounding: its partner is PGD along sign(gradient), so a pixel
+  whose gradient is within rounding of zero moves by a whole step in one run and not (or
+  the other way) in the other, and the member follows a different trajectory from its solo
+  run (2e-5 in the parameters after 6 steps at 2 threads in tests/test_pack.py). Set
+  torch.set_num_threads(1) to reproduce SE solo runs from a pack bit for bit;
 - each member unpacks to DIR/checkpoint.pt + DIR/metrics.json in the solo format, so
   `raven.load_checkpoint`, `raven evaluate` and `raven.train.train` (resume) read it, and
   a pack resumes from its members' checkpoints (or solo ones) exactly.
@@ -130,8 +136,12 @@ class _BatchedLinear(torch.autograd.Function):
     Forward is baddbmm, which starts each product from the bias as nn.Linear's addmm does.
     Backward forms the products as autograd does for addmm (grad_W = grad^T x, grad_x =
     grad W, grad_b = sum over rows), where baddbmm's own backward would form x^T grad:
-    the same sums, which BLAS orders differently for thin matrices. So on CPU each member's
-    outputs and gradients are bitwise those of its own nn.Linear.
+    the same sums, which BLAS orders differently for thin matrices. So on CPU with one thread
+    each member's outputs and gradients are bitwise those of its own nn.Linear. With more,
+    MKL may split one matrix's contraction across threads where bmm runs each matrix on one
+    thread (grad (128, 784) times W (784, 500) at 2 threads): equal to float rounding. Running
+    each member's own mm instead would be bitwise at any thread count but was 2-5x slower
+    per product on 2 loaded cores.
     """
 
     @staticmethod
