@@ -11,9 +11,9 @@ example), against the same architecture, optimiser and objective fed the usual w
 torchvision's MNIST with ToTensor through a DataLoader, batch 128.
 
 `attack`: test images attacked per second by a full 50-step L-inf PGD on the encoder
-(KL and W2 attacks of raven.attacks, chunked), against a plain reference PGD loop
+(KL and W2 attacks of raven.eval.attacks, chunked), against a plain reference PGD loop
 written out below (batches of 100, one autograd.grad per step, last iterate). Then the
-strong protocol (raven.protocols, its default settings, probe fitted on 10,000 training
+strong protocol (raven.eval.protocols, its default settings, probe fitted on 10,000 training
 images): images per second at delta 0.1, and the seconds of the whole protocol over the
 paper's delta grid with and without its checks (`--no-strong` skips both).
 
@@ -38,14 +38,14 @@ from typing import Callable, Iterator
 
 import torch
 
-from raven.attacks import PAPER_STEP_DIVISOR
 from raven.config import METHODS, TrainConfig
 from raven.data import DataSplits, default_data_dir, load_splits
-from raven.evaluate import PAPER_DELTAS, encode_mean, train_linear_probe, tsne_embedding
-from raven.fid import InceptionFeatures, fid_available, frechet_distance
+from raven.eval.attacks import PAPER_STEP_DIVISOR
+from raven.eval.evaluate import PAPER_DELTAS, encode_mean, train_linear_probe, tsne_embedding
+from raven.eval.fid import InceptionFeatures, fid_available, frechet_distance
+from raven.eval.pack_eval import attack_pack
 from raven.pack import PackedTrainer, graphs_wanted, stack_modules
-from raven.pack_eval import attack_pack
-from raven.reproduce_grid import TEST_IMAGES, TRAIN_SPLIT_IMAGES, Budget
+from raven.reproduce.grid import TEST_IMAGES, TRAIN_SPLIT_IMAGES, Budget
 from raven.train import (
     build_model,
     make_optimizer,
@@ -182,7 +182,7 @@ def _reference_pgd(model: torch.nn.Module, x: torch.Tensor, delta: float, steps:
 
 
 def bench_attack(args: argparse.Namespace) -> list[tuple[str, float]]:
-    from raven.attacks import attack
+    from raven.eval.attacks import attack
 
     device = resolve_device(args.device)
     if device.type == "cpu":
@@ -215,13 +215,13 @@ def bench_attack(args: argparse.Namespace) -> list[tuple[str, float]]:
         baseline: lambda: timed(lambda: _reference_pgd(model, x, delta, args.steps)),
     }
     for kind in ("kl", "w2"):
-        measure[f"raven.attacks {kind}, chunks of {args.batch_size}, {args.steps} steps"] = (
+        measure[f"raven.eval.attacks {kind}, chunks of {args.batch_size}, {args.steps} steps"] = (
             lambda kind=kind: timed(lambda: attack(model, x, delta, kind, steps=args.steps, batch_size=args.batch_size,
                                                    generator=torch.Generator(device=device).manual_seed(0))))
     if args.strong:
-        from raven.evaluate import PAPER_DELTAS
-        from raven.probe import encode_mean, train_linear_probe
-        from raven.protocols import StrongConfig, strong_protocol, worst_case
+        from raven.eval.evaluate import PAPER_DELTAS
+        from raven.eval.probe import encode_mean, train_linear_probe
+        from raven.eval.protocols import StrongConfig, strong_protocol, worst_case
 
         probe, _ = train_linear_probe(encode_mean(model, splits.train_x[:10000]), splits.train_y[:10000])
         y = splits.test_y[:args.images]
@@ -329,9 +329,9 @@ def estimate_reproduction(args: argparse.Namespace, device: torch.device, graphs
     upper bound: early stopping usually ends sooner) of ceil(55,000 / batch) steps, each
     epoch also validating every member (val_loss, val_elbo, val_mse_255 on 5,000 images)
     and writing its checkpoint. Fashion-MNIST has MNIST's shapes, so MNIST timings stand
-    for both. Evaluation, per model (raven.evaluate at the full budget): the linear probe
+    for both. Evaluation, per model (raven.eval.evaluate at the full budget): the linear probe
     (encoder means of 55,000 images, L-BFGS), 50-step PGD with KL and W2 on 10,000 test
-    images at every nonzero delta (a pack's seeds in one batched pass, raven.pack_eval), FID (Inception features of the test images and their
+    images at every nonzero delta (a pack's seeds in one batched pass, raven.eval.pack_eval), FID (Inception features of the test images and their
     reconstructions, then the Frechet distance on the CPU) and the t-SNE (CPU, sklearn).
     """
     budget = Budget()
@@ -369,7 +369,7 @@ def estimate_reproduction(args: argparse.Namespace, device: torch.device, graphs
         * TRAIN_SPLIT_IMAGES / len(probe_x)
     x, y = splits.test_x[:args.eval_images], splits.test_y[:args.eval_images]
     nonzero = [d for d in PAPER_DELTAS if d > 0]
-    # The reproduction attacks a pack's seeds in one batched pass (raven.pack_eval): time a pack, per model.
+    # The reproduction attacks a pack's seeds in one batched pass (raven.eval.pack_eval): time a pack, per model.
     members = [build_model(TrainConfig(method="vae", seed=seed)).to(device) for seed in range(budget.seeds)]
     encoder = stack_modules([m.encoder for m in members]).requires_grad_(False).eval()
     probes = stack_modules([torch.nn.Linear(model.latent_dim, 10).to(device) for _ in members]).requires_grad_(False)
@@ -429,7 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("attack", help="images attacked per second (50-step PGD) against a plain PGD loop")
     p.add_argument("--images", type=int, default=2000, help="test images per timed pass (default 2000)")
     p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--batch-size", type=int, default=1000, help="chunk size of raven.attacks (default 1000)")
+    p.add_argument("--batch-size", type=int, default=1000, help="chunk size of raven.eval.attacks (default 1000)")
     p.add_argument("--repeats", type=int, default=2, help="timed passes; the best is reported (default 2)")
     p.add_argument("--no-warmup", dest="warmup", action="store_false", help="skip the untimed first pass")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")

@@ -171,7 +171,7 @@ def _run_labels(configs: list[TrainConfig]) -> list[str]:
 def run_evaluate(args: argparse.Namespace) -> int:
     import os
 
-    from raven.evaluate import CURVES_PNG, EvalConfig, evaluate_checkpoint, format_summary
+    from raven.eval.evaluate import CURVES_PNG, EvalConfig, evaluate_checkpoint, format_summary
     from raven.train import checkpoint_file, load_state, resolve_device
 
     config = EvalConfig(
@@ -190,7 +190,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if use_mlflow:
         import mlflow
 
-        from raven import provenance, tracking
+        from raven.record import provenance, tracking
 
         if args.tracking_uri:
             mlflow.set_tracking_uri(args.tracking_uri)
@@ -198,7 +198,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
             tracking.use_experiment(args.experiment or tracking.EVALUATE_EXPERIMENT)
 
         def record(result, train_config) -> None:
-            """The evaluation into the active run: raven.tracking.log_evaluation and the data it read."""
+            """The evaluation into the active run: raven.record.tracking.log_evaluation and the data it read."""
             run_id, client = mlflow.active_run().info.run_id, mlflow.MlflowClient()
             tracking.log_evaluation(client, run_id, result)
             splits = splits_cache[(train_config.dataset, train_config.validation_size)]
@@ -232,7 +232,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
                     with mlflow.start_run(run_name=f"evaluate {label} {file.parent.name}", nested=nested):
                         mlflow.set_tag("checkpoint", str(file.resolve()))
                         record(result, train_config)
-        from raven.plots import plot_accuracy_curves
+        from raven.eval.plots import plot_accuracy_curves
 
         curves = plot_accuracy_curves([(r.label, r.to_json()) for r in results], Path(plots_dir) / CURVES_PNG,
                                       attacks=config.attacks, title="linear-probe accuracy under PGD attacks")
@@ -264,8 +264,8 @@ def add_report_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_report(args: argparse.Namespace) -> int:
-    from raven.report import ReportError, write_report
-    from raven.tracking import REPRODUCTION_EXPERIMENT
+    from raven.record.tracking import REPRODUCTION_EXPERIMENT
+    from raven.reproduce.report import ReportError, write_report
 
     try:
         path = write_report(args.out, args.tracking_uri, args.experiment or REPRODUCTION_EXPERIMENT, args.run_id,

@@ -184,7 +184,7 @@ class PackedPReLU(nn.Module):
 
 def stack_modules(modules: list[nn.Module]) -> nn.Module:
     """One module of the same structure with every layer packed and every parameter stacked: it maps
-    (K, N, in) to (K, N, out), member k with module k's weights (the pack's training, raven.pack_eval)."""
+    (K, N, in) to (K, N, out), member k with module k's weights (the pack's training, raven.eval.pack_eval)."""
     first = modules[0]
     if isinstance(first, nn.Linear):
         return PackedLinear(modules)

@@ -1,7 +1,7 @@
 """Projected sign-gradient ascent in an L-inf ball intersected with the pixel range [0, 1].
 
 Shared by the Smooth Encoder's training partner (raven.train) and the evaluation attacks
-(raven.attacks), so both search the same set with the same steps.
+(raven.eval.attacks), so both search the same set with the same steps.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def pgd_linf(
 
     objective maps (batch, D) inputs to (batch,) values; rows are attacked independently.
     row_dims: how many leading dimensions of x index its rows, e.g. 2 for the (K, batch, D)
-    inputs of a pack of K encoders (raven.pack_eval), whose objective returns (K, batch).
+    inputs of a pack of K encoders (raven.eval.pack_eval), whose objective returns (K, batch).
     random_start draws the start uniformly in the ball: dissimilarities such as KL and W2
     between q(.|x) and q(.|x + e) have zero value and zero gradient at e = 0, so a start
     there never moves. keep_best returns, per row, the best iterate seen (including the

@@ -1,7 +1,7 @@
 """Progress on screen: bars (tqdm, on stderr, only on a terminal), lines above them, durations people plan with.
 
 Logs and captured output get no bars; the long stages print the time left in their progress
-lines instead (raven.sweep_clock for sweeps, raven.reproduce for the reproduction).
+lines instead (raven.sweep.clock for sweeps, raven.reproduce.runner for the reproduction).
 """
 
 from __future__ import annotations

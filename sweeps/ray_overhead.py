@@ -36,7 +36,7 @@ import torch
 
 from raven.config import TrainConfig
 from raven.data import load_splits
-from raven.selection import ObjectiveSettings, validation_objective
+from raven.sweep.selection import ObjectiveSettings, validation_objective
 from raven.train import train
 
 SIGMA_SCRIPT = Path(__file__).resolve().parent / "sigma_aug.py"

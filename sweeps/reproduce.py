@@ -8,8 +8,8 @@ Each (dataset, method) is one Ray task that trains its seeds as one pack (raven.
 
 sigma_aug and eta are the best values recorded by sweeps/sigma_aug.py and sweeps/se_eta.py
 in the same tracking store (the paper's with --paper-values; raven's documented defaults, with
-a warning, when none is found). The machinery is raven.reproduce (on Ray), raven.reproduce_grid (the budget and the
-cells) and raven.reproduce_offline (--export, on a machine without Ray or MLflow).
+a warning, when none is found). The machinery is raven.reproduce.runner (on Ray), raven.reproduce.grid (the budget and the
+cells) and raven.reproduce.offline (--export, on a machine without Ray or MLflow).
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from raven import reproduce_offline
 from raven.config import DATASETS, METHODS, ConfigError
-from raven.protocols import PROTOCOLS
-from raven.reproduce_grid import FULL_BUDGET, SMOKE_BUDGET, Budget
+from raven.eval.protocols import PROTOCOLS
+from raven.reproduce import offline as reproduce_offline
+from raven.reproduce.grid import FULL_BUDGET, SMOKE_BUDGET, Budget
 
 
 def _words(text: str) -> tuple[str, ...]:
@@ -54,7 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     budget.add_argument("--square-queries", type=int, help="strong protocol: Square attack queries (full: 5000)")
     p.add_argument("--paper-values", action="store_true",
                    help="use the paper's sigma_aug (0.01 MNIST, 0.04 F-MNIST) and eta (500, 5000), not the sweeps'")
-    # Experiment defaults (None) are raven.tracking's names, resolved once MLflow is imported.
+    # Experiment defaults (None) are raven.record.tracking's names, resolved once MLflow is imported.
     p.add_argument("--sigma-aug-experiment", default=None,
                    help="MLflow experiment of the sigma_aug sweeps (default raven-sigma-aug)")
     p.add_argument("--eta-experiment", default=None, help="MLflow experiment of the eta sweeps (default raven-se-eta)")
@@ -111,8 +111,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {args.export}; record it with: python sweeps/reproduce.py --import {args.export}")
             return 0
         # Ray and MLflow are needed from here on only: --export runs on machines without them.
-        from raven import reproduce, tracking
-        from raven.cluster import ClusterError
+        from raven.record import tracking
+        from raven.reproduce import runner as reproduce
+        from raven.sweep.cluster import ClusterError
 
         experiment = args.experiment or tracking.REPRODUCTION_EXPERIMENT
 

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Sweep the Smooth Encoder's coupling eta on Ray Tune with Optuna; record it in MLflow.
 
-Selection objective: val_robust_accuracy on the validation split (raven.selection). After the
-search the best configuration(s) get the full test-set robustness evaluation (raven.sweep).
+Selection objective: val_robust_accuracy on the validation split (raven.sweep.selection). After the
+search the best configuration(s) get the full test-set robustness evaluation (raven.sweep.driver).
 
     python sweeps/se_eta.py --smoke                     # local Ray, about two minutes on 2 CPU cores
     python sweeps/se_eta.py --address auto --eta-grid   # on a cluster, over the paper's grid
@@ -15,10 +15,10 @@ import argparse
 import math
 import sys
 
-from raven import sweep
 from raven.config import PAPER_SE_ETA_GRID, ConfigError
-from raven.sweep_spec import add_arguments, paper_values
-from raven.tracking import ETA_SWEEP_EXPERIMENT
+from raven.record.tracking import ETA_SWEEP_EXPERIMENT
+from raven.sweep import driver as sweep
+from raven.sweep.spec import add_arguments, paper_values
 
 
 def build_parser() -> sweep.SweepArgumentParser:

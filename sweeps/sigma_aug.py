@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Sweep RAVEN's sigma_aug (the std of a(z|z~), Definition 1) on Ray Tune with Optuna; record it in MLflow.
 
-Selection objective: val_robust_accuracy on the validation split (raven.selection). After the
-search the best configuration(s) get the full test-set robustness evaluation (raven.sweep).
+Selection objective: val_robust_accuracy on the validation split (raven.sweep.selection). After the
+search the best configuration(s) get the full test-set robustness evaluation (raven.sweep.driver).
 
     python sweeps/sigma_aug.py --smoke                  # local Ray, about two minutes on 2 CPU cores
     python sweeps/sigma_aug.py --address auto           # join a running cluster (`ray start --head`)
@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import sys
 
-from raven import sweep
 from raven.config import ConfigError
-from raven.sweep_spec import add_arguments, paper_values
-from raven.tracking import SIGMA_SWEEP_EXPERIMENT
+from raven.record.tracking import SIGMA_SWEEP_EXPERIMENT
+from raven.sweep import driver as sweep
+from raven.sweep.spec import add_arguments, paper_values
 
 
 def build_parser() -> sweep.SweepArgumentParser:

@@ -548,7 +548,7 @@ def checkpoint_reports(trial_dir: Path) -> list[dict]:
             history = json.loads((folder / "reported.json").read_text())
         except (OSError, ValueError):
             continue
-        # A trial's checkpoint holds a seed-S/ folder per seed of its pack (raven.tune).
+        # A trial's checkpoint holds a seed-S/ folder per seed of its pack (raven.sweep.tune).
         if any(folder.glob("seed-*/checkpoint.pt")) and len(history) > len(best):
             best = history
     return best

@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from raven.attacks import attack, dissimilarity, encoder_dissimilarity, frozen, random_perturbation, survives
 from raven.config import TrainConfig
+from raven.eval.attacks import attack, dissimilarity, encoder_dissimilarity, frozen, random_perturbation, survives
+from raven.eval.probe import encode_mean, train_linear_probe
 from raven.gaussians import diag_gaussian_kl, diag_gaussian_log_prob, diag_gaussian_w2_squared
 from raven.pgd import pgd_linf
-from raven.probe import encode_mean, train_linear_probe
 from raven.train import train
 
 

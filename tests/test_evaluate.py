@@ -14,14 +14,19 @@ import torch
 from raven.cli import main
 from raven.config import ConfigError, TrainConfig
 from raven.data import noisy_copy
-from raven.evaluate import EvalConfig, delta_key, evaluate_model, probe_and_attack
-from raven.metrics import (cluster_accuracy, latent_pair_distance, mixture_assignments, reconstruction_mse_255,
-                           sampled_latent_pair_distance)
+from raven.eval import plots
+from raven.eval.evaluate import EvalConfig, delta_key, evaluate_model, probe_and_attack
+from raven.eval.metrics import (
+    cluster_accuracy,
+    latent_pair_distance,
+    mixture_assignments,
+    reconstruction_mse_255,
+    sampled_latent_pair_distance,
+)
+from raven.eval.plots import accuracy_curve_data, plot_accuracy_curves
+from raven.eval.probe import encode_mean, train_linear_probe
+from raven.eval.protocols import StrongConfig
 from raven.objectives import aug_variance, mixture_component_log_prob
-from raven import plots
-from raven.plots import accuracy_curve_data, plot_accuracy_curves
-from raven.probe import encode_mean, train_linear_probe
-from raven.protocols import StrongConfig
 from raven.train import train
 
 CLI_DELTAS = "0,0.05,0.1,0.2"
@@ -171,7 +176,7 @@ def test_curves_and_metrics_carry_both_protocols(vae, mnist_small):
 
 
 def test_evaluate_model_without_out_dir_and_with_fid(gmm, mnist_small, tmp_path, monkeypatch):
-    from raven.fid import fid_available
+    from raven.eval.fid import fid_available
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # the test images' Inception statistics land here
     available, reason = fid_available()

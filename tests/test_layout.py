@@ -1,43 +1,89 @@
-"""The package's imports flow one way: no cycle, and the tooling modules import at their top only."""
+"""The package's layers are its folders, and imports flow one way down them.
+
+    raven/            the method core (config, data, models, objectives, train, packs)
+    raven/eval/       probe, attacks, protocols, metrics, FID, results, plots
+    raven/record/     the MLflow record, its write queue, provenance
+    raven/sweep/      spec, study, Tune, selection, clock, report, driver, cluster
+    raven/reproduce/  grid, runners, report
+    raven/cli.py, raven/bench.py   entry points: may import any layer
+
+A module imports only from its own layer or the ones above it, at the top of the file;
+a function-local import is for a heavy optional dependency, or a subcommand of an entry point.
+"""
 
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "raven"
-# Modules of the sweep and reproduction tooling (raven/cli.py imports per subcommand on purpose).
-TOOLING = ("write_queue", "cluster", "selection", "provenance", "tracking", "sweep_spec", "progress", "sweep_clock",
-           "study", "tune", "sweep_report", "sweep", "reproduce_grid", "reproduce_offline", "reproduce")
+LAYERS = ("core", "eval", "record", "sweep", "reproduce")
+ENTRY_POINTS = {"raven.cli", "raven.bench"}
+MAX_LINES = 520
 
 
-def imports(path: Path) -> tuple[set[str], set[str], list[str]]:
-    """(raven modules imported at the top, raven modules imported inside functions, every function-local import)."""
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def layer(module: str) -> str:
+    """raven.x -> core; raven.eval.x -> eval; raven.sweep -> sweep."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 and parts[1] in LAYERS[1:] and (PACKAGE / parts[1]).is_dir() else "core"
+
+
+def modules() -> dict[str, Path]:
+    return {module_name(p): p for p in PACKAGE.rglob("*.py")}
+
+
+def imports(path: Path) -> tuple[set[str], list[str]]:
+    """(raven modules imported anywhere in the file, every function-local import as source text)."""
     tree = ast.parse(path.read_text())
-    top, local, anything_local = set(), set(), []
+    found, local = set(), []
+    top = set(tree.body)
     for node in ast.walk(tree):
-        if not isinstance(node, (ast.Import, ast.ImportFrom)):
-            continue
-        if isinstance(node, ast.ImportFrom):
-            names = [a.name for a in node.names] if node.module == "raven" else \
-                [node.module.split(".")[1]] if node.module and node.module.startswith("raven.") else []
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "raven":
+            names = {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+        elif isinstance(node, ast.Import):
+            names = {a.name for a in node.names if a.name.split(".")[0] == "raven"}
         else:
-            names = [a.name.split(".")[1] for a in node.names if a.name.startswith("raven.")]
-        at_top = node in tree.body
-        (top if at_top else local).update(n for n in names if (PACKAGE / f"{n}.py").is_file())
-        if not at_top:
-            anything_local.append(ast.unparse(node))
-    return top, local, anything_local
+            continue
+        found.update(n for n in names if n in modules())
+        if node not in top and not (isinstance(node, ast.ImportFrom) and node.module == "__future__"):
+            local.append(ast.unparse(node))
+    return found, local
+
+
+def test_the_layers_are_folders():
+    for name in LAYERS[1:]:
+        assert (PACKAGE / name / "__init__.py").is_file(), f"raven/{name}/ is not a package"
+    flat = {p.stem for p in PACKAGE.glob("*.py")} - {"__init__"}
+    assert flat <= {"config", "data", "gaussians", "pgd", "models", "objectives", "train", "pack", "progress",
+                    "methods", "cli", "bench"}, f"tooling at the top of raven/: {sorted(flat)}"
+
+
+def test_imports_flow_one_way_down_the_layers():
+    for module, path in modules().items():
+        if module in ENTRY_POINTS:
+            continue
+        own = LAYERS.index(layer(module))
+        for dependency in imports(path)[0]:
+            assert dependency not in ENTRY_POINTS, f"{module} imports the entry point {dependency}"
+            assert LAYERS.index(layer(dependency)) <= own, (
+                f"{module} ({layer(module)} layer) imports {dependency} ({layer(dependency)} layer), "
+                f"a layer below it; imports flow {' -> '.join(LAYERS)}")
 
 
 def test_no_import_cycle():
-    graph = {p.stem: set.union(*imports(p)[:2]) - {p.stem} for p in PACKAGE.glob("*.py")}
+    graph = {m: imports(p)[0] - {m} for m, p in modules().items()}
     done: set[str] = set()
 
     def visit(module: str, path: tuple[str, ...]) -> None:
         assert module not in path, "import cycle: " + " -> ".join((*path[path.index(module):], module))
         if module not in done:
-            for dependency in sorted(graph[module]):
+            for dependency in sorted(graph.get(module, ())):
                 visit(dependency, (*path, module))
             done.add(module)
 
@@ -46,8 +92,25 @@ def test_no_import_cycle():
 
 
 def test_tooling_modules_import_at_the_top_and_stay_small():
-    for name in TOOLING:
-        path = PACKAGE / f"{name}.py"
-        _, _, local = imports(path)
-        assert not local, f"raven/{name}.py imports inside functions: {local}"
-        assert len(path.read_text().splitlines()) <= 520, f"raven/{name}.py is over ~500 lines"
+    for module, path in modules().items():
+        if layer(module) in ("record", "sweep", "reproduce"):
+            _, local = imports(path)
+            assert not local, f"{module} imports inside functions: {local}"
+            assert len(path.read_text().splitlines()) <= MAX_LINES, f"{path.relative_to(PACKAGE.parent)} is over ~500 lines"
+
+
+def test_the_layer_test_catches_a_core_module_importing_from_a_sweep_module(tmp_path, monkeypatch):
+    """The check above is live: a core module that imports raven.sweep.spec fails it."""
+    fake = tmp_path / "raven"
+    for module, path in modules().items():
+        target = fake / path.relative_to(PACKAGE)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(path.read_text())
+    (fake / "config.py").write_text((fake / "config.py").read_text() + "\nfrom raven.sweep.spec import SweepSpec\n")
+    monkeypatch.setattr(sys.modules[__name__], "PACKAGE", fake)
+    try:
+        test_imports_flow_one_way_down_the_layers()
+    except AssertionError as error:
+        assert "raven.config (core layer) imports raven.sweep.spec" in str(error)
+    else:
+        raise AssertionError("a core module importing from raven/sweep/ passed the layer test")

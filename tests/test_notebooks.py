@@ -8,9 +8,9 @@ from pathlib import Path
 import nbformat
 import pytest
 from nbclient import NotebookClient
-
-from raven import report
 from test_reproduce import smoke_store  # noqa: F401  (the session's shared store)
+
+from raven.reproduce import report
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 

@@ -7,11 +7,11 @@ import torch
 
 from raven.config import ConfigError, TrainConfig
 from raven.data import DataSplits
-from raven.evaluate import EvalConfig, evaluate_model, probe_and_attack
+from raven.eval.evaluate import EvalConfig, evaluate_model, probe_and_attack
+from raven.eval.pack_eval import pack_probe_and_attack
+from raven.eval.protocols import StrongConfig
 from raven.models import RavenModel
 from raven.pack import train_pack
-from raven.pack_eval import pack_probe_and_attack
-from raven.protocols import StrongConfig
 
 ATTACKS = ("kl", "w2", "ce", "rkl", "mean")
 

@@ -9,12 +9,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from raven.autoattack import COMPONENTS, ProbeOnMean, autoattack
 from raven.config import ConfigError, TrainConfig
-from raven.probe import encode_mean, train_linear_probe
-from raven.protocols import (StrongConfig, StrongObjectiveSettings, bite_checks, format_checks, strong_protocol,
-                             strong_validation_objective)
-from raven.selection import ObjectiveSettings, validation_objective
+from raven.eval.autoattack import COMPONENTS, ProbeOnMean, autoattack
+from raven.eval.probe import encode_mean, train_linear_probe
+from raven.eval.protocols import (
+    StrongConfig,
+    StrongObjectiveSettings,
+    bite_checks,
+    format_checks,
+    strong_protocol,
+    strong_validation_objective,
+)
+from raven.sweep.selection import ObjectiveSettings, validation_objective
 from raven.train import train
 
 DELTAS = (0.0, 0.03, 0.1, 0.5)

@@ -8,11 +8,12 @@ import sys
 
 import pandas as pd
 import pytest
+from test_reproduce import smoke_store  # noqa: F401  (the session's shared store)
 
 from raven.config import DATASETS, METHODS
-from raven.report import PAPER_TABLE1, PAPER_TABLE2, load_sweep
-from raven.reproduce import SMOKE_BUDGET
-from test_reproduce import smoke_store  # noqa: F401  (the session's shared store)
+from raven.reproduce.report import PAPER_TABLE1, PAPER_TABLE2
+from raven.reproduce.runner import SMOKE_BUDGET
+from raven.sweep.report import load_sweep
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -118,7 +119,14 @@ def test_report_without_a_reproduction_fails_in_one_line(tmp_path):
 
 
 def test_figure2_reads_the_strong_protocol_beside_the_paper(tmp_path):
-    from raven.report import Reproduction, curve_summary, curves, plot_figure2, protocol_markdown, protocol_table
+    from raven.reproduce.report import (
+        Reproduction,
+        curve_summary,
+        curves,
+        plot_figure2,
+        protocol_markdown,
+        protocol_table,
+    )
 
     rows = []
     for method, seed, paper, strong in (("vae", 0, 0.40, 0.05), ("vae", 1, 0.50, 0.07), ("raven", 0, 0.70, 0.20)):

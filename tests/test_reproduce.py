@@ -21,9 +21,9 @@ import pytest
 
 from raven import load_checkpoint
 from raven.config import DATASETS, METHODS, ConfigError
-from raven.protocols import StrongConfig
-from raven.reproduce import FULL_BUDGET, SMOKE_BUDGET, Budget
-from raven.reproduce_grid import Cell, default_hyperparameters, eval_config, group_cells, run_pack, train_config
+from raven.eval.protocols import StrongConfig
+from raven.reproduce.grid import Cell, default_hyperparameters, eval_config, group_cells, run_pack, train_config
+from raven.reproduce.runner import FULL_BUDGET, SMOKE_BUDGET, Budget
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SMOKE_TIMEOUT = 900
@@ -158,7 +158,7 @@ def test_a_pack_task_gives_each_seed_its_solo_model_checkpoint_and_evaluation(tm
     import torch
 
     from raven.data import load_splits
-    from raven.evaluate import evaluate_model
+    from raven.eval.evaluate import evaluate_model
     from raven.train import train
 
     budget = Budget(epochs=1, patience=None, limit=256, eval_limit=40, probe_limit=256, seeds=2, steps=2, fid=False,

@@ -1,4 +1,4 @@
-"""Choosing configurations (raven.selection, raven.study): Pareto front, ranking, seeds, the study across a resume."""
+"""Choosing configurations (raven.sweep.selection, raven.sweep.study): Pareto front, ranking, seeds, the study across a resume."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import pandas as pd
 import pytest
 from ray import tune
 
-from raven.selection import Objective, candidates, pareto_mask, rank_configurations, seed_statistics
-from raven.sweep_report import trial_table
-from raven.sweep_spec import SweepError, SweepSpec
-from raven.study import ObjectiveOptunaSearch, fail_lost_trials, open_study
+from raven.sweep.report import trial_table
+from raven.sweep.selection import Objective, candidates, pareto_mask, rank_configurations, seed_statistics
+from raven.sweep.spec import SweepError, SweepSpec
+from raven.sweep.study import ObjectiveOptunaSearch, fail_lost_trials, open_study
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

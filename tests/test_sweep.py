@@ -1,4 +1,4 @@
-"""Sweeps (raven.sweep, raven.tracking, sweeps/*.py): flags, the objective, the MLflow record, a Ray head, --resume.
+"""Sweeps (raven.sweep.driver, raven.record.tracking, sweeps/*.py): flags, the objective, the MLflow record, a Ray head, --resume.
 
 The end-to-end tests run the entry scripts as a user would (subprocesses, `--smoke`), in a
 temporary working folder with the local defaults (sqlite:///mlflow.db, ./mlruns,
@@ -28,8 +28,17 @@ import torch
 
 # Ports, process sessions and the token environment are shared with the multi-node, tracking
 # server and fault tests (tests/ray_cluster.py).
-from ray_cluster import (LEAN_SWEEP_FLAGS, _zombie, base_env, free_port, free_port_range, load_logged_model,
-                         session_members, short_tmpdir, stop_session)
+from ray_cluster import (
+    LEAN_SWEEP_FLAGS,
+    _zombie,
+    base_env,
+    free_port,
+    free_port_range,
+    load_logged_model,
+    session_members,
+    short_tmpdir,
+    stop_session,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 SIGMA_SCRIPT = REPO / "sweeps" / "sigma_aug.py"
@@ -190,7 +199,7 @@ def test_bad_flags_fail_at_once_in_one_line(tmp_path, data_dir):
 def test_validation_objective_reads_no_test_image(mnist_small):
     from raven.config import TrainConfig
     from raven.data import DataSplits
-    from raven.selection import OBJECTIVE, ObjectiveSettings, validation_objective
+    from raven.sweep.selection import OBJECTIVE, ObjectiveSettings, validation_objective
     from raven.train import build_model
 
     poisoned = DataSplits(mnist_small.train_x, mnist_small.train_y, mnist_small.val_x, mnist_small.val_y,
@@ -204,7 +213,8 @@ def test_validation_objective_reads_no_test_image(mnist_small):
 
 
 def test_tracker_finds_its_runs_again_and_logs_each_epoch_once(tmp_path):
-    from raven.tracking import SweepTracker, resolve_tracking_uri
+    from raven.record.sweep_tracker import SweepTracker
+    from raven.record.tracking import resolve_tracking_uri
 
     uri = resolve_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
     tracker = SweepTracker(uri, "exp", "sweep-a")
@@ -270,7 +280,7 @@ def test_smoke_sweep_on_a_ray_head(ray_head, tmp_path):
 
     As a user's shell has it: the token in RAY_AUTH_TOKEN_PATH and RAY_AUTH_MODE unset. Ray reads
     `auto` with RAY_ADDRESS set as an explicit address and does not switch token mode on for it
-    by itself (the driver used to be refused with InvalidAuthToken); raven.cluster.connect does.
+    by itself (the driver used to be refused with InvalidAuthToken); raven.sweep.cluster.connect does.
     """
     env = {k: v for k, v in ray_head["env"].items() if k != "RAY_AUTH_MODE"}
     env["RAY_ADDRESS"] = ray_head["address"]
@@ -407,8 +417,8 @@ def test_interrupted_sweep_resumes_without_repeating_anything(tmp_path, data_dir
 
 def test_a_packed_trial_resumes_from_its_newest_complete_checkpoint(tmp_path):
     """Every seed's checkpoint must load and the furthest be at the reported epoch (one that diverged stays behind)."""
+    from raven.sweep.tune import REPORTED_NAME, _newest_saved_checkpoint
     from raven.train import CHECKPOINT_FORMAT
-    from raven.tune import REPORTED_NAME, _newest_saved_checkpoint
 
     def folder(name, reported_epochs, seed_epochs):
         path = tmp_path / name
@@ -430,7 +440,7 @@ def test_a_packed_trial_resumes_from_its_newest_complete_checkpoint(tmp_path):
 
 def test_a_sweep_of_one_trial_per_seed_is_not_resumed_as_packed_trials(tmp_path):
     """A sweep an earlier raven ran with Tune's Repeater (a trial per seed) is refused in one line."""
-    from raven.sweep_spec import SweepError, SweepSpec, find_resumable
+    from raven.sweep.spec import SweepError, SweepSpec, find_resumable
 
     spec = SweepSpec(kind="sigma_aug", method="raven", param="sigma_aug", seeds=2, name="old",
                      storage_path=str(tmp_path), space={"type": "loguniform", "low": 1e-3, "high": 1.0})

@@ -1,4 +1,4 @@
-"""The sweep spec (raven.sweep_spec): flags made from its fields, the presets, validation, the saved file."""
+"""The sweep spec (raven.sweep.spec): flags made from its fields, the presets, validation, the saved file."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 
 from raven.config import ConfigError
-from raven.sweep_spec import SweepSpec, add_arguments, find_resumable, hide_password, spec_from_args
+from raven.sweep.spec import SweepSpec, add_arguments, find_resumable, hide_password, spec_from_args
 
 SEARCH = {"kind": "sigma_aug", "method": "raven", "param": "sigma_aug",
           "space": {"type": "loguniform", "low": 1e-3, "high": 1.0}, "initial": [0.01]}

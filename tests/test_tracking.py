@@ -1,4 +1,4 @@
-"""The MLflow record (raven.tracking, raven.provenance): experiment kind, one log_evaluation, dataset inputs, registry."""
+"""The MLflow record (raven.record.tracking, raven.record.provenance): experiment kind, one log_evaluation, dataset inputs, registry."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from raven import tracking
-from raven.evaluate import EvalResult
-from raven.provenance import dataset_inputs
+from raven.eval.evaluate import EvalResult
+from raven.record import tracking
+from raven.record.provenance import dataset_inputs
 
 
 @pytest.fixture(scope="module")

@@ -19,16 +19,16 @@ from pathlib import Path
 
 import torch
 
-from raven.autoattack import ProbeOnMean, autoattack
+from raven.eval.autoattack import ProbeOnMean, autoattack
 from raven.config import TrainConfig
 from raven.data import load_splits
-from raven.probe import encode_mean, train_linear_probe
-from raven.protocols import StrongConfig, worst_case
+from raven.eval.probe import encode_mean, train_linear_probe
+from raven.eval.protocols import StrongConfig, worst_case
 from raven.train import load_checkpoint, train
 
 sys.path.insert(0, sys.argv[1])
 OLD_SOURCE = subprocess.run(["git", "show", "7b139a4:raven/autoattack.py"], capture_output=True, text=True,
-                            check=True).stdout
+                            check=True).stdout.replace("from raven.attacks import", "from raven.eval.attacks import")
 ROOT = Path(sys.argv[2] if len(sys.argv) > 2 else "runs/strong-study")
 ROOT.mkdir(parents=True, exist_ok=True)
 old_path = ROOT / "autoattack_torchattacks.py"
@@ -73,7 +73,7 @@ for name, fields in MODELS.items():
         pgd, _, _ = worst_case(model, probe, x, y, delta, StrongConfig(autoattack=False), seed=0, batch_size=500,
                                correct=clean)
         entry["pgd"][key] = float(pgd.double().mean())
-        for label, module in (("torchattacks", old), ("reference", sys.modules["raven.autoattack"])):
+        for label, module in (("torchattacks", old), ("reference", sys.modules["raven.eval.autoattack"])):
             started = time.time()
             alive, survivors = module.autoattack(classifier, x, y, delta, correct=clean, seed=12345, batch_size=500)
             entry["seconds"][f"{label}/{key}"] = time.time() - started

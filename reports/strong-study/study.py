@@ -3,18 +3,19 @@
 Usage: python reports/strong-study/study.py [FOLDER]  (default runs/strong-study; resumes from FOLDER/results.json).
 results.json here was measured on the 2-core CPU before issue 9 replaced the Smooth Encoder (its "se" row is the old one).
 """
-import json, sys, time
+import json
+import sys
+import time
+import time as _t
 from pathlib import Path
-
-
 
 from raven.config import TrainConfig
 from raven.data import load_splits
-from raven.evaluate import EvalConfig, evaluate_model
-from raven.protocols import StrongObjectiveSettings, strong_validation_objective
-from raven.selection import ObjectiveSettings, validation_objective
+from raven.eval.evaluate import EvalConfig, evaluate_model
+from raven.eval.protocols import StrongObjectiveSettings, strong_validation_objective
+from raven.sweep.selection import ObjectiveSettings, validation_objective
 from raven.train import load_checkpoint, train
-import time as _t
+
 _T0 = _t.time()
 
 ROOT = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/strong-study")

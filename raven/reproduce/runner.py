@@ -3,16 +3,16 @@
 For each dataset, sigma_aug (RAVEN) and eta (Smooth Encoder) are the best values of the
 sweeps recorded in MLflow, or the paper's (Appendix C.2) with `paper_values` or when no
 sweep is found. Every (dataset, method) is one Ray task that trains its seeds as one pack
-(raven.reproduce_grid.run_pack, raven.pack) and runs the full evaluation (raven.evaluate) of
+(raven.reproduce.grid.run_pack, raven.pack) and runs the full evaluation (raven.eval.evaluate) of
 each seed on the test set; the task returns every seed's numbers and files, and the driver
 alone writes MLflow: one parent run per reproduction (tag
 raven.role = "reproduction", the budget as params) and one child run per task (tags
 raven.dataset / raven.method / raven.seed, the training config as params, per-epoch
-metrics at step = epoch, the evaluation through raven.tracking.log_evaluation, the data it
+metrics at step = epoch, the evaluation through raven.record.tracking.log_evaluation, the data it
 read as dataset inputs, robustness.json, the plots and the checkpoint as artifacts). Workers
-never need access to the tracking store. Without Ray or MLflow, raven.reproduce_offline runs
+never need access to the tracking store. Without Ray or MLflow, raven.reproduce.offline runs
 the same cells in a process pool, and `import_results` records its export here. The budget
-and the cells are raven.reproduce_grid.
+and the cells are raven.reproduce.grid.
 """
 
 from __future__ import annotations
@@ -31,24 +31,46 @@ import ray
 from mlflow import MlflowClient
 from mlflow.entities import Metric
 
-from raven import tracking
-from raven.cluster import TRIAL_GPU_SHARE, connect, run_tasks
 from raven.config import ConfigError
 from raven.data import DataError
 from raven.progress import bar, duration, say
-from raven.reproduce_grid import CHECKPOINT_ARTIFACTS, Budget, Cell, CellResult, Hyperparameters
-from raven.reproduce_grid import FULL_BUDGET, SMOKE_BUDGET  # noqa: F401  (the budgets are public here too)
-from raven.reproduce_grid import (default_hyperparameters, eval_config, group_cells, paper_hyperparameters, run_pack,
-                                  train_config)
-from raven.reproduce_offline import read_export
-from raven.selection import OBJECTIVE
-from raven.tracking import (BUDGET, BUDGET_TEXT, COMPLETE_TAG, DATASET, ERROR, FAILED_RUNS, HYPERPARAMETERS,
-                            IMPORTED_FROM, METHOD, NOTE, SEED)
-from raven.tracking import ETA_SWEEP_EXPERIMENT, SIGMA_SWEEP_EXPERIMENT
-from raven.tracking import REPRODUCTION_EXPERIMENT as DEFAULT_EXPERIMENT
-from raven.tracking import REPRODUCTION_ROLE as ROLE
-from raven.tracking import REPRODUCTION_RUN_ROLE as CHILD_ROLE
-
+from raven.record import tracking
+from raven.record.tracking import (
+    BUDGET,
+    BUDGET_TEXT,
+    COMPLETE_TAG,
+    DATASET,
+    ERROR,
+    ETA_SWEEP_EXPERIMENT,
+    FAILED_RUNS,
+    HYPERPARAMETERS,
+    IMPORTED_FROM,
+    METHOD,
+    NOTE,
+    SEED,
+    SIGMA_SWEEP_EXPERIMENT,
+)
+from raven.record.tracking import REPRODUCTION_EXPERIMENT as DEFAULT_EXPERIMENT
+from raven.record.tracking import REPRODUCTION_ROLE as ROLE
+from raven.record.tracking import REPRODUCTION_RUN_ROLE as CHILD_ROLE
+from raven.reproduce.grid import (  # noqa: F401  (the budgets are public here too)
+    CHECKPOINT_ARTIFACTS,
+    FULL_BUDGET,
+    SMOKE_BUDGET,
+    Budget,
+    Cell,
+    CellResult,
+    Hyperparameters,
+    default_hyperparameters,
+    eval_config,
+    group_cells,
+    paper_hyperparameters,
+    run_pack,
+    train_config,
+)
+from raven.reproduce.offline import read_export
+from raven.sweep.cluster import TRIAL_GPU_SHARE, connect, run_tasks
+from raven.sweep.selection import OBJECTIVE
 
 # ----------------------------------------------------------------------------- hyperparameters from sweeps
 
@@ -56,7 +78,7 @@ from raven.tracking import REPRODUCTION_RUN_ROLE as CHILD_ROLE
 def best_sweep_value(param: str, dataset: str, experiment: str, allow_smoke: bool) -> tuple[float, str] | None:
     """(best value, description) of the latest finished sweep of `param` on `dataset`, or None.
 
-    Reads what raven.sweep records on a sweep's parent run (tag raven.role = "sweep",
+    Reads what raven.sweep.driver records on a sweep's parent run (tag raven.role = "sweep",
     params dataset / search.param / smoke, metric best_<param>: the top-ranked value on the
     validation objective). Smoke sweeps count only when `allow_smoke`.
     """
@@ -262,7 +284,7 @@ def run_cells(cells: list[Cell], budget: Budget, hps: dict[str, Hyperparameters]
 
 def import_results(path: str | os.PathLike, tracking_uri: str | None = None, experiment: str = DEFAULT_EXPERIMENT,
                    note: str = "", log: Callable[[str], None] | None = None) -> str:
-    """Record an export of raven.reproduce_offline in MLflow as one reproduction; returns the parent run id."""
+    """Record an export of raven.reproduce.offline in MLflow as one reproduction; returns the parent run id."""
     log = log or (lambda line: print(line, file=sys.stderr, flush=True))
     budget, hps, results = read_export(path)
     mlflow.set_tracking_uri(tracking.resolve_tracking_uri(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")))
@@ -301,7 +323,7 @@ def reproduce(
     `tracking_uri` None is MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in this folder (the
     sweeps' default), where the sweeps' best sigma_aug / eta are looked up too. `address`
     None starts a new local Ray with this machine's resources; "auto" or HOST:PORT joins a
-    running cluster (raven.cluster.connect, as the sweeps do). `gpus_per_task` None is 0.25
+    running cluster (raven.sweep.cluster.connect, as the sweeps do). `gpus_per_task` None is 0.25
     when the cluster has GPUs, else 0. Checkpoints go to work_dir/<parent run id>/<cell> on
     the node that trains. With `resume`, the parent `run_id` (default: the latest reproduction
     in `experiment`) is reopened with its own hyperparameters, its budget must equal `budget`,

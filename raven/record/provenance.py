@@ -1,7 +1,7 @@
 """Where a run's code and data came from: the git commit, and a digest of each data split it read.
 
-Plain values only (no MLflow), so that a process without MLflow (raven.reproduce_offline on a
-lent GPU box) records the same provenance; raven.tracking logs them.
+Plain values only (no MLflow), so that a process without MLflow (raven.reproduce.offline on a
+lent GPU box) records the same provenance; raven.record.tracking logs them.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@
   0.2}) on the first `val_limit` validation images; the objective is the probe's accuracy on
   the adversarial images averaged over attacks and deltas (maximised). The test set is touched
   only by the final evaluation. With `protocol="strong"` (`--objective strong`) it is
-  raven.protocols.strong_validation_objective instead: val_strong_robust_accuracy, APGD-CE on
+  raven.eval.protocols.strong_validation_objective instead: val_strong_robust_accuracy, APGD-CE on
   the probe end to end at delta in {0.025, 0.05, 0.1}, the objective that ranks models as the
   strong protocol does (README: "What the strong protocol shows").
 * `Objective`: a metric the trial reports at its last epoch and a direction, written
@@ -34,8 +34,8 @@ import pandas as pd
 
 from raven.config import ConfigError
 from raven.data import DataSplits
-from raven.evaluate import EvalConfig, probe_and_attack
-from raven.protocols import STRONG_OBJECTIVE, StrongObjectiveSettings, strong_validation_objective
+from raven.eval.evaluate import EvalConfig, probe_and_attack
+from raven.eval.protocols import STRONG_OBJECTIVE, StrongObjectiveSettings, strong_validation_objective
 
 OBJECTIVE = "val_robust_accuracy"
 # The selection protocols: the paper's attacks on the encoder, or APGD-CE on the probe end to end.
@@ -135,7 +135,7 @@ def validation_objective(model, splits: DataSplits, settings: ObjectiveSettings)
 
     The probe is fitted on the first `probe_limit` training-split images, the attacks run on
     the first `val_limit` validation images; the test split is never read. Under the strong
-    protocol: raven.protocols.strong_validation_objective.
+    protocol: raven.eval.protocols.strong_validation_objective.
     """
     if settings.protocol == "strong":
         return strong_validation_objective(model, splits, settings.strong_settings())

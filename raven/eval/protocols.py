@@ -1,20 +1,20 @@
 """The evaluation protocols: the paper's (Section 4.1) and a strong, worst-case one, with checks that it bites.
 
-Both read the same linear probe (raven.probe) on the encoder means mu(x) of the same
+Both read the same linear probe (raven.eval.probe) on the encoder means mu(x) of the same
 test images, and both attack in the L-inf ball of radius delta around x, intersected
 with [0, 1].
 
 * ``paper``: per attack ("kl", "w2") and delta, the paper's 50-step PGD on the encoder
-  (raven.attacks), keeping the iterate with the highest Delta; an image counts as correct
+  (raven.eval.attacks), keeping the iterate with the highest Delta; an image counts as correct
   when the probe is right at the kept iterate of every restart. It measures how far the
   representation moves, and is kept exactly as published for reproduction.
 * ``strong``: an image counts as correct at delta only if the probe is right at *every
   iterate of every restart of every attack*: PGD on KL in both directions, on W2, on the
   posterior means alone ||mu(x + e) - mu(x)||^2 and on the probe's cross-entropy
   (`StrongConfig.steps` steps of delta/25, `restarts` restarts, from random starts;
-  raven.attacks.survives), and
+  raven.eval.attacks.survives), and
   AutoAttack's standard set on the composite classifier x -> probe(mu(x))
-  (raven.autoattack). The result, `robust_accuracy[delta]`, is the fraction of images
+  (raven.eval.autoattack). The result, `robust_accuracy[delta]`, is the fraction of images
   that survive all of them: an upper bound on the probe's true robust accuracy that the
   field would accept. `robust_accuracy_by_attack` holds each attack alone (AutoAttack as
   one attack, its four parts in AutoAttack's own cascade).
@@ -49,11 +49,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from raven.attacks import ATTACKS, PAPER_STEP_DIVISOR, attack, random_perturbation, survives
-from raven.autoattack import (COMPONENTS, STANDARD_SQUARE_QUERIES, STANDARD_STEPS, ProbeOnMean, autoattack,
-                              autoattack_available)
 from raven.config import ConfigError
-from raven.probe import encode_mean, train_linear_probe
+from raven.eval.attacks import ATTACKS, PAPER_STEP_DIVISOR, attack, random_perturbation, survives
+from raven.eval.autoattack import (
+    COMPONENTS,
+    STANDARD_SQUARE_QUERIES,
+    STANDARD_STEPS,
+    ProbeOnMean,
+    autoattack,
+    autoattack_available,
+)
+from raven.eval.probe import encode_mean, train_linear_probe
 
 PROTOCOLS = ("paper", "strong", "both")
 STRONG_ATTACKS = ("kl", "rkl", "w2", "mean", "ce")
@@ -89,7 +95,7 @@ def positive_int(name: str, value: Any, low: int = 1) -> None:
 class StrongConfig:
     """Settings of the strong protocol; validated on construction (ConfigError, one line).
 
-    attacks: the PGD attacks, each judged per iterate (any of raven.attacks.ATTACKS).
+    attacks: the PGD attacks, each judged per iterate (any of raven.eval.attacks.ATTACKS).
     steps, restarts: per PGD attack, step size delta/25 (the paper's). autoattack: add
     AutoAttack's standard set; autoattack_steps: APGD-CE/APGD-T/FAB-T iterations (the
     reference's 100); square_queries: Square's budget (the reference's 5,000);
@@ -415,7 +421,7 @@ STRONG_OBJECTIVE = "val_strong_robust_accuracy"
 def strong_validation_objective(model: nn.Module, splits: Any, settings: StrongObjectiveSettings) -> dict[str, float]:
     """val_strong_robust_accuracy (mean over deltas of APGD-CE robust accuracy on validation images) and its parts.
 
-    Like raven.sweep.validation_objective, it reads the training and validation splits
+    Like raven.sweep.driver.validation_objective, it reads the training and validation splits
     only, never the test split.
     """
     ok, reason = autoattack_available()

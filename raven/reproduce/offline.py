@@ -1,11 +1,11 @@
 """The reproduction without Ray or MLflow: packs in a local process pool, results exported to a file.
 
 As on Ray, each (dataset, method) is one job that trains its seeds as one pack
-(raven.reproduce_grid.run_pack) and evaluates each of them.
+(raven.reproduce.grid.run_pack) and evaluates each of them.
 
 For a machine that has torch but neither Ray nor MLflow (a lent GPU box). The export is a pickle
 stream, a header {budget, hyperparameters} then one CellResult per cell, so whatever finished
-survives an interruption; `raven.reproduce.import_results` (sweeps/reproduce.py --import) records
+survives an interruption; `raven.reproduce.runner.import_results` (sweeps/reproduce.py --import) records
 it in MLflow elsewhere. Checkpoints stay on the machine that trained (they are not exported).
 The paper's sigma_aug and eta are used: no tracking store here to look the sweeps up in.
 """
@@ -21,8 +21,18 @@ from pathlib import Path
 from typing import Callable
 
 from raven.progress import duration
-from raven.reproduce_grid import (CHECKPOINT_ARTIFACTS, Budget, Cell, CellResult, Hyperparameters, eval_config,
-                                  default_hyperparameters, group_cells, run_pack, train_config)
+from raven.reproduce.grid import (
+    CHECKPOINT_ARTIFACTS,
+    Budget,
+    Cell,
+    CellResult,
+    Hyperparameters,
+    default_hyperparameters,
+    eval_config,
+    group_cells,
+    run_pack,
+    train_config,
+)
 
 
 def export(budget: Budget, workers: int, data_dir: str | os.PathLike | None, work_dir: str | os.PathLike,

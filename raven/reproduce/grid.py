@@ -1,13 +1,13 @@
 """The paper's grid of runs (Section 4): the budget, the (dataset, method, seed) cells, one pack's work.
 
-Torch only (no Ray, no MLflow): a pack runs the same inside a Ray task (raven.reproduce) and in
-a local process pool on a machine without either (raven.reproduce_offline).
+Torch only (no Ray, no MLflow): a pack runs the same inside a Ray task (raven.reproduce.runner) and in
+a local process pool on a machine without either (raven.reproduce.offline).
 
 The seeds of a (dataset, method) are one pack (`group_cells`, `run_pack`): they differ only in
 their seed, so they train as one packed model (raven.pack.train_pack: each seed exactly its solo
 run, its own early stopping and NaN guard, its own checkpoint in its cell's folder, which
 `raven evaluate` and `raven.load_checkpoint` read), then each is evaluated on the test set: the
-paper's probe and attacks of all seeds in one batched pass (raven.pack_eval), the rest seed by seed.
+paper's probe and attacks of all seeds in one batched pass (raven.eval.pack_eval), the rest seed by seed.
 Each seed stays its own cell: its own result, MLflow child run and resume unit.
 
 "Until the model converges" (Section 4.1.2) is made concrete as at most `epochs` epochs with
@@ -29,11 +29,11 @@ import torch
 
 from raven.config import DATASETS, DEFAULT_ETA, METHODS, PAPER_ETA, PAPER_SIGMA_AUG, ConfigError, TrainConfig
 from raven.data import DataSplits, load_splits
-from raven.evaluate import EvalConfig, EvalResult, evaluate_model
+from raven.eval.evaluate import EvalConfig, EvalResult, evaluate_model
+from raven.eval.pack_eval import pack_probe_and_attack
+from raven.eval.protocols import PROTOCOLS, StrongConfig
 from raven.pack import train_pack
-from raven.pack_eval import pack_probe_and_attack
-from raven.protocols import PROTOCOLS, StrongConfig
-from raven.provenance import dataset_inputs
+from raven.record.provenance import dataset_inputs
 from raven.train import CHECKPOINT_NAME, METRICS_NAME, TrainResult, resolve_device
 
 PAPER_SEEDS = 5
@@ -226,7 +226,7 @@ class CellResult:
     history: list[dict[str, float]] = field(default_factory=list)
     evaluation: EvalResult | None = None  # its artifact paths are local to the worker
     files: dict[str, bytes] = field(default_factory=dict)  # "checkpoint/checkpoint.pt" -> bytes
-    inputs: list[dict[str, Any]] = field(default_factory=list)  # raven.tracking.dataset_inputs of the data read
+    inputs: list[dict[str, Any]] = field(default_factory=list)  # raven.record.tracking.dataset_inputs of the data read
     train_seconds: float = 0.0  # the pack's training, which all its pack_size seeds share
     pack_size: int = 1
     eval_seconds: float = 0.0  # its evaluation, with its share of the pack's batched attacks (pack_stages)
@@ -246,7 +246,7 @@ def group_cells(cells: list[Cell]) -> dict[tuple[str, str], list[Cell]]:
 def pack_stages(trained: list[TrainResult], evaluations: list[EvalConfig], splits: DataSplits
                 ) -> tuple[dict[int, dict[str, Any]], float]:
     """The probe and paper-protocol attacks of the pack's trained (not diverged) seeds in one batched pass
-    (raven.pack_eval), as {index in the pack: its stage} for evaluate_model, and each seed's share of the
+    (raven.eval.pack_eval), as {index in the pack: its stage} for evaluate_model, and each seed's share of the
     pass's seconds. Empty (each seed then attacked alone) with fewer than two such seeds or where an
     evaluation does not run the paper's protocol."""
     ready = [k for k, member in enumerate(trained) if not member.diverged]

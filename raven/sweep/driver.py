@@ -1,26 +1,26 @@
 """A hyper-parameter sweep, in the order it runs: open the record, search, rank, evaluate the best, close the record.
 
 One sweep searches one hyper-parameter of one method (sweeps/sigma_aug.py: RAVEN's sigma_aug,
-sweeps/se_eta.py: the Smooth Encoder's eta). Ray Tune runs the trials (raven.tune), Optuna
-proposes them from a persistent study, MLflow records everything (raven.tracking):
+sweeps/se_eta.py: the Smooth Encoder's eta). Ray Tune runs the trials (raven.sweep.tune), Optuna
+proposes them from a persistent study, MLflow records everything (raven.record.tracking):
 
 1. open the record: writes a previous driver could not deliver, the MLflow parent run (found
    again on --resume), the Optuna study, the saved spec;
 2. search: the data is read once on the driver and put in Ray's object store once; every trial
    and evaluation task reads it from there. The time it will take is estimated first
-   (raven.sweep_clock); Tune runs the trials; the selection objective(s) are computed on the
-   validation split only (raven.selection);
+   (raven.sweep.clock); Tune runs the trials; the selection objective(s) are computed on the
+   validation split only (raven.sweep.selection);
 3. rank: the trials' seeds grouped by searched value (each trial trains its configuration's
    `--seeds` seeds as one pack; seeds averaged), the Pareto front first;
-4. evaluate the best: the full robustness evaluation (`raven.evaluate.evaluate_model`: both
+4. evaluate the best: the full robustness evaluation (`raven.eval.evaluate.evaluate_model`: both
    attacks, 50 steps, the paper's delta grid, the test set, FID, t-SNE) of every seed of the
    top configuration(s), as Ray tasks on the cluster's GPUs when it has any; the results come
    back to the driver, which writes every MLflow record;
 5. close the record: trials.csv, the study's plots, the Pareto front, the evaluations on the
    parent run; the best evaluated model registered as raven-{dataset}-{method}.
 
-Every MLflow write goes through the sweep's one write queue (raven.write_queue; the driver's own
-writes are raven.sweep_record's ops), so a tracking store that goes away stops nothing: the
+Every MLflow write goes through the sweep's one write queue (raven.record.write_queue; the driver's own
+writes are raven.sweep.record's ops), so a tracking store that goes away stops nothing: the
 search and the evaluation go on from Tune's results and the checkpoints, reads that only serve
 bookkeeping are skipped while the store is down, and the writes wait in order. The driver waits
 for the store once, at the end, for at most --tracking-wait seconds; writes still kept then are
@@ -44,22 +44,32 @@ import ray
 import torch
 from ray.tune import ExperimentAnalysis, Tuner
 
-from raven import plots, sweep_report, tracking
-from raven.cluster import (EVAL_GPU_SHARE, TRIAL_GPU_SHARE, ClusterError, ClusterInfo, check_address, connect,
-                           node_name, run_tasks)
 from raven.config import ConfigError
 from raven.data import DataError, DataSplits, load_splits
-from raven.evaluate import CURVES_PNG, EvalConfig, EvalResult, evaluate_model
-from raven.progress import bar, duration, say
+from raven.eval import plots
+from raven.eval.evaluate import CURVES_PNG, EvalConfig, EvalResult, evaluate_model
 from raven.pack import member_dirname
-from raven.provenance import dataset_inputs
-from raven.selection import candidates, rank_configurations
-from raven.sweep_clock import SweepClock, calibrate, evaluation_estimate
-from raven.sweep_record import SweepRecord
-from raven.sweep_spec import SPEC_NAME, SweepError, SweepSpec, find_resumable, hide_password, spec_from_args
+from raven.progress import bar, duration, say
+from raven.record import tracking
+from raven.record.provenance import dataset_inputs
+from raven.sweep import report as sweep_report
+from raven.sweep.clock import SweepClock, calibrate, evaluation_estimate
+from raven.sweep.cluster import (
+    EVAL_GPU_SHARE,
+    TRIAL_GPU_SHARE,
+    ClusterError,
+    ClusterInfo,
+    check_address,
+    connect,
+    node_name,
+    run_tasks,
+)
+from raven.sweep.record import SweepRecord
+from raven.sweep.selection import candidates, rank_configurations
+from raven.sweep.spec import SPEC_NAME, SweepError, SweepSpec, find_resumable, hide_password, spec_from_args
+from raven.sweep.study import fail_lost_trials, open_study
+from raven.sweep.tune import build_tuner, epochs_in_storage, trial_label, trial_params
 from raven.train import CHECKPOINT_NAME, load_checkpoint, resolve_device
-from raven.study import fail_lost_trials, open_study
-from raven.tune import build_tuner, epochs_in_storage, trial_label, trial_params
 
 Log = Callable[[str], None]
 WRITES_KEPT = 75  # exit status: the work is done, its MLflow writes are kept for --resume (EX_TEMPFAIL)
@@ -164,7 +174,7 @@ def finished_trials(spec: SweepSpec) -> int:
 
 
 def estimate(spec: SweepSpec, splits: DataSplits, cluster: ClusterInfo, log: Log) -> SweepClock:
-    """The rates calibrated on this machine and the time the sweep will take, printed (raven.sweep_clock)."""
+    """The rates calibrated on this machine and the time the sweep will take, printed (raven.sweep.clock)."""
     trial_gpus = cluster.gpus_per(spec.gpus_per_trial, TRIAL_GPU_SHARE)
     eval_gpus = cluster.gpus_per(spec.eval_gpus, EVAL_GPU_SHARE)
     eval_cpus = spec.eval_cpus if spec.eval_cpus is not None else spec.cpus_per_trial
@@ -200,7 +210,7 @@ def search(spec: SweepSpec, record: Record, splits: DataSplits, splits_ref, clus
 
 
 def rank(spec: SweepSpec, record: Record, results, log: Log):
-    """(the trial table, the configurations ranked: raven.selection.rank_configurations)."""
+    """(the trial table, the configurations ranked: raven.sweep.selection.rank_configurations)."""
     run_ids = {}
     try:
         run_ids = record.tracker.queue.read("looking up the trials' MLflow runs for trials.csv",
@@ -238,12 +248,12 @@ def _evaluate_task(checkpoint_bytes: bytes, splits: DataSplits, evaluation: dict
 
 def evaluate_best(spec: SweepSpec, record: Record, results, table, ranked, splits_ref, splits: DataSplits,
                   cluster: ClusterInfo, clock: SweepClock, data_dir: str | None, log: Log) -> list[dict[str, Any]]:
-    """Evaluate every seed of the candidate configurations (raven.selection.candidates) as Ray tasks.
+    """Evaluate every seed of the candidate configurations (raven.sweep.selection.candidates) as Ray tasks.
 
     Seeds with a recorded evaluation run are not evaluated again (their metrics are read back;
     while the store is down none is looked up); a seed that diverged is not evaluated. Each
     evaluation's folder (files, robustness.json, checkpoint) is written, then its MLflow record
-    queued (raven.sweep_record). Returned in ranking order, seeds in order: the first is the best.
+    queued (raven.sweep.record). Returned in ranking order, seeds in order: the first is the best.
     """
     values = candidates(ranked, spec.evaluate_top, spec.objective_list)
     if not values:
@@ -276,7 +286,7 @@ def evaluate_best(spec: SweepSpec, record: Record, results, table, ranked, split
         jobs[trial_id, seed] = (checkpoint_bytes, splits_ref, spec.evaluation, label, max(1, int(cpus)))
         info[trial_id, seed] = {**item, "name": name, "config": result.config, "checkpoint_bytes": checkpoint_bytes}
     evaluation = spec.eval_config
-    # The evaluation scaled from the objective's cost as the trials measured it (raven.sweep_clock),
+    # The evaluation scaled from the objective's cost as the trials measured it (raven.sweep.clock),
     # per model: a trial's objective_seconds covers all its seeds.
     measured = table["objective_seconds"].dropna()
     objective_s = float(measured.mean()) / spec.seeds if len(measured) else clock.rates.objective_s / spec.seeds
@@ -331,7 +341,7 @@ def evaluate_best(spec: SweepSpec, record: Record, results, table, ranked, split
 
 def close_record(spec: SweepSpec, record: Record, table, ranked, evaluations: list[dict[str, Any]]) -> None:
     """The sweep's files, then one queued write: them on the parent run, its summary metrics, the best model
-    in the registry, the parent FINISHED (raven.sweep_record)."""
+    in the registry, the parent FINISHED (raven.sweep.record)."""
     out = spec.experiment_dir.resolve()
     table.to_csv(out / sweep_report.TRIALS_CSV, index=False)
     artifacts = [out / sweep_report.TRIALS_CSV, out / SPEC_NAME, *sweep_report.study_plots(record.study, spec, out)]

@@ -28,8 +28,8 @@ import torch
 
 from raven.data import DataSplits
 from raven.progress import duration
-from raven.selection import validation_objective
-from raven.sweep_spec import SweepSpec
+from raven.sweep.selection import validation_objective
+from raven.sweep.spec import SweepSpec
 from raven.train import build_model, make_optimizer, method_loss, validation_metrics
 
 # Measured rates (README, cluster/README.md): Ray Tune's per-trial overhead (sweeps/ray_overhead.py,

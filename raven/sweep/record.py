@@ -2,7 +2,7 @@
 
 While the tracking store is away the driver goes on from what it holds: Tune's results, the
 checkpoints, the evaluation folders. What it would write waits in the tracker's queue
-(raven.write_queue) behind the trials' writes, in order, saved to mlflow_pending.json, and
+(raven.record.write_queue) behind the trials' writes, in order, saved to mlflow_pending.json, and
 `--resume` replays it. An op is JSON that names files, never objects:
 
     forget      {known}: delete the runs of trials the restored Tune state does not know (--resume)
@@ -28,10 +28,25 @@ from typing import Any, Iterable
 
 import pandas as pd
 
-from raven.results import JSON_NAME, EvalResult
-from raven.tracking import (CHECKPOINT, EVAL_DEVICE, EVAL_NODE, EVALUATION_RUN_ID, MODEL_URI, REGISTERED_MODEL, SEED,
-                            SWEEP_NAME, TRIAL_ID, TRIAL_RUN_ID, SweepTracker, log_evaluation, log_inputs, log_metrics,
-                            log_model, register_model)
+from raven.eval.results import JSON_NAME, EvalResult
+from raven.record.sweep_tracker import SweepTracker
+from raven.record.tracking import (
+    CHECKPOINT,
+    EVAL_DEVICE,
+    EVAL_NODE,
+    EVALUATION_RUN_ID,
+    MODEL_URI,
+    REGISTERED_MODEL,
+    SEED,
+    SWEEP_NAME,
+    TRIAL_ID,
+    TRIAL_RUN_ID,
+    log_evaluation,
+    log_inputs,
+    log_metrics,
+    log_model,
+    register_model,
+)
 from raven.train import CHECKPOINT_NAME, load_checkpoint
 
 
@@ -45,7 +60,7 @@ def load_result(folder: Path, artifacts: Iterable[str]) -> EvalResult:
 
 
 class SweepRecord(SweepTracker):
-    """A sweep's tracker on the driver: the trials' writes (raven.tracking) and the driver's own (above)."""
+    """A sweep's tracker on the driver: the trials' writes (raven.record.tracking) and the driver's own (above)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from raven.attacks import frozen
+from raven.eval.attacks import frozen
 
 STANDARD_STEPS = 100
 STANDARD_SQUARE_QUERIES = 5000

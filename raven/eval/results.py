@@ -2,7 +2,7 @@
 
 robustness.json holds the paper's protocol (`adversarial_accuracy`, per attack and
 delta) and the strong one (`robust_accuracy`, `robust_accuracy_by_attack`, `checks`),
-side by side; delta keys are raven.protocols.delta_key's decimals.
+side by side; delta keys are raven.eval.protocols.delta_key's decimals.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from raven.protocols import format_checks
+from raven.eval.protocols import format_checks
 
 JSON_NAME = "robustness.json"
 CSV_NAME = "robustness.csv"

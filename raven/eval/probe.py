@@ -2,7 +2,7 @@
 
 The encoder is frozen and an image's representation is the posterior mean mu_x (Eq. 14);
 the probe is fitted on the representations of clean training images and read on those of
-clean or attacked test images. Both protocols (raven.protocols) and the selection
+clean or attacked test images. Both protocols (raven.eval.protocols) and the selection
 objectives share it.
 """
 

@@ -1,6 +1,6 @@
 """The paper's probe and attacks (Section 4.1) for the K members of a pack at once.
 
-`pack_probe_and_attack` computes, for each member, what raven.evaluate.probe_and_attack
+`pack_probe_and_attack` computes, for each member, what raven.eval.evaluate.probe_and_attack
 computes under the paper's protocol: the linear probe fitted on the member's own encodings
 of the training images, its clean accuracy, and per attack and delta the adversarial
 accuracy and the mean Delta at the kept iterates. The members' encoders (and probes) are
@@ -9,10 +9,10 @@ weights), and one PGD (raven.pgd.pgd_linf with row_dims=2) ascends every member'
 objective on a (K, batch, 784) input: one pass, one launch per layer and step, for the K
 models. Each member keeps what its solo evaluation has:
 
-- its probe: raven.probe.train_linear_probe on its encodings, fitted one member after the
+- its probe: raven.eval.probe.train_linear_probe on its encodings, fitted one member after the
   other (full-batch L-BFGS, deterministic; a one-off cost beside the attacks);
 - its random starts: drawn, chunk by chunk and restart by restart in the solo order, from
-  the stream raven.protocols.paper_protocol gives its seed (seed, attack, delta), each draw
+  the stream raven.eval.protocols.paper_protocol gives its seed (seed, attack, delta), each draw
   shaped as the solo one, then stacked;
 - its chunks: the test images in chunks of config.batch_size, as attacks.attack cuts them,
   all K members of a chunk in the same pass.
@@ -31,7 +31,7 @@ Only the encoders are attacked, so the members may differ in anything their enco
 share a shape through (method, sigma_aug, eta, beta, seed); their encoders must have the
 same architecture, and their evaluation settings must agree on every field the paper's
 attacks read (PAPER_STAGE_FIELDS) but may differ in the seed. The strong protocol, FID and
-the other metrics stay per member (raven.evaluate.evaluate_model with `stage`).
+the other metrics stay per member (raven.eval.evaluate.evaluate_model with `stage`).
 """
 
 from __future__ import annotations
@@ -43,18 +43,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raven.attacks import ascent_objective, dissimilarity
 from raven.config import ConfigError
-from raven.evaluate import EvalConfig
+from raven.eval.attacks import ascent_objective, dissimilarity
+from raven.eval.evaluate import EvalConfig
+from raven.eval.probe import train_linear_probe
+from raven.eval.protocols import delta_key, stream
 from raven.pack import stack_modules
 from raven.pgd import pgd_linf
-from raven.probe import train_linear_probe
-from raven.protocols import delta_key, stream
 
 # EvalConfig fields the paper's probe and attacks read; the members of a pack must agree on them.
 PAPER_STAGE_FIELDS = ("attacks", "deltas", "steps", "step_size", "restarts", "random_start", "limit",
                       "probe_limit", "batch_size")
-ENCODE_CHUNK = 5000  # raven.probe.encode_mean's chunk: the same products as the solo encodings
+ENCODE_CHUNK = 5000  # raven.eval.probe.encode_mean's chunk: the same products as the solo encodings
 
 
 def check_pack_evaluable(models: Sequence[nn.Module], configs: Sequence[EvalConfig]) -> None:
@@ -114,7 +114,7 @@ def _objective(kind: str, encoder: nn.Module, probe: nn.Module, x: torch.Tensor,
 def attack_pack(encoder: nn.Module, probe: nn.Module, x: torch.Tensor, y: torch.Tensor, delta: float, kind: str, *,
                 steps: int, step_size: float, restarts: int, random_start: bool,
                 generators: Sequence[torch.Generator], batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """raven.attacks.attack for K stacked encoders (and probes) at once: (correct, dissimilarity), each (K, N).
+    """raven.eval.attacks.attack for K stacked encoders (and probes) at once: (correct, dissimilarity), each (K, N).
 
     encoder maps (K, n, 784) to (mu, logvar) of shape (K, n, d), probe (K, n, d) to logits;
     x (N, 784) and labels y (N,) are the same images for every member; generators[k] is
@@ -163,7 +163,7 @@ def pack_probe_and_attack(models: Sequence[nn.Module], train_x: torch.Tensor, tr
     member, probe_and_attack's dict ("clean_accuracy", "adversarial_accuracy",
     "attack_dissimilarity", "strong": None, "probe", "images", "attack_seconds": the pack's
     shared attack time) plus "probe_layer", the fitted nn.Linear, for the rest of its
-    evaluation (raven.evaluate.evaluate_model's `stage`).
+    evaluation (raven.eval.evaluate.evaluate_model's `stage`).
     """
     check_pack_evaluable(models, configs)
     config = configs[0]

@@ -25,6 +25,7 @@ import numpy as np  # noqa: E402
 
 ATTACK_TITLES = {"kl": "KL attack", "w2": "Wasserstein-2 attack", "ce": "end-to-end cross-entropy attack",
                  "rkl": "reverse-KL attack", "mean": "posterior-mean attack"}
+DATASET_LABELS = {"mnist": "MNIST", "fashion-mnist": "F-MNIST"}
 STRONG = "strong"  # the panel of the strong protocol's robust accuracy
 STRONG_TITLE = "strong protocol: worst case over all attacks"
 

@@ -13,9 +13,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from raven.eval.probe import N_CLASSES
 from raven.gaussians import reparameterize
 from raven.objectives import aug_variance, mixture_component_log_prob
-from raven.probe import N_CLASSES
 
 
 @torch.no_grad()

@@ -1,13 +1,13 @@
 """Robustness evaluation of a trained model: linear probe, the attack protocols, the paper's metrics, outputs.
 
 Protocol (Section 4.1): freeze the encoder; the representation of an image is the mean
-mu_x of q(z|x) (Eq. 14); a linear classifier (probe, raven.probe) is fitted on the
+mu_x of q(z|x) (Eq. 14); a linear classifier (probe, raven.eval.probe) is fitted on the
 training images' representations; the test images are attacked in the L-inf ball of
 radius delta and the probe's accuracy on mu of the adversarial images is reported per
 delta (Figure 2), under the paper's protocol, a strong worst-case protocol, or both
-(raven.protocols).
+(raven.eval.protocols).
 
-Also measured on the test images (raven.metrics): pixel MSE of the mean reconstruction
+Also measured on the test images (raven.eval.metrics): pixel MSE of the mean reconstruction
 on the 0-255 scale and FID between images and reconstructions (Table 2), the latent pair
 distance of Table 1, the mixture-clustering accuracy for raven-gmm, and the Figure 1
 t-SNE.
@@ -27,14 +27,30 @@ import numpy as np
 import torch
 from torch import nn
 
-from raven.attacks import ATTACKS, PAPER_ATTACKS, PAPER_STEP_DIVISOR
 from raven.config import ConfigError
 from raven.data import DataSplits, load_splits, noisy_copy
-from raven.metrics import (cluster_accuracy, first_of_each_class, latent_pair_distance, mixture_assignments,
-                           reconstruct, reconstruction_mse_255, sampled_latent_pair_distance, tsne_embedding)
-from raven.probe import encode_mean, probe_accuracy, train_linear_probe
-from raven.protocols import PROTOCOLS, StrongConfig, delta_key, paper_protocol, positive_int, stream, strong_protocol
-from raven.results import EvalResult, format_summary  # noqa: F401  (format_summary: the CLI's and sweeps' summary)
+from raven.eval.attacks import ATTACKS, PAPER_ATTACKS, PAPER_STEP_DIVISOR
+from raven.eval.metrics import (
+    cluster_accuracy,
+    first_of_each_class,
+    latent_pair_distance,
+    mixture_assignments,
+    reconstruct,
+    reconstruction_mse_255,
+    sampled_latent_pair_distance,
+    tsne_embedding,
+)
+from raven.eval.probe import encode_mean, probe_accuracy, train_linear_probe
+from raven.eval.protocols import (
+    PROTOCOLS,
+    StrongConfig,
+    delta_key,
+    paper_protocol,
+    positive_int,
+    stream,
+    strong_protocol,
+)
+from raven.eval.results import EvalResult, format_summary  # noqa: F401  (format_summary: the CLI's and sweeps' summary)
 
 RECON_PNG = "reconstructions.png"
 TSNE_PNG = "tsne.png"
@@ -47,12 +63,12 @@ class EvalConfig:
     """Settings of one evaluation; validated on construction (ConfigError with a one-line message).
 
     protocol: "paper" (the paper's PGD on the encoder, for reproduction), "strong" (the
-    worst case over every attack, raven.protocols) or "both". The Python default is
+    worst case over every attack, raven.eval.protocols) or "both". The Python default is
     "paper", so that the reproduction and the sweeps' objective keep the paper's protocol
     and cost unless they ask; `raven evaluate` defaults to "both". strong: the strong
     protocol's settings (a StrongConfig or a dict of its fields).
     attacks (paper protocol): any of "kl", "w2" (encoder attacks of the paper), "ce"
-    (end-to-end on the probe), "rkl" and "mean" (raven.attacks). deltas: L-inf budgets in
+    (end-to-end on the probe), "rkl" and "mean" (raven.eval.attacks). deltas: L-inf budgets in
     [0, 1] on the [0, 1] pixel scale, shared by both protocols. step_size None means
     delta/25 (the paper's). restarts > 1 needs random_start. limit: evaluate on the
     first N test images (None: all 10,000). probe_limit: fit the probe on the first N
@@ -162,7 +178,7 @@ def probe_and_attack(model: nn.Module, train_x: torch.Tensor, train_y: torch.Ten
     """Fit the probe on (train_x, train_y), then attack (eval_x, eval_y) under config.protocol.
 
     stage: this model's probe and paper-protocol results, already computed with the rest of
-    its pack (its entry of raven.pack_eval.pack_probe_and_attack, the same numbers): the probe
+    its pack (its entry of raven.eval.pack_eval.pack_probe_and_attack, the same numbers): the probe
     is not fitted again, the paper's attacks do not run again, and the strong protocol, when
     config asks for it, attacks stage's probe.
 
@@ -170,7 +186,7 @@ def probe_and_attack(model: nn.Module, train_x: torch.Tensor, train_y: torch.Ten
     runs on the model's device. Returns {"clean_accuracy": float, "adversarial_accuracy":
     {attack: {delta_key: accuracy}}, "attack_dissimilarity": {attack: {delta_key: mean
     Delta at the adversarial images (mean cross-entropy for "ce")}} (both empty when the
-    paper's protocol is not run), "strong": raven.protocols.strong_protocol's dict or None,
+    paper's protocol is not run), "strong": raven.eval.protocols.strong_protocol's dict or None,
     "probe": {...}, "images": int, "attack_seconds": float}. No FID, t-SNE or plots.
     """
     device = next(model.parameters()).device
@@ -219,7 +235,7 @@ def _reconstruction_fid(test_x: torch.Tensor, recon: torch.Tensor, config: EvalC
     """FID between the test images and their reconstructions, the test images' statistics cached once per set."""
     if not config.fid:
         return None, "FID not computed (disabled: --no-fid)"
-    from raven.fid import default_cache_dir, fid, fid_available
+    from raven.eval.fid import default_cache_dir, fid, fid_available
 
     ok, reason = fid_available()
     if not ok:
@@ -367,7 +383,7 @@ def evaluate_model(model: nn.Module, splits: DataSplits, config: EvalConfig, out
     )
 
     if out_dir is not None:
-        from raven import plots
+        from raven.eval import plots
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)

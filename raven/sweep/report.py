@@ -9,7 +9,9 @@ with several objectives, the Pareto front).
 
 from __future__ import annotations
 
+import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -17,15 +19,20 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only: no display on a cluster's head node
 import matplotlib.pyplot as plt  # noqa: E402
+import mlflow  # noqa: E402
 import numpy as np  # noqa: E402
 import optuna  # noqa: E402
 import optuna.visualization.matplotlib as optuna_plots  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 
-from raven import plots  # noqa: E402
-from raven.evaluate import format_summary  # noqa: E402
-from raven.selection import Objective, seed_key  # noqa: E402
-from raven.sweep_spec import SweepSpec, hide_password  # noqa: E402
+from raven.config import PAPER_ETA, PAPER_SIGMA_AUG  # noqa: E402
+from raven.eval import plots  # noqa: E402
+from raven.eval.evaluate import format_summary  # noqa: E402
+from raven.eval.plots import DATASET_LABELS  # noqa: E402
+from raven.record.tracking import ETA_SWEEP_EXPERIMENT, SIGMA_SWEEP_EXPERIMENT, use_store  # noqa: E402
+from raven.sweep.selection import OBJECTIVE, Objective, seed_key  # noqa: E402
+from raven.sweep.spec import SweepSpec, hide_password  # noqa: E402
 
 TRIALS_CSV = "trials.csv"
 HISTORY_PNG = "optimization_history.png"
@@ -58,7 +65,7 @@ def trial_table(results, spec: SweepSpec, run_ids: dict[str, str]) -> pd.DataFra
     for seed in spec.seed_list:
         rows = trials.copy()
         rows["seed"] = seed
-        if spec.seeds > 1:  # the seed's own values (raven.selection.seed_statistics)
+        if spec.seeds > 1:  # the seed's own values (raven.sweep.selection.seed_statistics)
             for name in metrics:
                 rows[name] = trials[seed_key(name, seed)] if seed_key(name, seed) in trials else np.nan
             rows.loc[(rows["status"] == "TERMINATED") & rows["val_elbo"].isna(), "status"] = "DIVERGED"
@@ -178,3 +185,84 @@ def print_summary(spec: SweepSpec, table: pd.DataFrame, ranked: pd.DataFrame, ev
     print(f"\nMLflow: {spec.tracking_uri}, experiment {spec.experiment!r} (UI: /#/experiments/{experiment_id}"
           f"?workflowType=machine_learning), parent run {parent_id}; Tune results: {spec.experiment_dir.resolve()}; "
           f"Optuna: optuna-dashboard {hide_password(spec.study_storage)}; {seconds:.0f}s")
+
+
+# ----------------------------------------------------------------------------- a sweep read back from MLflow (results notebook)
+
+
+@dataclass
+class Sweep:
+    """A sweep's parent run (raven.sweep.driver) and its trial runs: one row per seed of each trial (a trial of
+    several seeds is one run holding `<metric>_seed<S>`), the searched value and objective."""
+
+    param: str
+    parent: pd.Series
+    trials: pd.DataFrame  # columns: run_id, status, seed, <param>, val_robust_accuracy, val_elbo, val_mse_255
+
+    @property
+    def dataset(self) -> str:
+        return str(self.parent["params.dataset"])
+
+    @property
+    def best(self) -> float:
+        return float(self.parent.get(f"metrics.best_{self.param}", np.nan))
+
+    @property
+    def paper_value(self) -> float:
+        return (PAPER_SIGMA_AUG if self.param == "sigma_aug" else PAPER_ETA)[self.dataset]
+
+
+def load_sweep(param: str = "sigma_aug", dataset: str | None = None, experiment: str | None = None,
+               tracking_uri: str | None = None) -> Sweep | None:
+    """The latest sweep of `param` ("sigma_aug" or "eta") recorded by sweeps/*.py, or None when there is none."""
+    use_store(tracking_uri)
+    experiment = experiment or (SIGMA_SWEEP_EXPERIMENT if param == "sigma_aug" else ETA_SWEEP_EXPERIMENT)
+    if mlflow.get_experiment_by_name(experiment) is None:
+        return None
+    query = f"tags.`raven.role` = 'sweep' and params.`search.param` = '{param}'"
+    if dataset:
+        query += f" and params.dataset = '{dataset}'"
+    parents = mlflow.search_runs(experiment_names=[experiment], filter_string=query,
+                                 order_by=["attributes.start_time DESC"])
+    if parents.empty:
+        return None
+    parent = parents.iloc[0]
+    runs = mlflow.search_runs(experiment_names=[experiment], filter_string=(
+        f"tags.mlflow.parentRunId = '{parent['run_id']}' and tags.`raven.role` = 'trial'"))
+    rows = []
+    for _, run in runs.iterrows():
+        seeds = str(run.get("params.seed", "")).split(",")  # "0" or, for a trial of several seeds, "0,1,2"
+        for seed in seeds:
+            row = {"run_id": run["run_id"], "status": run["status"], param: run.get(f"params.{param}"), "seed": seed}
+            for name in (OBJECTIVE, "val_elbo", "val_mse_255"):
+                row[name] = run.get(f"metrics.{name}" if len(seeds) == 1 else f"metrics.{name}_seed{seed}")
+            rows.append(row)
+    columns = ["run_id", "status", param, "seed", OBJECTIVE, "val_elbo", "val_mse_255"]
+    trials = pd.DataFrame(rows, columns=columns)
+    for name in columns[2:]:
+        trials[name] = pd.to_numeric(trials[name], errors="coerce")
+    return Sweep(param, parent, trials.sort_values([param, "seed"]).reset_index(drop=True))
+
+
+def plot_sweep(sweep: Sweep, path: str | os.PathLike | None = None) -> Figure:
+    """The selection objective against the searched value (log x): trials, mean per value, best and paper's value."""
+    fig = Figure(figsize=(6.0, 4.0), layout="constrained")
+    ax = fig.subplots()
+    done = sweep.trials.dropna(subset=[sweep.param, OBJECTIVE])
+    ax.scatter(done[sweep.param], 100 * done[OBJECTIVE], color="tab:blue", zorder=3, label="trial")
+    means = done.groupby(sweep.param)[OBJECTIVE].mean()
+    ax.plot(means.index, 100 * means.to_numpy(), color="tab:blue", alpha=0.5)
+    if np.isfinite(sweep.best):
+        ax.axvline(sweep.best, color="tab:red", linestyle="--", label=f"best {sweep.best:.4g}")
+    ax.axvline(sweep.paper_value, color="tab:gray", linestyle=":", label=f"paper {sweep.paper_value:g}")
+    ax.set_xscale("log")
+    ax.set_xlabel(sweep.param)
+    ax.set_ylabel(f"{OBJECTIVE} (%)")
+    smoke = " (smoke)" if str(sweep.parent.get("params.smoke")) == "True" else ""
+    ax.set_title(f"{sweep.param} sweep on {DATASET_LABELS.get(sweep.dataset, sweep.dataset)}{smoke}: "
+                 "validation robust accuracy", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    if path is not None:
+        _save(fig, path)
+    return fig

@@ -27,12 +27,12 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from raven.config import DATASETS, PAPER_ETA, PAPER_SE_ETA_GRID, PAPER_SIGMA_AUG, ConfigError, TrainConfig
-from raven.evaluate import EvalConfig
-from raven.protocols import PROTOCOLS as EVAL_PROTOCOLS
-from raven.selection import PROTOCOL_STEPS, PROTOCOLS, TRAIN_METRICS, ObjectiveSettings, parse_objectives
-from raven.provenance import git_version
-from raven.tracking import DEFAULT_TRACKING_URI, resolve_tracking_uri
-from raven.write_queue import write_atomic
+from raven.eval.evaluate import EvalConfig
+from raven.eval.protocols import PROTOCOLS as EVAL_PROTOCOLS
+from raven.record.provenance import git_version
+from raven.record.tracking import DEFAULT_TRACKING_URI, resolve_tracking_uri
+from raven.record.write_queue import write_atomic
+from raven.sweep.selection import PROTOCOL_STEPS, PROTOCOLS, TRAIN_METRICS, ObjectiveSettings, parse_objectives
 
 SPEC_NAME = "raven_sweep.json"
 STUDY_NAME = "optuna.db"  # the default Optuna storage, beside the sweep in its Tune folder

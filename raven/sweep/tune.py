@@ -2,7 +2,7 @@
 
 * `sweep_trial`, a function trainable: a trial trains the `--seeds` seeds of one configuration
   as one pack (`raven.pack.train_pack`; a pack of one is the solo loop) and reports every epoch
-  the statistics over its seeds (raven.selection.seed_statistics: the mean of every metric under
+  the statistics over its seeds (raven.sweep.selection.seed_statistics: the mean of every metric under
   its own name, which the searcher and ASHA see, and with several seeds the std and each seed's
   value), the Ray node it ran on and the objective when due, with a Tune checkpoint: a
   seed-S/ folder per seed (checkpoint.pt, metrics.json, as `raven train --seeds` writes them)
@@ -12,11 +12,11 @@
   `max_failures` times. A seed that diverges leaves the pack and the means (its last good
   checkpoint stays); a trial whose every seed diverged fails.
 * The Tuner: the trainable with its resources, the searcher over the sweep's Optuna study
-  (raven.study), ASHA when asked, the callbacks; or the interrupted Tuner, restored.
+  (raven.sweep.study), ASHA when asked, the callbacks; or the interrupted Tuner, restored.
 * Two callbacks on the driver: `MlflowCallback` turns Tune's events into writes queued on the
-  sweep's tracker, the driver's own (raven.tracking, raven.write_queue: one queue for the whole
+  sweep's tracker, the driver's own (raven.record.tracking, raven.record.write_queue: one queue for the whole
   sweep, which the driver drains once at its end); `ProgressCallback` prints one line per trial
-  epoch with the time left (raven.sweep_clock) and a bar on a terminal.
+  epoch with the time left (raven.sweep.clock) and a bar on a terminal.
 """
 
 from __future__ import annotations
@@ -40,13 +40,14 @@ from ray.tune.schedulers import ASHAScheduler
 
 from raven.pack import member_dirname, train_pack
 from raven.progress import bar, say
-from raven.selection import seed_statistics, validation_objective
-from raven.study import ObjectiveOptunaSearch
-from raven.sweep_clock import Rates, SweepClock
-from raven.sweep_spec import SweepSpec
-from raven.tracking import CHECKPOINT, ERROR_FILE, TRIAL_RESTARTS, TRIAL_STATUS, SweepTracker
+from raven.record.sweep_tracker import SweepTracker
+from raven.record.tracking import CHECKPOINT, ERROR_FILE, TRIAL_RESTARTS, TRIAL_STATUS
+from raven.record.write_queue import write_atomic
+from raven.sweep.clock import Rates, SweepClock
+from raven.sweep.selection import seed_statistics, validation_objective
+from raven.sweep.spec import SweepSpec
+from raven.sweep.study import ObjectiveOptunaSearch
 from raven.train import CHECKPOINT_NAME, EpochReport, TrainingDiverged, load_state, resolve_device
-from raven.write_queue import write_atomic
 
 REPORTED_NAME = "reported.json"
 # Metrics of the trainable's own reports that go into MLflow (Tune adds its bookkeeping keys).
@@ -145,7 +146,7 @@ def _restore(work: Path, spec: SweepSpec) -> list[dict[str, Any]]:
 
 class EpochReporter:
     """The train_pack callback of a trial: each seed's objective when due, the statistics over the
-    seeds (raven.selection.seed_statistics) and the trial's own numbers, then tune.report with a
+    seeds (raven.sweep.selection.seed_statistics) and the trial's own numbers, then tune.report with a
     checkpoint of `work`.
 
     The trial's own numbers: epoch, node_id, epoch_seconds (the pack's epoch), images_per_second
@@ -233,7 +234,7 @@ def _search_domain(space: dict[str, Any]):
 def build_tuner(spec: SweepSpec, tracker: SweepTracker, splits_ref, trial_gpus: float, inputs: list[dict[str, Any]],
                 rates: Rates, slots: int, eval_slots: int, resume: bool) -> tune.Tuner:
     """A new Tuner whose MLflow callback writes through `tracker`, or the interrupted one restored from
-    spec.experiment_dir when `resume` (its unpickled callback finds the same tracker: raven.tracking.sweep_tracker)."""
+    spec.experiment_dir when `resume` (its unpickled callback finds the same tracker: raven.record.sweep_tracker.sweep_tracker)."""
     # Results without the objective (epochs before the last) are expected.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     # Save the experiment state (what --resume restores) every 5 s instead of Tune's adaptive
@@ -290,7 +291,7 @@ class MlflowCallback(tune.Callback):
     """Tune's events as queued MLflow writes: a child run per trial, per-epoch metrics, status, node, checkpoint.
 
     A trial of several seeds is one run: its metrics are the means over the seeds under their own
-    names, with `<metric>_std` and `<metric>_seed<S>` beside them (raven.selection.seed_statistics).
+    names, with `<metric>_std` and `<metric>_seed<S>` beside them (raven.sweep.selection.seed_statistics).
 
     Tune pickles it with the experiment (tuner.pkl) and restores it on `--resume`; it holds no
     state of its own beyond the tracker settings: runs and logged epochs are found in MLflow.
@@ -301,7 +302,7 @@ class MlflowCallback(tune.Callback):
     def __init__(self, tracker: SweepTracker, spec: dict[str, Any], inputs: list[dict[str, Any]]) -> None:
         self.tracker = tracker
         self.spec = spec
-        self.inputs = inputs  # the dataset inputs of every trial run (raven.tracking.dataset_inputs)
+        self.inputs = inputs  # the dataset inputs of every trial run (raven.record.tracking.dataset_inputs)
         self._sweep = SweepSpec.from_dict(spec)
         self._warned: set[str] = set()
         self._nodes: dict[str, str] = {}  # trial id -> node id of its last recorded epoch

@@ -1,0 +1,3 @@
+"""The record layer: the MLflow record (the one writer), its durable write queue, provenance.
+
+Imports the method core, the evaluation layer and itself."""

@@ -1,0 +1,4 @@
+"""The reproduction layer: the grid of (dataset, method, seed) cells, its Ray and offline
+runners, and the report of the paper's tables and figures.
+
+Imports every layer above it."""

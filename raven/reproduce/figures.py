@@ -1,0 +1,212 @@
+"""The reproduction report's figures: Figure 2 (accuracy against delta, both protocols) and Figure 1
+(t-SNE of clean and noisy encodings), drawn from the runs `raven.reproduce.report` reads from MLflow,
+and the artifacts and models they need.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import tempfile
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+import matplotlib.image
+import mlflow
+import numpy as np
+import pandas as pd
+import torch
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+
+from raven.config import DATASETS, METHODS
+from raven.data import default_data_dir, load_raw, noisy_copy, to_tensor
+from raven.eval.evaluate import encode_mean, tsne_embedding
+from raven.eval.plots import DATASET_LABELS
+from raven.reproduce.runner import CHECKPOINT_ARTIFACTS
+from raven.train import CHECKPOINT_NAME, load_checkpoint
+
+METHOD_LABELS = {"vae": "VAE", "vae-noise": "VAE (noise)", "se": "SE", "raven": "RAVEN", "raven-gmm": "RAVEN-GMM"}
+# RAVEN in blue as in the paper's Figure 2.
+METHOD_COLORS = {"raven": "tab:blue", "raven-gmm": "tab:purple", "vae": "tab:gray", "vae-noise": "tab:orange",
+                 "se": "tab:green"}
+ATTACK_LABELS = {"kl": "KL attack", "w2": "Wasserstein attack", "ce": "cross-entropy attack",
+                 "rkl": "reverse-KL attack", "mean": "posterior-mean attack", "strong": "strong protocol (worst case)"}
+STRONG = "strong"
+TSNE_ARTIFACT = "robustness/tsne.png"
+
+
+class ReportError(RuntimeError):
+    """Nothing to report (no store, no reproduction); the message says what to run."""
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+def ordered(values: Any, order: tuple[str, ...]) -> list[str]:
+    present = list(dict.fromkeys(values))
+    return [v for v in order if v in present] + [v for v in present if v not in order]
+
+
+def plot_figure2(summary: pd.DataFrame, path: str | os.PathLike | None = None, title: str | None = None) -> Figure:
+    """Figure 2: accuracy (%) vs delta, rows = datasets, columns = attacks, mean line and +-std band per method.
+
+    The strong protocol's worst case, where present, is the last column, beside the paper's attacks.
+    """
+    datasets = ordered(summary["dataset"], DATASETS)
+    attacks = ordered(summary["attack"], ("kl", "w2", "ce", "rkl", "mean"))
+    attacks = [a for a in attacks if a != STRONG] + ([STRONG] if STRONG in attacks else [])
+    fig = Figure(figsize=(4.6 * len(attacks), 3.7 * len(datasets)), layout="constrained")
+    axes = fig.subplots(len(datasets), len(attacks), squeeze=False)
+    panel = iter("abcdefghijklmnop")
+    for row, dataset in zip(axes, datasets):
+        for ax, attack in zip(row, attacks):
+            part = summary[(summary["dataset"] == dataset) & (summary["attack"] == attack)]
+            for method in ordered(part["method"], METHODS):
+                line = part[part["method"] == method].sort_values("delta")
+                mean, std = 100 * line["accuracy_mean"].to_numpy(), 100 * line["accuracy_std"].fillna(0).to_numpy()
+                color = METHOD_COLORS.get(method)
+                ax.plot(line["delta"], mean, marker="o", markersize=3, color=color,
+                        label=f"{METHOD_LABELS.get(method, method)} (n={int(line['seeds'].max())})")
+                ax.fill_between(line["delta"], mean - std, mean + std, color=color, alpha=0.2, linewidth=0)
+            ax.set_title(f"({next(panel)}) {DATASET_LABELS.get(dataset, dataset)}, {ATTACK_LABELS.get(attack, attack)}",
+                         fontsize=10)
+            ax.set_xlabel(r"attack budget $\delta$ ($L_\infty$)")
+            ax.set_ylabel("accuracy (%)")
+            ax.set_ylim(0, 100)
+            ax.grid(alpha=0.3)
+            if part.empty:  # e.g. a dataset whose runs were not evaluated with the strong protocol
+                ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes, color="gray")
+            else:
+                ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(textwrap.fill(title, 110), fontsize=9)
+    if path is not None:
+        save_figure(fig, path)
+    return fig
+
+
+def plot_protocol_curves(points: pd.DataFrame, title: str | None = None) -> Figure:
+    """One panel per method: each paper attack's accuracy (%) against delta, and the strong protocol's, dashed.
+
+    `points` is `curves(...)`'s long table cut to the runs to show; several seeds are averaged.
+    """
+    methods = ordered(points["method"], METHODS)
+    fig = Figure(figsize=(3.4 * len(methods), 3.2), layout="constrained")
+    axes = fig.subplots(1, len(methods), squeeze=False)[0]
+    for ax, method in zip(axes, methods):
+        part = points[points["method"] == method].groupby(["attack", "delta"])["accuracy"].mean().reset_index()
+        for attack in ordered(part["attack"], ("kl", "w2", "ce", "rkl", "mean", STRONG)):
+            line = part[part["attack"] == attack].sort_values("delta")
+            style = dict(color="black", linestyle="--", linewidth=2) if attack == STRONG else {}
+            ax.plot(line["delta"], 100 * line["accuracy"], marker="o", markersize=3,
+                    label=ATTACK_LABELS.get(attack, attack), **style)
+        ax.set_title(METHOD_LABELS.get(method, method), fontsize=10)
+        ax.set_xlabel(r"$\delta$ ($L_\infty$)")
+        ax.set_ylabel("accuracy (%)")
+        ax.set_ylim(0, 100)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    return fig
+
+
+def save_figure(fig: Figure, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    return path
+
+
+def download_artifact(run_id: str, artifact: str, dst: str | os.PathLike | None = None) -> Path | None:
+    """A run's artifact as a local file (None when the run has no such artifact)."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    try:
+        return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact,
+                                                        dst_path=str(dst) if dst else None))
+    except Exception:  # noqa: BLE001 - MLflow raises store-specific errors for a missing artifact
+        return None
+
+
+def load_run_model(run_id: str, map_location: str = "cpu") -> Any:
+    """The trained model of a reproduction (or any raven) run, from its logged checkpoint artifact."""
+    path = download_artifact(run_id, f"{CHECKPOINT_ARTIFACTS}/{CHECKPOINT_NAME}")
+    if path is None:
+        raise ReportError(f"run {run_id} has no {CHECKPOINT_ARTIFACTS}/{CHECKPOINT_NAME} artifact")
+    return load_checkpoint(path, map_location=map_location)
+
+
+@functools.lru_cache(maxsize=2)
+def _test_set(dataset: str, data_dir: str | None) -> tuple[Any, Any]:
+    images, labels = load_raw(dataset, str(default_data_dir(data_dir)))["test"]
+    return to_tensor(images), torch.from_numpy(labels.astype(np.int64))
+
+
+def latent_pairs(model: Any, dataset: str, n: int = 1000, noise_std: float = 0.05, seed: int = 0,
+                 data_dir: str | os.PathLike | None = None) -> dict[str, np.ndarray]:
+    """Encoder means of the first n test images and of their noisy copies, labels, and pair distances.
+
+    The noisy copy is the paper's x + eps, eps ~ N(0, noise_std^2 I), unclipped (as the encoder sees it).
+    """
+    test_x, test_y = _test_set(dataset, None if data_dir is None else str(data_dir))
+    x, y = test_x[:n], test_y[:n]
+    noisy = noisy_copy(x, noise_std, torch.Generator().manual_seed(seed))
+    mu_clean, mu_noisy = encode_mean(model, x), encode_mean(model, noisy)
+    distance = (mu_clean.double() - mu_noisy.double()).pow(2).sum(dim=1)
+    return {"mu_clean": mu_clean.numpy(), "mu_noisy": mu_noisy.numpy(), "labels": y.numpy(),
+            "pair_distance": distance.numpy()}
+
+
+def tsne_of_pairs(pairs: dict[str, np.ndarray], seed: int = 0) -> np.ndarray:
+    """2-d t-SNE of the clean and noisy encodings stacked (clean first)."""
+    return tsne_embedding(torch.from_numpy(pairs["mu_clean"]), torch.from_numpy(pairs["mu_noisy"]), seed)
+
+
+def plot_tsne_pairs(pairs: dict[str, np.ndarray], embedding: np.ndarray, ax: Axes, title: str = "") -> None:
+    """Figure 1 style: clean encodings as dots, noisy as crosses, coloured by class."""
+    n = len(pairs["labels"])
+    cmap = matplotlib.colormaps["tab10"]
+    for cls in np.unique(pairs["labels"]):
+        sel = pairs["labels"] == cls
+        ax.scatter(embedding[:n][sel, 0], embedding[:n][sel, 1], s=5, color=cmap(int(cls)), label=str(cls))
+        ax.scatter(embedding[n:][sel, 0], embedding[n:][sel, 1], s=7, marker="x", linewidths=0.5, color=cmap(int(cls)))
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(title, fontsize=9)
+
+
+def plot_figure1(repro: Any, path: str | os.PathLike, data_dir: str | os.PathLike | None = None,
+                 seed: int | None = None) -> Path:
+    """Figure 1: the t-SNE of clean and noisy test encodings per dataset (rows) and method (columns).
+
+    Each panel is the evaluator's robustness/tsne.png of the run with the lowest seed
+    (or `seed`); a run without one is recomputed from its logged checkpoint.
+    """
+    runs = repro.runs if seed is None else repro.runs[repro.runs["seed"] == seed]
+    datasets = ordered(runs["dataset"], DATASETS)
+    methods = ordered(runs["method"], METHODS)
+    fig = Figure(figsize=(3.4 * len(methods), 3.2 * len(datasets)), layout="constrained")
+    axes = fig.subplots(len(datasets), len(methods), squeeze=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        for row, dataset in zip(axes, datasets):
+            for ax, method in zip(row, methods):
+                chosen = runs[(runs["dataset"] == dataset) & (runs["method"] == method)].sort_values("seed")
+                label = f"{DATASET_LABELS.get(dataset, dataset)}, {METHOD_LABELS.get(method, method)}"
+                if chosen.empty:
+                    ax.axis("off")
+                    continue
+                run = chosen.iloc[0]
+                title = f"{label} (seed {run['seed']})"
+                png = download_artifact(run["run_id"], TSNE_ARTIFACT, Path(tmp) / run["run_id"])
+                if png is not None:
+                    ax.imshow(matplotlib.image.imread(png))
+                    ax.axis("off")
+                    ax.set_title(title, fontsize=9)
+                else:
+                    pairs = latent_pairs(load_run_model(run["run_id"]), dataset, n=1000, data_dir=data_dir)
+                    plot_tsne_pairs(pairs, tsne_of_pairs(pairs), ax, title)
+    fig.suptitle("t-SNE of clean (o) and noisy (x) test encodings; colours are classes", fontsize=10)
+    return save_figure(fig, path)
