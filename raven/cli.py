@@ -12,15 +12,24 @@ import sys
 import time
 from pathlib import Path
 
-from raven.config import DATASETS, DEFAULT_ETA, METHODS, PAIR_NOISE, ConfigError, TrainConfig
+from raven.config import DATASETS, METHODS, ConfigError, TrainConfig
+from raven.methods import options
 
 
-def _sigma_list(text: str) -> float | tuple[float, ...]:
-    try:
-        values = tuple(float(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or comma-separated numbers, got {text!r}") from None
-    return values[0] if len(values) == 1 else values
+def add_option_flags(parser: argparse.ArgumentParser) -> None:
+    """A flag for every method's option (raven.methods), its help, type and default from the option."""
+    group = parser.add_argument_group("method options (each method reads its own)")
+    for option in options().values():
+        kind = option.parse or (float if option.default is None else type(option.default))
+        default = "" if option.default is None else f" (default {option.default:g})" if isinstance(
+            option.default, float) else f" (default {option.default})"
+        group.add_argument(option.flag, type=kind, default=None, choices=option.choices,
+                           help=option.help + default)
+
+
+def option_values(args: argparse.Namespace) -> dict[str, object]:
+    """The method options given on the command line (the others keep TrainConfig's defaults)."""
+    return {name: getattr(args, name) for name in options() if getattr(args, name, None) is not None}
 
 
 def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -29,20 +38,7 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dataset", default="mnist", choices=DATASETS)
     p.add_argument("--out", type=Path, default=None,
                    help="output folder (default runs/METHOD-DATASET-sSEED); an existing checkpoint there is resumed")
-    p.add_argument("--sigma-aug", type=_sigma_list, default=None,
-                   help="std of a(z|z~) (Definition 1): one number or one per latent dimension "
-                        "(default: the paper's, 0.01 MNIST / 0.04 Fashion-MNIST)")
-    p.add_argument("--noise-std", type=float, default=0.05, help="pixel noise of the training pair (default 0.05)")
-    p.add_argument("--pair-noise", choices=PAIR_NOISE, default=None,
-                   help="noisy copies: one fixed copy of the training set per seed, or fresh noise per step "
-                        "(default: fixed for vae-noise, as Appendix C.1; per-step for raven, raven-gmm)")
-    p.add_argument("--eta", type=float, default=None,
-                   help="Smooth Encoder coupling strength (default: tuned on validation, "
-                        + " / ".join(f"{v:g} {k}" for k, v in DEFAULT_ETA.items()) + ")")
-    p.add_argument("--se-epsilon", type=float, default=0.1, help="Smooth Encoder training L-inf radius (default 0.1)")
-    p.add_argument("--se-steps", type=int, default=5, help="PGD steps for the Smooth Encoder partner (default 5)")
     p.add_argument("--beta", type=float, default=1.0, help="weight of the KL/prior term (default 1)")
-    p.add_argument("--n-components", type=int, default=10, help="mixture components for raven-gmm (default 10)")
     p.add_argument("--latent-dim", type=int, default=10)
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--patience", type=int, default=None,
@@ -59,6 +55,7 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--data-dir", default=None, help="data root (default: $RAVEN_DATA_DIR, else ~/.cache/raven/data)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint in --out and start over")
+    add_option_flags(p)
     p.set_defaults(run=run_train)
 
 
@@ -66,11 +63,9 @@ def run_train(args: argparse.Namespace) -> int:
     from raven.train import resolve_device, train
 
     config = TrainConfig(
-        method=args.method, dataset=args.dataset, sigma_aug=args.sigma_aug, noise_std=args.noise_std,
-        pair_noise=args.pair_noise, eta=args.eta, se_epsilon=args.se_epsilon, se_steps=args.se_steps, beta=args.beta,
-        n_components=args.n_components, latent_dim=args.latent_dim, epochs=args.epochs, patience=args.patience,
-        batch_size=args.batch_size, lr=args.lr, seed=args.seed, limit=args.limit,
-        **({"grad_clip_norm": None} if args.no_grad_clip else {}),
+        method=args.method, dataset=args.dataset, beta=args.beta, latent_dim=args.latent_dim, epochs=args.epochs,
+        patience=args.patience, batch_size=args.batch_size, lr=args.lr, seed=args.seed, limit=args.limit,
+        **({"grad_clip_norm": None} if args.no_grad_clip else {}), **option_values(args),
     )
     device = resolve_device(args.device)
     if args.seeds is not None:

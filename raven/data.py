@@ -22,13 +22,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from raven.config import DATASETS
 
 IMAGE_SIZE = 28 * 28
 # Fixed, independent of the training seed, so every run and every trial of a sweep
 # selects on the same validation images.
 SPLIT_SEED = 0
 
+DATASETS = ("mnist", "fashion-mnist")
 _FOLDERS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
 _FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),

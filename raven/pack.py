@@ -58,6 +58,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable
 
 import torch
@@ -66,6 +67,7 @@ from tqdm.auto import tqdm
 
 from raven.config import ConfigError, TrainConfig
 from raven.data import DataSplits, load_splits
+from raven.methods import options
 from raven.models import RavenModel
 from raven.train import (
     CHECKPOINT_NAME,
@@ -86,8 +88,12 @@ from raven.train import (
     write_checkpoint,
 )
 
-# TrainConfig fields that may differ between the members of one pack (with the seed).
-PER_MEMBER_FIELDS = ("seed", "sigma_aug", "eta", "beta", "grad_clip_norm", "epochs", "patience")
+# The step's settings that may differ between the members of one pack, each with its row of the
+# pack's tensor: beta and every method option declared per_member (sigma_aug, eta, ...).
+_PER_MEMBER_ROWS = {o.name: o.row or (lambda value, d: value) for o in options().values() if o.per_member} | {
+    "beta": lambda value, d: value}
+# TrainConfig fields that may differ between the members of one pack.
+PER_MEMBER_FIELDS = ("seed", *_PER_MEMBER_ROWS, "grad_clip_norm", "epochs", "patience")
 # Eager steps of a batch shape before its CUDA graph is captured (lazy initialisation of
 # cuBLAS and the autograd engine must happen outside a capture).
 GRAPH_WARMUP_STEPS = 3
@@ -216,37 +222,24 @@ class PackedModel(nn.Module):
         return {name: tensor[k] for name, tensor in self.state_dict().items()}
 
 
-@dataclass(frozen=True)
-class PackSettings:
-    """The settings a step reads (raven.train.StepSettings), for a pack. A per-member value
-    that all members share stays the solo loop's own float (or tuple), so a pack of members
-    that agree computes exactly what each would alone; one that differs becomes a tensor
-    broadcasting over the pack: beta and eta (K, 1) against per-pair terms (K, batch),
-    sigma_aug (K, 1, d) against (K, batch, d)."""
-
-    method: str
-    noise_std: float
-    se_epsilon: float
-    se_steps: int
-    sigma_aug: float | tuple[float, ...] | torch.Tensor
-    beta: float | torch.Tensor
-    eta: float | torch.Tensor
+class PackSettings(SimpleNamespace):
+    """The settings a step reads (raven.train.StepSettings), for a pack: every TrainConfig field
+    of the first member, with the per-member ones (beta and the methods' per-member options)
+    that differ between members as tensors broadcasting over the pack: (K, 1) against per-pair
+    terms (K, batch), sigma_aug (K, 1, d) against (K, batch, d). A per-member value that all
+    members share stays the solo loop's own float (or tuple), so a pack of members that agree
+    computes exactly what each would alone."""
 
     @classmethod
     def of(cls, configs: list[TrainConfig], device: torch.device) -> "PackSettings":
-        d = configs[0].latent_dim
-
-        def per_member(values: list[Any], row: Callable[[Any], Any] = lambda v: v) -> Any:
-            if all(v == values[0] for v in values):
-                return values[0]
-            return torch.tensor([row(v) for v in values], dtype=torch.float32, device=device).unsqueeze(1)
-
         first = configs[0]
-        return cls(method=first.method, noise_std=first.noise_std, se_epsilon=first.se_epsilon,
-                   se_steps=first.se_steps,
-                   sigma_aug=per_member([c.sigma_aug for c in configs],
-                                        lambda s: list(s) if isinstance(s, tuple) else [s] * d),
-                   beta=per_member([c.beta for c in configs]), eta=per_member([c.eta for c in configs]))
+        values = {f.name: getattr(first, f.name) for f in dataclasses.fields(TrainConfig)}
+        for name, row in _PER_MEMBER_ROWS.items():
+            column = [getattr(c, name) for c in configs]
+            if any(v != column[0] for v in column):
+                values[name] = torch.tensor([row(v, first.latent_dim) for v in column], dtype=torch.float32,
+                                            device=device).unsqueeze(1)
+        return cls(**values)
 
 
 def _solo_param_groups(model: RavenModel, config: TrainConfig) -> list[dict[str, Any]]:
@@ -344,7 +337,7 @@ class PackedTrainer:
             eps.append(latent_noise(config, index.shape[1], generator))
         noise = {name: torch.stack([d[name] for d in draws]) for name in draws[0]}
         partner = make_partner(self.model, self.settings, x, noise, fixed)
-        terms = step_terms(self.model, self.settings, x, partner, torch.stack(eps))
+        terms = step_terms(self.model, self.settings, x, partner, torch.stack(eps), len(self.train_x))
         loss = terms["loss"]
         self.optimizer.zero_grad(set_to_none=True)
         # Members share no parameter, so each gets exactly the gradient of its own loss.

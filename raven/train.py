@@ -33,27 +33,11 @@ import torch
 from tqdm.auto import tqdm
 
 from raven.config import ConfigError, TrainConfig
-from raven.data import IMAGE_SIZE, DataSplits, bernoulli_target, fixed_noisy_copy, load_splits, noisy_copy
-from raven.gaussians import (
-    diag_gaussian_kl,
-    diag_gaussian_log_prob,
-    diag_gaussian_w2_squared,
-    reparameterize,
-    standard_normal_kl,
-)
+from raven.data import DataSplits, fixed_noisy_copy, load_splits, noisy_copy
+from raven.gaussians import reparameterize
+from raven.methods import METHODS, Batch, Terms
 from raven.models import RavenModel
-from raven.objectives import (
-    Terms,
-    aug_variance,
-    bernoulli_nll,
-    mixture_component_log_prob,
-    raven_gmm_loss,
-    raven_loss,
-    smooth_encoder_loss,
-    vae_loss,
-    vae_noise_loss,
-)
-from raven.pgd import pgd_linf
+from raven.objectives import bernoulli_nll
 
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.json"
@@ -128,7 +112,7 @@ def build_model(config: TrainConfig) -> RavenModel:
     """The model for `config`, initialised from config.seed (CPU RNG, so identical on any device)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        return RavenModel(config.latent_dim, config.n_components if config.method == "raven-gmm" else None)
+        return RavenModel(config.latent_dim, config.n_components if METHODS[config.method].mixture_prior else None)
 
 
 class StepSettings(Protocol):
@@ -137,12 +121,8 @@ class StepSettings(Protocol):
     the pack ((K, 1) per pair, (K, 1, d) for sigma_aug)."""
 
     method: str
-    noise_std: float
-    se_epsilon: float
-    se_steps: int
-    sigma_aug: float | tuple[float, ...] | torch.Tensor
     beta: float | torch.Tensor
-    eta: float | torch.Tensor
+    noise_std: float
 
 
 def epoch_order(n: int, generator: torch.Generator, device: torch.device | str) -> torch.Tensor:
@@ -156,94 +136,74 @@ def training_noisy_copy(config: TrainConfig, train_x: torch.Tensor) -> torch.Ten
     Drawn from config.seed alone (raven.data.fixed_noisy_copy), not from the training
     generator, so it is the same on resume and whatever the batch order.
     """
-    if not (config.paired and config.pair_noise == "fixed"):
+    if not (METHODS[config.method].paired and config.pair_noise == "fixed"):
         return None
     return fixed_noisy_copy(train_x, config.noise_std, config.seed)
 
 
 def partner_noise(config: TrainConfig, batch_size: int, generator: torch.Generator,
                   fixed_partner: bool = False) -> dict[str, torch.Tensor]:
-    """The random numbers of a batch's partner, the first a step draws: "start", the Smooth
-    Encoder's U(0, 1) PGD start, or "pixel", the N(0, 1) of a fresh noisy copy, each
-    (batch, 784); nothing for the VAE or when the batch's rows of a fixed copy are given."""
-    device = generator.device
-    if config.method == "se":
-        return {"start": torch.rand((batch_size, IMAGE_SIZE), generator=generator, device=device)}
-    if config.paired and not fixed_partner:
-        return {"pixel": torch.randn((batch_size, IMAGE_SIZE), generator=generator, device=device)}
-    return {}
+    """The random numbers of a batch's partner, the first a step draws: "start", an adversarial
+    partner's U(0, 1) start, or "pixel", the N(0, 1) of a fresh noisy copy, each (batch, 784);
+    nothing for an unpaired method or when the batch's rows of a fixed copy are given."""
+    return METHODS[config.method].partner_noise(batch_size, generator, fixed_partner)
 
 
 def latent_noise(config: TrainConfig, batch_size: int, generator: torch.Generator) -> torch.Tensor:
     """The N(0, 1) of the step's reparameterisation, drawn after the partner's: (rows, d), with
     rows = 2 * batch for the paired methods (clean rows, then partner rows), batch otherwise
     (the Smooth Encoder samples z for x_a alone)."""
-    rows = 2 * batch_size if config.paired else batch_size
+    rows = 2 * batch_size if METHODS[config.method].paired else batch_size
     return torch.randn((rows, config.latent_dim), generator=generator, device=generator.device)
-
-
-def se_partner(model: RavenModel, x: torch.Tensor, config: StepSettings, start_noise: torch.Tensor) -> torch.Tensor:
-    """x_b = Select(x_a; L, eps) of Cemgil et al.'s Algorithm 1, L = W2 between the posteriors.
-
-    PGD in the L-inf ball of radius eps = config.se_epsilon around x (intersected with [0, 1]):
-    a uniform random start from `start_noise` (U(0, 1) shaped like x, `partner_noise`), then
-    config.se_steps sign-gradient steps of 2.5 eps / steps (Madry et al.'s rule, so the iterate
-    can cross the ball), ascending W2^2(q(.|x_a), q(.|x_b)); the last iterate is kept.
-    Gradients go to the input only. Rows may carry a leading pack dimension.
-    """
-    with torch.no_grad():
-        mu, logvar = model.encoder(x)
-
-    def w2(x_b: torch.Tensor) -> torch.Tensor:
-        mu_b, logvar_b = model.encoder(x_b)
-        return diag_gaussian_w2_squared(mu, logvar, mu_b, logvar_b)
-
-    return pgd_linf(w2, x, config.se_epsilon, config.se_steps, 2.5 * config.se_epsilon / config.se_steps,
-                    random_start=True, keep_best=False, start_noise=start_noise)
 
 
 def make_partner(model: RavenModel, config: StepSettings, x: torch.Tensor, noise: dict[str, torch.Tensor],
                  fixed_partner: torch.Tensor | None = None) -> torch.Tensor | None:
-    """The batch's partner images from its draws (`partner_noise`): None for the VAE, x_b for
-    SE, the noisy copy x + eps otherwise (`fixed_partner`, the batch's rows of
-    `training_noisy_copy`, when given). The noisy copy is unclipped (raven.data.noisy_copy)."""
-    if config.method == "vae":
+    """The batch's partner images from its draws (`partner_noise`): None for an unpaired method,
+    the method's crafted partner (the Smooth Encoder's x_b), else the noisy copy x + eps
+    (`fixed_partner`, the batch's rows of `training_noisy_copy`, when given). The noisy copy is
+    unclipped (raven.data.noisy_copy)."""
+    method = METHODS[config.method]
+    if method.partner == "none":
         return None
-    if config.method == "se":
-        return se_partner(model, x, config, noise["start"])
+    if method.partner == "adversarial":
+        return method.craft_partner(model, x, config, noise["start"])
     return fixed_partner if fixed_partner is not None else noisy_copy(x, config.noise_std, eps=noise["pixel"])
 
 
 def step_terms(model: RavenModel, config: StepSettings, x: torch.Tensor, partner: torch.Tensor | None,
-               eps: torch.Tensor) -> Terms:
+               eps: torch.Tensor, n_data: int | None = None) -> Terms:
     """The method's objective on clean images x and their partners, z sampled with `eps` (`latent_noise`).
 
-    Written over the last two dimensions, so raven.pack passes (K, batch, 784) images and
-    partners, its K-member model and stacked draws, and gets one value per member in every term.
+    Encode (the pair in one pass), sample, decode (the partner too where the method is paired),
+    then the method's terms from one `raven.methods.Batch`. Written over the last two
+    dimensions, so raven.pack passes (K, batch, 784) images and partners, its K-member model and
+    stacked draws, and gets one value per member in every term. n_data: the images the batch
+    was drawn from (default: the batch itself).
     """
-    if config.method == "vae":
+    method = METHODS[config.method]
+    mu_pair = logvar_pair = z_pair = logits_pair = None
+    if partner is None:
         mu, logvar = model.encoder(x)
-        logits = model.decoder(reparameterize(mu, logvar, eps=eps))
-        return vae_loss(x, logits, mu, logvar, config.beta)
-    # One pass over the stacked pair: twice the rows per matrix product, half the kernel launches.
-    mu_both, logvar_both = model.encoder(torch.cat([x, partner], dim=-2))
-    mu, mu_pair = mu_both.chunk(2, dim=-2)
-    logvar, logvar_pair = logvar_both.chunk(2, dim=-2)
-    if config.method == "se":
-        logits = model.decoder(reparameterize(mu, logvar, eps=eps))
-        return smooth_encoder_loss(x, logits, mu, logvar, mu_pair, logvar_pair, config.eta, config.beta)
-    z_both = reparameterize(mu_both, logvar_both, eps=eps)
-    logits, logits_pair = model.decoder(z_both).chunk(2, dim=-2)
-    target_pair = bernoulli_target(partner)
-    if config.method == "vae-noise":
-        return vae_noise_loss(x, target_pair, logits, logits_pair, mu, logvar, mu_pair, logvar_pair, config.beta)
-    if config.method == "raven":
-        return raven_loss(x, target_pair, logits, logits_pair, mu, logvar, mu_pair, logvar_pair, config.sigma_aug,
-                          config.beta)
-    z, z_pair = z_both.chunk(2, dim=-2)
-    prior = model.prior
-    return raven_gmm_loss(x, target_pair, logits, logits_pair, mu, logvar, mu_pair, logvar_pair, z, z_pair,
-                          prior.logits, prior.means, prior.logvars, config.sigma_aug, config.beta)
+        z = reparameterize(mu, logvar, eps=eps)
+        logits = model.decoder(z)
+    else:
+        # One pass over the stacked pair: twice the rows per matrix product, half the kernel launches.
+        mu_both, logvar_both = model.encoder(torch.cat([x, partner], dim=-2))
+        mu, mu_pair = mu_both.chunk(2, dim=-2)
+        logvar, logvar_pair = logvar_both.chunk(2, dim=-2)
+        if method.paired:
+            z_both = reparameterize(mu_both, logvar_both, eps=eps)
+            logits, logits_pair = model.decoder(z_both).chunk(2, dim=-2)
+            z, z_pair = z_both.chunk(2, dim=-2)
+        else:
+            z = reparameterize(mu, logvar, eps=eps)
+            logits = model.decoder(z)
+    batch = Batch(x=x, partner=partner, mu=mu, logvar=logvar, mu_pair=mu_pair, logvar_pair=logvar_pair, z=z,
+                  z_pair=z_pair, logits=logits, logits_pair=logits_pair,
+                  prior=model.prior if method.mixture_prior else None, settings=config,
+                  n_data=x.shape[-2] if n_data is None else n_data)
+    return method.objective(batch)
 
 
 def draw_partner(model: RavenModel, config: TrainConfig, x: torch.Tensor, generator: torch.Generator,
@@ -254,21 +214,23 @@ def draw_partner(model: RavenModel, config: TrainConfig, x: torch.Tensor, genera
 
 
 def method_terms(model: RavenModel, config: TrainConfig, x: torch.Tensor, partner: torch.Tensor | None,
-                 generator: torch.Generator) -> Terms:
+                 generator: torch.Generator, n_data: int | None = None) -> Terms:
     """The method's objective on clean images x and their partners; draws only the z samples."""
-    return step_terms(model, config, x, partner, latent_noise(config, len(x), generator))
+    return step_terms(model, config, x, partner, latent_noise(config, len(x), generator), n_data)
 
 
 def method_loss(model: RavenModel, config: TrainConfig, x: torch.Tensor, generator: torch.Generator,
-                fixed_partner: torch.Tensor | None = None) -> Terms:
+                fixed_partner: torch.Tensor | None = None, n_data: int | None = None) -> Terms:
     """The method's objective on a batch of clean images, partners and z drawn from `generator`."""
-    return method_terms(model, config, x, draw_partner(model, config, x, generator, fixed_partner), generator)
+    return method_terms(model, config, x, draw_partner(model, config, x, generator, fixed_partner), generator,
+                        n_data)
 
 
 def train_step(model: RavenModel, optimizer: torch.optim.Optimizer, config: TrainConfig, x: torch.Tensor,
-               generator: torch.Generator, fixed_partner: torch.Tensor | None = None) -> Terms:
+               generator: torch.Generator, fixed_partner: torch.Tensor | None = None,
+               n_data: int | None = None) -> Terms:
     """One optimiser step of the solo loop on batch x: objective, backward, norm cap, RAdam."""
-    terms = method_loss(model, config, x, generator, fixed_partner)
+    terms = method_loss(model, config, x, generator, fixed_partner, n_data)
     optimizer.zero_grad(set_to_none=True)
     terms["loss"].backward()
     if config.grad_clip_norm is not None:
@@ -279,24 +241,11 @@ def train_step(model: RavenModel, optimizer: torch.optim.Optimizer, config: Trai
 
 def single_image_kl(model: RavenModel, config: TrainConfig, mu: torch.Tensor, logvar: torch.Tensor,
                     z: torch.Tensor) -> torch.Tensor:
-    """KL[q(z|x) || p(z)] against the model's marginal prior of one latent.
+    """KL[q(z|x) || p(z)] against the model's marginal prior of one latent (the method's `marginal_kl`).
 
-    Integrating z' out of Definition 1 leaves p(z) = N(0, I + Sigma_aug) for RAVEN and
-    sum_c pi_c N(mu_c, Sigma_c + Sigma_aug) for RAVEN-GMM (a one-sample estimate, no closed
-    form); integrating z_b out of the Smooth Encoder's p_eta (raven.objectives.smooth_encoder_kl)
-    leaves N(0, (1 + eta)/(1 + 2 eta) I); the VAEs use N(0, I). This makes val_elbo a bound
-    on log p(x) for every method, comparable across methods.
+    This makes val_elbo a bound on log p(x) for every method, comparable across methods.
     """
-    if config.method in ("raven", "se"):
-        var = (1.0 + aug_variance(config.sigma_aug, mu) if config.method == "raven"
-               else torch.full_like(mu[0], (1.0 + config.eta) / (1.0 + 2.0 * config.eta)))
-        return diag_gaussian_kl(mu, logvar, torch.zeros_like(mu), var.log().expand_as(mu))
-    if config.method == "raven-gmm":
-        prior = model.prior
-        log_p = torch.logsumexp(mixture_component_log_prob(
-            z, prior.logits, prior.means, prior.logvars, aug_variance(config.sigma_aug, mu)), dim=-1)
-        return diag_gaussian_log_prob(z, mu, logvar) - log_p
-    return standard_normal_kl(mu, logvar)
+    return METHODS[config.method].marginal_kl(model, config, mu, logvar, z)
 
 
 def validation_metrics(model: RavenModel, config: TrainConfig, val_x: torch.Tensor) -> dict[str, float]:
@@ -311,8 +260,9 @@ def validation_metrics(model: RavenModel, config: TrainConfig, val_x: torch.Tens
     model.eval()
     for start in range(0, len(val_x), VALIDATION_BATCH):
         x = val_x[start:start + VALIDATION_BATCH]
-        with torch.enable_grad() if config.method == "se" else torch.no_grad():
-            loss = method_loss(model, config, x, generator)["loss"].detach()
+        # A crafted partner is an attack on the encoder: it needs gradients even here.
+        with torch.enable_grad() if METHODS[config.method].partner == "adversarial" else torch.no_grad():
+            loss = method_loss(model, config, x, generator, n_data=len(val_x))["loss"].detach()
         with torch.no_grad():
             mu, logvar = model.encoder(x)
             z = reparameterize(mu, logvar, generator)
@@ -488,7 +438,7 @@ def train(
                 index = order[step * config.batch_size:(step + 1) * config.batch_size]
                 x = train_x[index]
                 terms = train_step(model, optimizer, config, x, generator,
-                                   None if fixed_pairs is None else fixed_pairs[index])
+                                   None if fixed_pairs is None else fixed_pairs[index], len(train_x))
                 loss = terms["loss"]
                 with torch.no_grad():
                     for name, value in terms.items():

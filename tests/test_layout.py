@@ -1,6 +1,6 @@
 """The package's layers are its folders, and imports flow one way down them.
 
-    raven/            the method core (config, data, models, objectives, train, packs)
+    raven/            the method core (config, options, data, models, objectives, train, packs; methods/)
     raven/eval/       probe, attacks, protocols, metrics, FID, results, plots
     raven/record/     the MLflow record, its write queue, provenance
     raven/sweep/      spec, study, Tune, selection, clock, report, driver, cluster
@@ -61,7 +61,7 @@ def test_the_layers_are_folders():
         assert (PACKAGE / name / "__init__.py").is_file(), f"raven/{name}/ is not a package"
     flat = {p.stem for p in PACKAGE.glob("*.py")} - {"__init__"}
     assert flat <= {"config", "data", "gaussians", "pgd", "models", "objectives", "train", "pack", "progress",
-                    "methods", "cli", "bench"}, f"tooling at the top of raven/: {sorted(flat)}"
+                    "methods", "options", "cli", "bench"}, f"tooling at the top of raven/: {sorted(flat)}"
 
 
 def test_imports_flow_one_way_down_the_layers():

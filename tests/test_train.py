@@ -117,10 +117,10 @@ def test_noisy_pairs_are_one_fixed_copy_or_fresh_per_step(method, fixed, mnist_s
     seen: dict[bytes, list[torch.Tensor]] = {}
     original = train_module.method_terms
 
-    def spy(model, config, x, partner, generator):
+    def spy(model, config, x, partner, generator, *rest):
         for row, pair in zip(x, partner):
             seen.setdefault(row.numpy().tobytes(), []).append(pair.clone())
-        return original(model, config, x, partner, generator)
+        return original(model, config, x, partner, generator, *rest)
 
     monkeypatch.setattr(train_module, "method_terms", spy)
     config = TrainConfig(method=method, epochs=2, limit=256, n_components=2,

@@ -22,13 +22,14 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from raven.config import DATASETS, METHODS
+from raven.methods import METHODS as REGISTRY
 from raven.data import default_data_dir, load_raw, noisy_copy, to_tensor
 from raven.eval.evaluate import encode_mean, tsne_embedding
 from raven.eval.plots import DATASET_LABELS
 from raven.reproduce.runner import CHECKPOINT_ARTIFACTS
 from raven.train import CHECKPOINT_NAME, load_checkpoint
 
-METHOD_LABELS = {"vae": "VAE", "vae-noise": "VAE (noise)", "se": "SE", "raven": "RAVEN", "raven-gmm": "RAVEN-GMM"}
+METHOD_LABELS = {name: method.label for name, method in REGISTRY.items()}
 # RAVEN in blue as in the paper's Figure 2.
 METHOD_COLORS = {"raven": "tab:blue", "raven-gmm": "tab:purple", "vae": "tab:gray", "vae-noise": "tab:orange",
                  "se": "tab:green"}
