@@ -44,7 +44,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     budget.add_argument("--seeds", type=int, help="seeds 0..N-1 per method (full: 5)")
     budget.add_argument("--steps", type=int, help="PGD steps per attack (full: 50, the paper's)")
     budget.add_argument("--datasets", type=_words, help=f"comma-separated ({','.join(DATASETS)})")
-    budget.add_argument("--methods", type=_words, help=f"comma-separated ({','.join(METHODS)})")
+    budget.add_argument("--methods", type=_words,
+                        help=f"comma-separated (default the paper's five; any of {','.join(METHODS)})")
     budget.add_argument("--no-fid", action="store_true", help="skip FID (the slowest metric on a CPU)")
     budget.add_argument("--protocol", choices=PROTOCOLS,
                         help="evaluation protocol: paper, strong or both (full: both; raven evaluate --protocol)")

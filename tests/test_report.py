@@ -10,7 +10,8 @@ import pandas as pd
 import pytest
 from test_reproduce import smoke_store  # noqa: F401  (the session's shared store)
 
-from raven.config import DATASETS, METHODS
+from raven.config import DATASETS
+from raven.methods import PAPER_METHODS as METHODS  # the reproduction's methods
 from raven.reproduce.report import PAPER_TABLE1, PAPER_TABLE2
 from raven.reproduce.runner import SMOKE_BUDGET
 from raven.sweep.report import load_sweep

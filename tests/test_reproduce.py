@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 
 from raven import load_checkpoint
-from raven.config import DATASETS, METHODS, ConfigError
+from raven.config import DATASETS, ConfigError
+from raven.methods import PAPER_METHODS as METHODS  # the reproduction's methods
 from raven.eval.protocols import StrongConfig
 from raven.reproduce.grid import Cell, default_hyperparameters, eval_config, group_cells, run_pack, train_config
 from raven.reproduce.runner import FULL_BUDGET, SMOKE_BUDGET, Budget

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from raven.config import DATASETS, DEFAULT_ETA, METHODS, PAPER_ETA, PAPER_SIGMA_AUG, ConfigError, TrainConfig
+from raven.methods import PAPER_METHODS
 from raven.data import DataSplits, load_splits
 from raven.eval.evaluate import EvalConfig, EvalResult, evaluate_model
 from raven.eval.pack_eval import pack_probe_and_attack
@@ -65,7 +66,7 @@ class Budget:
     seeds: int = PAPER_SEEDS
     steps: int = 50
     datasets: tuple[str, ...] = DATASETS
-    methods: tuple[str, ...] = METHODS
+    methods: tuple[str, ...] = PAPER_METHODS
     fid: bool = True
     protocol: str = "both"
     strong_steps: int = StrongConfig.steps
@@ -139,7 +140,7 @@ class Budget:
                                f"Square {self.square_queries} queries (full: 100 x 2, 5,000)")
         if self.datasets != DATASETS:
             changes.append("datasets " + ", ".join(self.datasets))
-        if self.methods != METHODS:
+        if self.methods != PAPER_METHODS:
             changes.append("methods " + ", ".join(self.methods))
         return f"REDUCED budget{' (--smoke)' if self.smoke else ''}: " + "; ".join(changes)
 
