@@ -7,7 +7,7 @@ TrainConfig fields and `raven train` flags (raven.config).
 
 from __future__ import annotations
 
-from raven.methods import vae, raven, smooth_encoder  # noqa: F401  # isort: skip - each import registers
+from raven.methods import vae, raven, smooth_encoder, beta_tcvae  # noqa: F401  # isort: skip - each import registers
 from raven.methods.base import REGISTRY as METHODS
 from raven.methods.base import Batch, Method, Terms
 from raven.options import Option
