@@ -15,10 +15,13 @@ import argparse
 import math
 import sys
 
-from raven.config import PAPER_SE_ETA_GRID, ConfigError
+from raven.config import PAPER_ETA, PAPER_SE_ETA_GRID, ConfigError
 from raven.record.tracking import ETA_SWEEP_EXPERIMENT
 from raven.sweep import driver as sweep
-from raven.sweep.spec import add_arguments, paper_values
+from raven.sweep.space import INITIAL_CHOICES, PaperValues, SearchSpace
+from raven.sweep.spec import add_arguments
+
+PAPER = PaperValues(selected=PAPER_ETA, grid=PAPER_SE_ETA_GRID)  # Appendix C.2
 
 
 def build_parser() -> sweep.SweepArgumentParser:
@@ -37,7 +40,7 @@ def build_parser() -> sweep.SweepArgumentParser:
     g.add_argument("--eta-values", type=_values, default=None,
                    help="comma-separated eta values to search instead of a range, all evaluated first in the "
                         "order given (README: 0.1,0.3,1,3,10,30,50,100,250,500,1000,2500,5000,10000)")
-    g.add_argument("--initial", choices=("paper", "paper-grid", "none"), default="paper",
+    g.add_argument("--initial", choices=INITIAL_CHOICES, default="paper",
                    help="evaluated before Optuna's proposals: the paper's selected eta (default), its whole grid, "
                         "or nothing")
     g.add_argument("--se-epsilon", type=float, default=0.1, help="training L-inf radius of the partner (default 0.1)")
@@ -58,21 +61,18 @@ def _values(text: str) -> list[float]:
 def search_space(args) -> dict:
     if args.eta_values and args.eta_grid:
         raise ConfigError("--eta-values and --eta-grid name two grids; give one")
+    dataset = args.dataset or "mnist"
+    initial, paper = PAPER.pick(args.initial, dataset), PAPER.selected[dataset]
     if args.eta_values:
-        return {"method": "se", "param": "eta", "space": {"type": "choice", "values": list(args.eta_values)},
-                "initial": list(args.eta_values),
-                "train_extra": {"se_epsilon": args.se_epsilon, "se_steps": args.se_steps}}
-    if args.eta_grid:
-        space = {"type": "choice", "values": list(PAPER_SE_ETA_GRID)}
+        space = SearchSpace.grid("eta", args.eta_values, initial=args.eta_values, paper=paper)
+    elif args.eta_grid:
+        space = SearchSpace.grid("eta", PAPER.grid, initial=initial, paper=paper)
     elif 0 < args.eta_min < args.eta_max:
-        space = {"type": "loguniform", "low": args.eta_min, "high": args.eta_max}
+        space = SearchSpace.log_uniform("eta", args.eta_min, args.eta_max, initial=initial, paper=paper)
     else:
         raise ConfigError(f"the eta range must satisfy 0 < --eta-min < --eta-max, got [{args.eta_min:g}, "
                           f"{args.eta_max:g}]")
-    inside = (lambda v: v in PAPER_SE_ETA_GRID) if args.eta_grid else (lambda v: args.eta_min <= v <= args.eta_max)
-    return {"method": "se", "param": "eta", "space": space,
-            "initial": [v for v in paper_values("se_eta", args.dataset or "mnist", args.initial) if inside(v)],
-            "train_extra": {"se_epsilon": args.se_epsilon, "se_steps": args.se_steps}}
+    return {"method": "se", "space": space, "train_extra": {"se_epsilon": args.se_epsilon, "se_steps": args.se_steps}}
 
 
 def main(argv: list[str] | None = None) -> int:

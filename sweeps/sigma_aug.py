@@ -13,10 +13,15 @@ from __future__ import annotations
 
 import sys
 
-from raven.config import ConfigError
+from raven.config import PAPER_SIGMA_AUG, ConfigError
 from raven.record.tracking import SIGMA_SWEEP_EXPERIMENT
 from raven.sweep import driver as sweep
-from raven.sweep.spec import add_arguments, paper_values
+from raven.sweep.space import INITIAL_CHOICES, PaperValues, SearchSpace
+from raven.sweep.spec import add_arguments
+
+# Appendix C.2's sigma grid (printed garbled as {0.1, 0.2, 0.4, 0.1, 0.2, 0.4, 1}; the selected
+# values 0.01 and 0.04 show the first three are 0.01, 0.02, 0.04).
+PAPER = PaperValues(selected=PAPER_SIGMA_AUG, grid=(0.01, 0.02, 0.04, 0.1, 0.2, 0.4, 1.0))
 
 
 def build_parser() -> sweep.SweepArgumentParser:
@@ -30,7 +35,7 @@ def build_parser() -> sweep.SweepArgumentParser:
     g.add_argument("--method", choices=("raven", "raven-gmm"), default="raven", help="default raven")
     g.add_argument("--sigma-min", type=float, default=1e-3, help="lower end of the log-uniform range (default 1e-3)")
     g.add_argument("--sigma-max", type=float, default=1.0, help="upper end (default 1)")
-    g.add_argument("--initial", choices=("paper", "paper-grid", "none"), default="paper",
+    g.add_argument("--initial", choices=INITIAL_CHOICES, default="paper",
                    help="evaluated before Optuna's proposals: the paper's selected sigma (default), its whole grid "
                         "0.01,0.02,0.04,0.1,0.2,0.4,1 (inside the range), or nothing")
     return parser
@@ -40,10 +45,11 @@ def search_space(args) -> dict:
     if not (0 < args.sigma_min < args.sigma_max) or args.sigma_max > 1e3:
         raise ConfigError(f"the sigma_aug range must satisfy 0 < --sigma-min < --sigma-max <= 1000, "
                           f"got [{args.sigma_min:g}, {args.sigma_max:g}]")
-    initial = [v for v in paper_values("sigma_aug", args.dataset or "mnist", args.initial)
-               if args.sigma_min <= v <= args.sigma_max]
-    return {"method": args.method, "param": "sigma_aug", "initial": initial,
-            "space": {"type": "loguniform", "low": args.sigma_min, "high": args.sigma_max}}
+    dataset = args.dataset or "mnist"
+    return {"method": args.method,
+            "space": SearchSpace.log_uniform("sigma_aug", args.sigma_min, args.sigma_max,
+                                             initial=PAPER.pick(args.initial, dataset),
+                                             paper=PAPER.selected[dataset])}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,6 +13,7 @@ from ray import tune
 
 from raven.sweep.report import trial_table
 from raven.sweep.selection import Objective, candidates, pareto_mask, rank_configurations, seed_statistics
+from raven.sweep.space import SearchSpace
 from raven.sweep.spec import SweepError, SweepSpec
 from raven.sweep.study import ObjectiveOptunaSearch, fail_lost_trials, open_study
 
@@ -95,8 +96,8 @@ class _Grid:
 def test_the_trial_table_has_a_row_per_seed_and_ranks_their_mean(tmp_path):
     """Tune's last results of packed trials of seeds 0-2 become one row per seed; the ranking's mean and std
     over those rows are the trial's own reported ones."""
-    spec = SweepSpec(kind="sigma_aug", method="raven", param="sigma_aug", seeds=3, storage_path=str(tmp_path),
-                     space={"type": "loguniform", "low": 1e-3, "high": 1.0})
+    spec = SweepSpec(kind="sigma_aug", method="raven", seeds=3, storage_path=str(tmp_path),
+                     space=SearchSpace.log_uniform("sigma_aug", 1e-3, 1.0))
     accuracy = {"a": [0.40, 0.46, 0.49], "b": [0.30, 0.35, np.nan]}  # seed 2 of trial b diverged
     rows = []
     for trial_id, values in accuracy.items():
@@ -120,8 +121,8 @@ def test_the_trial_table_has_a_row_per_seed_and_ranks_their_mean(tmp_path):
 
 
 def test_study_lives_in_its_storage_and_a_resume_continues_it(tmp_path):
-    spec = SweepSpec(kind="sigma_aug", method="raven", param="sigma_aug", name="s1", storage_path=str(tmp_path),
-                     space={"type": "loguniform", "low": 1e-3, "high": 1.0},
+    spec = SweepSpec(kind="sigma_aug", method="raven", name="s1", storage_path=str(tmp_path),
+                     space=SearchSpace.log_uniform("sigma_aug", 1e-3, 1.0),
                      objectives=("val_robust_accuracy:max", "val_elbo:max"),
                      study_storage=f"sqlite:///{tmp_path / 's1' / 'optuna.db'}")
     study = open_study(spec, resume=False)

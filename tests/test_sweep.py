@@ -440,10 +440,11 @@ def test_a_packed_trial_resumes_from_its_newest_complete_checkpoint(tmp_path):
 
 def test_a_sweep_of_one_trial_per_seed_is_not_resumed_as_packed_trials(tmp_path):
     """A sweep an earlier raven ran with Tune's Repeater (a trial per seed) is refused in one line."""
+    from raven.sweep.space import SearchSpace
     from raven.sweep.spec import SweepError, SweepSpec, find_resumable
 
-    spec = SweepSpec(kind="sigma_aug", method="raven", param="sigma_aug", seeds=2, name="old",
-                     storage_path=str(tmp_path), space={"type": "loguniform", "low": 1e-3, "high": 1.0})
+    spec = SweepSpec(kind="sigma_aug", method="raven", seeds=2, name="old",
+                     storage_path=str(tmp_path), space=SearchSpace.log_uniform("sigma_aug", 1e-3, 1.0))
     spec.save()
     (spec.experiment_dir / "trial_a").mkdir()
     (spec.experiment_dir / "trial_a" / "params.json").write_text(json.dumps({"sigma_aug": 0.01}))

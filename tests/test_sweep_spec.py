@@ -8,10 +8,11 @@ import dataclasses
 import pytest
 
 from raven.config import ConfigError
+from raven.sweep.space import SearchSpace
 from raven.sweep.spec import SweepSpec, add_arguments, find_resumable, hide_password, spec_from_args
 
-SEARCH = {"kind": "sigma_aug", "method": "raven", "param": "sigma_aug",
-          "space": {"type": "loguniform", "low": 1e-3, "high": 1.0}, "initial": [0.01]}
+SEARCH = {"kind": "sigma_aug", "method": "raven",
+          "space": SearchSpace.log_uniform("sigma_aug", 1e-3, 1.0, initial=[0.01])}
 
 
 def parse(*flags: str, **defaults) -> SweepSpec:
@@ -95,10 +96,10 @@ def test_eta_values_make_a_grid_searched_in_the_order_given():
     spec.loader.exec_module(se_eta)
     args = se_eta.build_parser().parse_args(["--eta-values", "3,0.1,10"])
     space = se_eta.search_space(args)
-    assert space["space"] == {"type": "choice", "values": [3.0, 0.1, 10.0]}
-    assert space["initial"] == [3.0, 0.1, 10.0]
+    assert space["space"].describe() == {"type": "choice", "values": [3.0, 0.1, 10.0], "paper": 500.0}
+    assert space["space"].initial == (3.0, 0.1, 10.0)
     default = se_eta.search_space(se_eta.build_parser().parse_args([]))
     # The default range reaches below the paper's grid, where the tuned optimum (10) lies.
-    assert default["space"] == {"type": "loguniform", "low": 0.1, "high": 1e4}
+    assert default["space"].describe() == {"type": "loguniform", "low": 0.1, "high": 1e4, "paper": 500.0}
     with pytest.raises(SystemExit):
         se_eta.build_parser().parse_args(["--eta-values", "1,1"])

@@ -65,7 +65,7 @@ def calibrate(spec: SweepSpec, splits: DataSplits, eval_on_gpu: bool) -> Rates:
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, int(spec.cpus_per_trial)))
     try:
-        config = spec.train_config(spec.initial[0] if spec.initial else _space_middle(spec.space))
+        config = spec.train_config(spec.initial[0] if spec.initial else spec.space.middle)
         model = build_model(config)
         optimizer = make_optimizer(model.parameters(), config.lr)
         generator = torch.Generator().manual_seed(0)
@@ -104,12 +104,6 @@ def evaluation_estimate(spec: SweepSpec, objective_s: float, on_gpu: bool) -> fl
     if evaluation.fid and not on_gpu:
         seconds += FID_SECONDS_PER_IMAGE_CPU * (evaluation.fid_images or images)
     return seconds
-
-
-def _space_middle(space: dict) -> float:
-    if space["type"] == "choice":
-        return float(space["values"][len(space["values"]) // 2])
-    return math.sqrt(float(space["low"]) * float(space["high"]))
 
 
 @dataclass

@@ -429,8 +429,8 @@ def main(parser: argparse.ArgumentParser, argv: Sequence[str] | None, kind: str,
          search_space: Callable[[argparse.Namespace], dict[str, Any]]) -> int:
     """Parse, build (or, with --resume, load) the spec, run the sweep; user errors in one line, exit 2.
 
-    `search_space(args)` returns the entry script's choices: method, param, space, initial and
-    optionally train_extra (SweepSpec fields); it raises ConfigError for a bad range.
+    `search_space(args)` returns the entry script's choices: method, space (a raven.sweep.space.SearchSpace)
+    and optionally train_extra (SweepSpec fields); it raises ConfigError for a bad range.
     """
     args = parser.parse_args(argv)
     try:

@@ -26,11 +26,10 @@ import optuna.visualization.matplotlib as optuna_plots  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from raven.config import PAPER_ETA, PAPER_SIGMA_AUG  # noqa: E402
 from raven.eval import plots  # noqa: E402
 from raven.eval.evaluate import format_summary  # noqa: E402
 from raven.eval.plots import DATASET_LABELS  # noqa: E402
-from raven.record.tracking import ETA_SWEEP_EXPERIMENT, SIGMA_SWEEP_EXPERIMENT, use_store  # noqa: E402
+from raven.record.tracking import use_store  # noqa: E402
 from raven.sweep.selection import OBJECTIVE, Objective, seed_key  # noqa: E402
 from raven.sweep.spec import SweepSpec, hide_password  # noqa: E402
 
@@ -209,25 +208,26 @@ class Sweep:
 
     @property
     def paper_value(self) -> float:
-        return (PAPER_SIGMA_AUG if self.param == "sigma_aug" else PAPER_ETA)[self.dataset]
+        """The paper's selected value on this data set, as the sweep recorded it (its search space's); NaN if none."""
+        return float(self.parent.get("params.search.space.paper") or np.nan)
 
 
 def load_sweep(param: str = "sigma_aug", dataset: str | None = None, experiment: str | None = None,
                tracking_uri: str | None = None) -> Sweep | None:
-    """The latest sweep of `param` ("sigma_aug" or "eta") recorded by sweeps/*.py, or None when there is none."""
+    """The latest sweep of `param` (sigma_aug, eta, ...) recorded by sweeps/*.py in `experiment` (default: in any
+    experiment), or None when there is none."""
     use_store(tracking_uri)
-    experiment = experiment or (SIGMA_SWEEP_EXPERIMENT if param == "sigma_aug" else ETA_SWEEP_EXPERIMENT)
-    if mlflow.get_experiment_by_name(experiment) is None:
+    if experiment is not None and mlflow.get_experiment_by_name(experiment) is None:
         return None
+    where = {"experiment_names": [experiment]} if experiment is not None else {"search_all_experiments": True}
     query = f"tags.`raven.role` = 'sweep' and params.`search.param` = '{param}'"
     if dataset:
         query += f" and params.dataset = '{dataset}'"
-    parents = mlflow.search_runs(experiment_names=[experiment], filter_string=query,
-                                 order_by=["attributes.start_time DESC"])
+    parents = mlflow.search_runs(**where, filter_string=query, order_by=["attributes.start_time DESC"])
     if parents.empty:
         return None
     parent = parents.iloc[0]
-    runs = mlflow.search_runs(experiment_names=[experiment], filter_string=(
+    runs = mlflow.search_runs(experiment_ids=[parent["experiment_id"]], filter_string=(
         f"tags.mlflow.parentRunId = '{parent['run_id']}' and tags.`raven.role` = 'trial'"))
     rows = []
     for _, run in runs.iterrows():
@@ -254,7 +254,8 @@ def plot_sweep(sweep: Sweep, path: str | os.PathLike | None = None) -> Figure:
     ax.plot(means.index, 100 * means.to_numpy(), color="tab:blue", alpha=0.5)
     if np.isfinite(sweep.best):
         ax.axvline(sweep.best, color="tab:red", linestyle="--", label=f"best {sweep.best:.4g}")
-    ax.axvline(sweep.paper_value, color="tab:gray", linestyle=":", label=f"paper {sweep.paper_value:g}")
+    if np.isfinite(sweep.paper_value):
+        ax.axvline(sweep.paper_value, color="tab:gray", linestyle=":", label=f"paper {sweep.paper_value:g}")
     ax.set_xscale("log")
     ax.set_xlabel(sweep.param)
     ax.set_ylabel(f"{OBJECTIVE} (%)")

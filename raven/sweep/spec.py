@@ -7,8 +7,9 @@ values, and flags given explicitly win over either. The spec is validated once, 
 construction (ConfigError naming the flag), before Ray or MLflow start, and saved as
 raven_sweep.json in the sweep's Tune folder, where `--resume` reads it back.
 
-The entry scripts (sweeps/*.py) add what they choose: `kind`, `method`, the searched `param`,
-its `space` and the `initial` values evaluated first, and fixed training settings (`train_extra`).
+The entry scripts (sweeps/*.py) add what they choose: `kind`, `method`, the search `space` (a
+raven.sweep.space.SearchSpace: the searched field, its range or grid, the values evaluated first),
+and fixed training settings (`train_extra`).
 """
 
 from __future__ import annotations
@@ -26,22 +27,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from raven.config import DATASETS, PAPER_ETA, PAPER_SE_ETA_GRID, PAPER_SIGMA_AUG, ConfigError, TrainConfig
+from raven.config import DATASETS, ConfigError, TrainConfig
 from raven.eval.evaluate import EvalConfig
 from raven.eval.protocols import PROTOCOLS as EVAL_PROTOCOLS
 from raven.record.provenance import git_version
 from raven.record.tracking import DEFAULT_TRACKING_URI, resolve_tracking_uri
 from raven.record.write_queue import write_atomic
 from raven.sweep.selection import PROTOCOL_STEPS, PROTOCOLS, TRAIN_METRICS, ObjectiveSettings, parse_objectives
+from raven.sweep.space import SearchSpace
 
 SPEC_NAME = "raven_sweep.json"
 STUDY_NAME = "optuna.db"  # the default Optuna storage, beside the sweep in its Tune folder
 # The config key of Ray's tune.search.Repeater, with which an earlier raven ran each seed of a
 # configuration as its own trial: such a sweep cannot be continued as packed trials.
 REPEATER_INDEX = "__trial_index__"
-# Appendix C.2's sigma grid (printed garbled as {0.1, 0.2, 0.4, 0.1, 0.2, 0.4, 1}; the selected
-# values 0.01 and 0.04 show the first three are 0.01, 0.02, 0.04).
-PAPER_SIGMA_GRID = (0.01, 0.02, 0.04, 0.1, 0.2, 0.4, 1.0)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 _SAME = object()  # a field whose --smoke value is its default
 SMOKE_HELP = ("a budget that finishes in about two minutes on a 2-core CPU machine: 2 trials, 1 epoch on "
@@ -70,11 +69,9 @@ class SweepSpec:
     """One sweep: what is searched, the budget, resources, where it is recorded (see the module docstring)."""
 
     # Chosen by the entry script.
-    kind: str  # "sigma_aug" or "se_eta"
+    kind: str  # the entry script's name: sweeps/<kind>.py
     method: str
-    param: str  # the searched TrainConfig field
-    space: dict[str, Any]  # {"type": "loguniform", "low", "high"} or {"type": "choice", "values"}
-    initial: tuple[float, ...] = ()  # values evaluated before the sampler's own proposals
+    space: SearchSpace
     train_extra: dict[str, Any] = field(default_factory=dict)  # fixed TrainConfig fields
 
     # Flags.
@@ -173,10 +170,21 @@ class SweepSpec:
         if self.asha and len(objectives) > 1:
             raise ConfigError("--asha stops trials on one metric; it takes a single --objectives entry")
         # Fail here, in one line, on any bad training or evaluation value.
-        self.train_config(float(self.initial[0]) if self.initial else 1.0)
+        for value in (*self.space.ends, *self.initial):
+            self.train_config(value)
         self.eval_config
 
     # ------------------------------------------------------------------ derived settings
+
+    @property
+    def param(self) -> str:
+        """The searched TrainConfig field."""
+        return self.space.param
+
+    @property
+    def initial(self) -> tuple[float, ...]:
+        """The values evaluated before the sampler's own proposals."""
+        return self.space.initial
 
     @property
     def experiment_dir(self) -> Path:
@@ -233,15 +241,17 @@ class SweepSpec:
     # ------------------------------------------------------------------ files and the record
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {**dataclasses.asdict(self), "space": self.space.to_dict()}
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "SweepSpec":
+        """`to_dict`'s form, or that of raven before raven.sweep.space (param, space dict and initial side by side)."""
         if "train" in values:  # the nested layout of raven before SweepSpec held one field per flag
             raise SweepError(f"sweep {values.get('name')!r} was saved by an earlier raven (nested "
                              f"{SPEC_NAME}); continue it with the version that started it")
         known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in known})
+        space = SearchSpace.from_dict(values["space"], values.get("param"), values.get("initial"))
+        return cls(**{k: v for k, v in values.items() if k in known and k != "space"}, space=space)
 
     def save(self) -> Path:
         return write_atomic(self.experiment_dir / SPEC_NAME, json.dumps(self.to_dict(), indent=2))
@@ -273,7 +283,7 @@ class SweepSpec:
             "evaluate_top": self.evaluate_top, "smoke": self.smoke, "code_version": self.code_version,
             "selection_metric": objectives[0].metric, "selection_split": "validation",
         }
-        for prefix, values in (("search.space", self.space), ("train", self.train),
+        for prefix, values in (("search.space", self.space.describe()), ("train", self.train),
                                ("objective", self.objective_settings.to_dict()), ("evaluation", self.evaluation)):
             params.update({f"{prefix}.{key}": value for key, value in values.items()})
         return params
@@ -338,8 +348,8 @@ def add_arguments(parser: argparse.ArgumentParser, **defaults: Any) -> None:
     parser.set_defaults(_spec_defaults=defaults)
 
 
-def spec_from_args(args: argparse.Namespace, *, kind: str, method: str, param: str, space: dict[str, Any],
-                   initial: Sequence[float], train_extra: dict[str, Any] | None = None) -> SweepSpec:
+def spec_from_args(args: argparse.Namespace, *, kind: str, method: str, space: SearchSpace,
+                   train_extra: dict[str, Any] | None = None) -> SweepSpec:
     """A new SweepSpec: the full preset (or the smoke one), the script's defaults, then the flags given."""
     values: dict[str, Any] = {}
     for f in dataclasses.fields(SweepSpec):
@@ -357,8 +367,7 @@ def spec_from_args(args: argparse.Namespace, *, kind: str, method: str, param: s
     values["tracking_uri"] = resolve_tracking_uri(values["tracking_uri"])
     values["study_storage"] = values["study_storage"] or \
         f"sqlite:///{Path(values['storage_path']) / values['name'] / STUDY_NAME}"
-    return SweepSpec(kind=kind, method=method, param=param, space=space, initial=tuple(float(v) for v in initial),
-                     train_extra=dict(train_extra or {}), code_version=git_version(),
+    return SweepSpec(kind=kind, method=method, space=space, train_extra=dict(train_extra or {}), code_version=git_version(),
                      created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), **values)
 
 
@@ -385,11 +394,3 @@ def find_resumable(storage_path: str | os.PathLike, kind: str, name: str | None)
         spec = max(candidates, key=lambda c: c[0])[1]
     return dataclasses.replace(spec, storage_path=str(root))  # the folder may have moved
 
-
-def paper_values(kind: str, dataset: str, initial: str) -> list[float]:
-    """Values evaluated before Optuna's proposals: 'paper' (the value the paper selected), 'paper-grid', 'none'."""
-    if initial == "none":
-        return []
-    if kind == "sigma_aug":
-        return [PAPER_SIGMA_AUG[dataset]] if initial == "paper" else list(PAPER_SIGMA_GRID)
-    return [PAPER_ETA[dataset]] if initial == "paper" else list(PAPER_SE_ETA_GRID)

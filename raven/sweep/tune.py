@@ -223,14 +223,6 @@ def sweep_trial(config: dict[str, Any], splits, spec: dict[str, Any]) -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _search_domain(space: dict[str, Any]):
-    if space["type"] == "loguniform":
-        return tune.loguniform(float(space["low"]), float(space["high"]))
-    if space["type"] == "choice":
-        return tune.choice([float(v) for v in space["values"]])
-    raise ValueError(f"unknown search space type {space['type']!r}")
-
-
 def build_tuner(spec: SweepSpec, tracker: SweepTracker, splits_ref, trial_gpus: float, inputs: list[dict[str, Any]],
                 rates: Rates, slots: int, eval_slots: int, resume: bool) -> tune.Tuner:
     """A new Tuner whose MLflow callback writes through `tracker`, or the interrupted one restored from
@@ -260,7 +252,7 @@ def build_tuner(spec: SweepSpec, tracker: SweepTracker, splits_ref, trial_gpus: 
     mode: str | list[str] = objectives[0].mode if len(objectives) == 1 else [o.mode for o in objectives]
     searcher = ObjectiveOptunaSearch(metric=metric, mode=mode, study_name=spec.name,
                                      storage=optuna.storages.RDBStorage(spec.study_storage),
-                                     points_to_evaluate=[{spec.param: float(v)} for v in spec.initial] or None,
+                                     points_to_evaluate=spec.space.points_to_evaluate(),
                                      sampler=optuna.samplers.TPESampler(seed=spec.seed))
     scheduler = None
     if spec.asha:
@@ -269,7 +261,7 @@ def build_tuner(spec: SweepSpec, tracker: SweepTracker, splits_ref, trial_gpus: 
                                   reduction_factor=2)
     return tune.Tuner(
         trainable,
-        param_space={spec.param: _search_domain(spec.space)},
+        param_space={spec.param: spec.space.domain()},
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler,
                                     num_samples=spec.num_samples,
                                     max_concurrent_trials=spec.max_concurrent,
