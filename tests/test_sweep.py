@@ -43,6 +43,7 @@ from ray_cluster import (
 REPO = Path(__file__).resolve().parents[1]
 SIGMA_SCRIPT = REPO / "sweeps" / "sigma_aug.py"
 ETA_SCRIPT = REPO / "sweeps" / "se_eta.py"
+TC_BETA_SCRIPT = REPO / "sweeps" / "tc_beta.py"
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -70,7 +71,7 @@ def mlflow_runs(db: Path, experiment: str):
     return client, exp, by_role
 
 
-def check_sweep_record(db: Path, experiment: str, n_trials: int, epochs: int, param: str):
+def check_sweep_record(db: Path, experiment: str, n_trials: int, epochs: int, param: str, method: str = "raven"):
     """The parent, one child per trial with each epoch logged once, an evaluation child with everything."""
     client, exp, by_role = mlflow_runs(db, experiment)
     assert len(by_role.get("sweep", [])) == 1, by_role.keys()
@@ -117,11 +118,11 @@ def check_sweep_record(db: Path, experiment: str, n_trials: int, epochs: int, pa
     model = load_logged_model(f"sqlite:///{db}", ev.data.tags["raven.model_uri"])
     mu, _ = model.encode(torch.zeros(2, 784))
     assert mu.shape == (2, 10)
-    check_lineage(client, exp, parent, trials, [ev])
+    check_lineage(client, exp, parent, trials, [ev], method)
     return client, parent, trials, ev
 
 
-def check_lineage(client, exp, parent, trials, evaluations):
+def check_lineage(client, exp, parent, trials, evaluations, method: str = "raven"):
     """The experiment opens on its runs, every run names its data, the study and the registered model exist."""
     import optuna
 
@@ -145,7 +146,7 @@ def check_lineage(client, exp, parent, trials, evaluations):
     name, version = parent.data.tags["raven.registered_model"].split("/")
     registered = client.get_model_version(name, version)
     best = evaluations[0]
-    assert name == "raven-mnist-raven" and registered.run_id in {e.info.run_id for e in evaluations}
+    assert name == f"raven-mnist-{method}" and registered.run_id in {e.info.run_id for e in evaluations}
     assert registered.tags["raven.sweep_name"] == parent.data.tags["raven.sweep_name"]
     assert registered.tags["raven.trial_id"] == client.get_run(registered.run_id).data.tags["raven.trial_id"]
     assert best.data.tags["raven.model_uri"].startswith("models:/")
@@ -342,6 +343,27 @@ def test_multi_objective_sweep_on_an_explicit_head_address(ray_head, tmp_path):
     assert {"pareto_front.csv", "pareto_front.png", "optimization_history.png"} <= \
         {a.path for a in client.list_artifacts(parent.info.run_id)}
     check_lineage(client, exp, parent, trials, by_role["evaluation"])
+
+
+@pytest.mark.slow
+def test_tc_beta_smoke_sweep_records_beta_tcvae_trials_and_their_evaluation(ray_head, tmp_path):
+    """The third searched parameter is one entry script: beta-TCVAE's tc_beta through Tune into MLflow."""
+    proc = subprocess.run([sys.executable, str(TC_BETA_SCRIPT), "--address", ray_head["address"], "--smoke"],
+                          env=ray_head["env"], cwd=tmp_path, capture_output=True, text=True, timeout=480)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    assert "Best configuration: beta-tcvae tc_beta=" in proc.stdout
+    assert "tc_beta log-uniform in [1, 20]" in proc.stderr
+
+    _, parent, trials, ev = check_sweep_record(tmp_path / "mlflow.db", "raven-tc-beta", 2, 1, "tc_beta", "beta-tcvae")
+    assert parent.data.params["search.param"] == "tc_beta" and parent.data.params["method"] == "beta-tcvae"
+    assert (parent.data.params["search.space.low"], parent.data.params["search.space.high"]) == ("1.0", "20.0")
+    assert "search.space.paper" not in parent.data.params  # the paper has no tc_beta; nor eta's values
+    # The two smoke trials are the initial points: the VAE (tc_beta = 1) and the range's geometric middle.
+    assert sorted(float(r.data.params["tc_beta"]) for r in trials) == pytest.approx([1.0, math.sqrt(20)])
+    for run in (*trials, ev):
+        assert run.data.params["method"] == "beta-tcvae"
+    assert float(ev.data.params["tc_beta"]) in {float(r.data.params["tc_beta"]) for r in trials}
+    assert parent.data.metrics["best_tc_beta"] == pytest.approx(float(ev.data.params["tc_beta"]))
 
 
 # ----------------------------------------------------------------------------- --resume
