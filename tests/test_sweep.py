@@ -439,7 +439,7 @@ def test_interrupted_sweep_resumes_without_repeating_anything(tmp_path, data_dir
 
 def test_a_packed_trial_resumes_from_its_newest_complete_checkpoint(tmp_path):
     """Every seed's checkpoint must load and the furthest be at the reported epoch (one that diverged stays behind)."""
-    from raven.sweep.tune import REPORTED_NAME, _newest_saved_checkpoint
+    from raven.sweep.trial import REPORTED_NAME, _newest_saved_checkpoint
     from raven.train import CHECKPOINT_FORMAT
 
     def folder(name, reported_epochs, seed_epochs):

@@ -68,7 +68,8 @@ from raven.sweep.record import SweepRecord
 from raven.sweep.selection import candidates, rank_configurations
 from raven.sweep.spec import SPEC_NAME, SweepError, SweepSpec, find_resumable, hide_password, spec_from_args
 from raven.sweep.study import fail_lost_trials, open_study
-from raven.sweep.tune import build_tuner, epochs_in_storage, trial_label, trial_params
+from raven.sweep.trial import trial_label, trial_params
+from raven.sweep.tune import build_tuner, epochs_in_storage
 from raven.train import CHECKPOINT_NAME, load_checkpoint, resolve_device
 
 Log = Callable[[str], None]
