@@ -1,8 +1,10 @@
 """A hyper-parameter sweep, in the order it runs: open the record, search, rank, evaluate the best, close the record.
 
-One sweep searches one hyper-parameter of one method (sweeps/sigma_aug.py: RAVEN's sigma_aug,
-sweeps/se_eta.py: the Smooth Encoder's eta). Ray Tune runs the trials (raven.sweep.tune), Optuna
-proposes them from a persistent study, MLflow records everything (raven.record.tracking):
+One sweep searches one hyper-parameter of one method over its search space (raven.sweep.space;
+sweeps/sigma_aug.py: RAVEN's sigma_aug, sweeps/se_eta.py: the Smooth Encoder's eta,
+sweeps/tc_beta.py: beta-TCVAE's tc_beta). Ray Tune runs the trials (raven.sweep.tune,
+raven.sweep.trial), Optuna proposes them from a persistent study, MLflow records everything
+(raven.record.tracking):
 
 1. open the record: writes a previous driver could not deliver, the MLflow parent run (found
    again on --resume), the Optuna study, the saved spec;

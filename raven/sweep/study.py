@@ -8,7 +8,7 @@ its Tune trial id (user attribute `tune_trial_id`); the study names its objectiv
 record. `--resume` continues the same study: Tune restores the searcher, which writes into the
 same database; trials the database is ahead on are reconciled (`ObjectiveOptunaSearch`,
 `fail_lost_trials`). With `--seeds N` a trial trains its configuration's N seeds as one pack
-and reports their mean (raven.sweep.tune, raven.sweep.selection.seed_statistics): one Optuna trial per
+and reports their mean (raven.sweep.trial, raven.sweep.selection.seed_statistics): one Optuna trial per
 configuration, whose value is that mean.
 """
 
