@@ -38,24 +38,18 @@ from typing import Callable, Iterator
 
 import torch
 
+from raven.checkpoints import write_checkpoint
 from raven.config import METHODS, TrainConfig
+from raven.cuda_graphs import graphs_wanted
 from raven.data import DataSplits, default_data_dir, load_splits
 from raven.eval.attacks import PAPER_STEP_DIVISOR
 from raven.eval.evaluate import PAPER_DELTAS, encode_mean, train_linear_probe, tsne_embedding
 from raven.eval.fid import InceptionFeatures, fid_available, frechet_distance
 from raven.eval.pack_eval import attack_pack
-from raven.pack import PackedTrainer, graphs_wanted, stack_modules
+from raven.pack import PackedTrainer, stack_modules
 from raven.reproduce.grid import TEST_IMAGES, TRAIN_SPLIT_IMAGES, Budget
-from raven.train import (
-    build_model,
-    make_optimizer,
-    method_loss,
-    resolve_device,
-    train_step,
-    training_noisy_copy,
-    validation_metrics,
-    write_checkpoint,
-)
+from raven.step import build_model, make_optimizer, method_loss, train_step, training_noisy_copy, validation_metrics
+from raven.train import resolve_device
 
 
 def _sync(device: torch.device) -> None:
@@ -190,7 +184,7 @@ def bench_attack(args: argparse.Namespace) -> list[tuple[str, float]]:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.checkpoint:
-        from raven.train import load_checkpoint
+        from raven.checkpoints import load_checkpoint
 
         model = load_checkpoint(args.checkpoint, map_location=device)
     else:

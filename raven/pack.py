@@ -8,10 +8,10 @@ eta and beta, its own gradient-norm cap, NaN guard, early stopping and checkpoin
 the members share is the arithmetic: every Linear layer of the K models is one batched
 matrix product over weights of shape (K, out, in), every PReLU one elementwise select,
 and one RAdam steps the stacked parameters (RAdam is elementwise, so that equals K
-separate RAdams). The step is the solo loop's own: the random numbers are
-`raven.train.partner_noise` and `latent_noise`, drawn member by member from each
+separate RAdams). The step is the solo run's own: the random numbers are
+`raven.step.partner_noise` and `latent_noise`, drawn member by member from each
 member's generator in the solo order and stacked, and the partner and the objective are
-`raven.train.make_partner` and `step_terms`, run on (K, batch, 784) tensors, so a member
+`raven.step.make_partner` and `step_terms`, run on (K, batch, 784) tensors, so a member
 of a pack trains exactly as it would alone:
 
 - on CPU a pack of 1 is bitwise the solo loop; a pack of K is bitwise K solo runs with one
@@ -28,23 +28,21 @@ of a pack trains exactly as it would alone:
   `raven.load_checkpoint`, `raven evaluate` and `raven.train.train` (resume) read it, and
   a pack resumes from its members' checkpoints (or solo ones) exactly.
 
-Members leave the pack when they stop early, finish their epochs or diverge; the rest are
-repacked, so a stopped member's parameters and optimizer state stay exactly as they were.
-Members resumed at different epochs join when the pack reaches theirs. Only the seed and
+The epoch loop is the solo run's too (raven.train.train_members, with `PackedTrainer`
+running the steps): members leave the pack when they stop early, finish their epochs or
+diverge, and the rest are repacked, so a stopped member's parameters and optimizer state
+stay exactly as they were. Members resumed at different epochs join when the pack reaches
+theirs. Only the seed and
 PER_MEMBER_FIELDS may differ inside a pack; everything that shapes the computation
 (method, dataset, architecture, batch size, training images, lr, ...) must agree.
 
-On CUDA the training step is captured in CUDA graphs (one per batch shape, after a few
-eager warm-up steps on a side stream) and replayed: one launch per step instead of a few
-hundred, with the data, the accumulated losses and the NaN flags on the device and one
-host synchronisation per epoch. Each member's generator is registered with every graph
-(CUDAGraph.register_generator_state), so a replay draws from the members' Philox streams
-at the offsets eager steps would use and their states keep advancing as in a solo run;
-drawing all members' noise from one generator could not reproduce K solo runs. RAdam runs
-with capturable=True there (its step count on the device), which computes the bias
-corrections in float32 on the device: equal to a solo CUDA run to float rounding. A
-capture that fails falls back to eager steps with a log line; RAVEN_CUDA_GRAPHS=0 (or
-cuda_graphs=False) turns graphs off. The CPU path never uses them.
+On CUDA the training step is replayed from CUDA graphs (raven.cuda_graphs): one launch per
+step instead of a few hundred, with the data, the accumulated losses and the NaN flags on
+the device and one host synchronisation per epoch. Each member's generator is registered
+with every graph, so replays draw what eager steps would; drawing all members' noise from
+one generator could not reproduce K solo runs. RAdam runs with capturable=True there (its
+step count on the device), which computes the bias corrections in float32 on the device:
+equal to a solo CUDA run to float rounding.
 """
 
 from __future__ import annotations
@@ -53,40 +51,21 @@ import copy
 import dataclasses
 import math
 import os
-import sys
-import time
-from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from raven.config import ConfigError, TrainConfig
-from raven.data import DataSplits, load_splits
+from raven.cuda_graphs import GraphedStep, graphs_wanted
+from raven.data import DataSplits
 from raven.methods import options
 from raven.models import RavenModel
-from raven.train import (
-    CHECKPOINT_NAME,
-    EpochReport,
-    TrainResult,
-    build_model,
-    divergence_message,
-    latent_noise,
-    make_optimizer,
-    make_partner,
-    partner_noise,
-    resolve_device,
-    resume_state,
-    should_stop,
-    step_terms,
-    training_noisy_copy,
-    validation_metrics,
-    write_checkpoint,
-)
+from raven.step import latent_noise, make_optimizer, make_partner, partner_noise, step_terms
+from raven.train import EpochReport, Member, TrainResult, resolve_device, train_members
+
 
 # The step's settings that may differ between the members of one pack, each with its row of the
 # pack's tensor: beta and every method option declared per_member (sigma_aug, eta, ...).
@@ -94,10 +73,6 @@ _PER_MEMBER_ROWS = {o.name: o.row or (lambda value, d: value) for o in options()
     "beta": lambda value, d: value}
 # TrainConfig fields that may differ between the members of one pack.
 PER_MEMBER_FIELDS = ("seed", *_PER_MEMBER_ROWS, "grad_clip_norm", "epochs", "patience")
-# Eager steps of a batch shape before its CUDA graph is captured (lazy initialisation of
-# cuBLAS and the autograd engine must happen outside a capture).
-GRAPH_WARMUP_STEPS = 3
-GRAPHS_ENV = "RAVEN_CUDA_GRAPHS"
 
 
 def check_packable(configs: list[TrainConfig]) -> None:
@@ -242,11 +217,6 @@ class PackSettings(SimpleNamespace):
         return cls(**values)
 
 
-def _solo_param_groups(model: RavenModel, config: TrainConfig) -> list[dict[str, Any]]:
-    """The param_groups a solo run's RAdam saves, so unpacked optimizer states load there unchanged."""
-    return make_optimizer(model.parameters(), config.lr).state_dict()["param_groups"]
-
-
 class PackedTrainer:
     """The stacked model, optimizer and per-member generators of the members trained together.
 
@@ -254,7 +224,8 @@ class PackedTrainer:
     members) are the members' current states; all members must be at the same step.
     `noisy_copies` holds each member's `training_noisy_copy` (N, 784) where the method
     trains on a fixed copy, else None. `train_epoch` runs one epoch and returns its
-    per-member loss sums and first non-finite step, read from the device once.
+    per-member loss sums and first non-finite step, read from the device once; `member_state`
+    unpacks a member (the raven.train.Trainer of a pack).
     """
 
     def __init__(self, configs: list[TrainConfig], train_x: torch.Tensor, models: list[RavenModel],
@@ -273,6 +244,8 @@ class PackedTrainer:
         capturable = cuda_graphs and device.type == "cuda"
         self.optimizer = make_optimizer(self.model.parameters(), configs[0].lr, capturable=capturable)
         self._load_optimizer_states(optimizer_states, device, capturable)
+        # The param_groups a solo run's RAdam saves, so unpacked optimizer states load there unchanged.
+        self.param_groups = make_optimizer(models[0].parameters(), configs[0].lr).state_dict()["param_groups"]
         self.generators = generators
         self.settings = PackSettings.of(configs, device)
         caps = [c.grad_clip_norm for c in configs]
@@ -282,7 +255,7 @@ class PackedTrainer:
         self.totals: dict[str, torch.Tensor] | None = None
         self.first_bad = torch.full((len(configs),), -1, dtype=torch.long, device=device)
         self.step_count = torch.zeros((), dtype=torch.long, device=device)
-        self._graphs = _GraphedStep(self._step, generators, list(self.model.parameters()), log) if cuda_graphs else None
+        self._graphs = GraphedStep(self._step, generators, list(self.model.parameters()), log) if cuda_graphs else None
 
     def _load_optimizer_states(self, states: list[dict[str, Any] | None], device: torch.device,
                                capturable: bool) -> None:
@@ -304,14 +277,15 @@ class PackedTrainer:
                 "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq,
             }
 
-    def member_optimizer_state(self, k: int, param_groups: list[dict[str, Any]]) -> dict[str, Any]:
-        """Member k's RAdam state_dict in the solo format (copies)."""
+    def member_state(self, k: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Member k's parameters (views: copy before training on) and its RAdam state_dict in the solo
+        format (copies), so a solo run resumes from it unchanged."""
         state = {}
         for i, p in enumerate(self.model.parameters()):
             s = self.optimizer.state[p]
             state[i] = {"step": s["step"].detach().to("cpu", torch.float32).clone(),
                         "exp_avg": s["exp_avg"][k].clone(), "exp_avg_sq": s["exp_avg_sq"][k].clone()}
-        return {"state": state, "param_groups": copy.deepcopy(param_groups)}
+        return self.model.member_state_dict(k), {"state": state, "param_groups": copy.deepcopy(self.param_groups)}
 
     def _clip_gradients(self) -> None:
         """Each member's global gradient norm capped at its own max, as clip_grad_norm_ does per model."""
@@ -383,122 +357,6 @@ class PackedTrainer:
         return {name: total.tolist() for name, total in self.totals.items()}, self.first_bad.tolist()
 
 
-class _GraphedStep:
-    """Runs a step function from CUDA graphs, one per batch shape, each captured after
-    GRAPH_WARMUP_STEPS eager steps of its shape on a side stream. Capture executes nothing,
-    so the first replay right after it is that step; eager and replayed steps update the
-    same tensors in place and may alternate (the epoch's last, smaller batch)."""
-
-    def __init__(self, step: Callable[[torch.Tensor], None], generators: list[torch.Generator],
-                 parameters: list[nn.Parameter], log: Callable[[str], None] | None) -> None:
-        self.step_fn = step
-        self.generators = generators
-        self.parameters = parameters
-        self.log = log
-        self.graphs: dict[tuple[int, ...], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self.eager_steps: Counter[tuple[int, ...]] = Counter()
-        self.failed = False
-        self.side = torch.cuda.Stream()
-
-    def _eager(self, index: torch.Tensor) -> None:
-        self.side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(self.side):
-            self.step_fn(index)
-        torch.cuda.current_stream().wait_stream(self.side)
-
-    def __call__(self, index: torch.Tensor) -> None:
-        key = tuple(index.shape)
-        if key in self.graphs:
-            graph, static_index = self.graphs[key]
-            static_index.copy_(index)
-            graph.replay()
-            return
-        if self.failed or self.eager_steps[key] < GRAPH_WARMUP_STEPS:
-            self.eager_steps[key] += 1
-            self._eager(index)
-            return
-        static_index = index.clone()
-        graph = torch.cuda.CUDAGraph()
-        states = [g.get_state() for g in self.generators]
-        for p in self.parameters:
-            # The captured backward then allocates the gradients in the graph's own memory.
-            p.grad = None
-        try:
-            for g in self.generators:
-                graph.register_generator_state(g)
-            with torch.cuda.graph(graph):
-                self.step_fn(static_index)
-        except Exception as exc:  # noqa: BLE001 - any capture failure falls back to the same steps, eagerly
-            self.failed = True
-            for g, state in zip(self.generators, states):
-                g.set_state(state)
-            if self.log:
-                self.log(f"CUDA graph capture failed ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
-                         "training this pack eagerly")
-            self._eager(index)
-            return
-        self.graphs[key] = (graph, static_index)
-        graph.replay()
-
-
-def graphs_wanted(device: torch.device, cuda_graphs: bool | None) -> bool:
-    """cuda_graphs None: on for CUDA unless RAVEN_CUDA_GRAPHS=0; never on CPU."""
-    if cuda_graphs is None:
-        return device.type == "cuda" and os.environ.get(GRAPHS_ENV, "1") != "0"
-    if cuda_graphs and device.type != "cuda":
-        raise ConfigError(f"CUDA graphs need a CUDA device, not {device}")
-    return cuda_graphs
-
-
-@dataclass
-class _Member:
-    """One member's state between epochs; `model` is its current parameters as a RavenModel."""
-
-    index: int
-    config: TrainConfig
-    label: str
-    out_path: Path | None
-    model: RavenModel
-    generator: torch.Generator
-    param_groups: list[dict[str, Any]]
-    optimizer_state: dict[str, Any] | None = None
-    noisy_copy: torch.Tensor | None = None
-    history: list[dict[str, float]] = field(default_factory=list)
-    diverged: str | None = None
-    stopped: bool = False
-
-    @property
-    def epoch(self) -> int:
-        return len(self.history)
-
-    @property
-    def running(self) -> bool:
-        return not (self.stopped or self.diverged) and self.epoch < self.config.epochs
-
-
-def _open_member(index: int, config: TrainConfig, label: str, out_dir: str | os.PathLike | None, resume: bool,
-                 train_x: torch.Tensor) -> _Member:
-    """A member as train() would start it: fresh from its seed, or from its checkpoint, with its
-    fixed noisy copy when it has epochs left to train on it."""
-    device = train_x.device
-    model = build_model(config).to(device)
-    model.train()
-    member = _Member(index, config, label, Path(out_dir) if out_dir is not None else None, model,
-                     torch.Generator(device=device).manual_seed(config.seed), _solo_param_groups(model, config))
-    if member.out_path:
-        member.out_path.mkdir(parents=True, exist_ok=True)
-        state = resume_state(member.out_path / CHECKPOINT_NAME, config, device) if resume else None
-        if state is not None:
-            model.load_state_dict(state["model"])
-            member.optimizer_state = state["optimizer"]
-            member.generator.set_state(state["generator"].cpu())
-            member.history = state["history"]
-            assert state["epoch"] == len(member.history), "checkpoint epoch and history disagree"
-    if member.running:
-        member.noisy_copy = training_noisy_copy(config, train_x)
-    return member
-
-
 def train_pack(
     configs: list[TrainConfig],
     splits: DataSplits | None = None,
@@ -528,94 +386,13 @@ def train_pack(
             raise ConfigError("every member of a pack needs its own output folder")
     device = resolve_device(device)
     use_graphs = graphs_wanted(device, cuda_graphs)
-    first = configs[0]
-    if device.type == "cpu":
-        # As in train(): tiny posterior variances underflow into slow denormal floats.
-        torch.set_flush_denormal(True)
-    if splits is None:
-        splits = load_splits(first.dataset, data_dir, device, first.validation_size, first.limit)
-    elif splits.device != device:
-        splits = splits.to(device)
-    train_x = splits.train_x if first.limit is None else splits.train_x[:first.limit]
-    if len(train_x) == 0:
-        raise ConfigError("no training images (check --limit)")
-    seeds = [c.seed for c in configs]
-    labels = ([f"seed {s}" for s in seeds] if len(set(seeds)) == len(seeds)
-              else [f"member {i} (seed {s})" for i, s in enumerate(seeds)])
-    members = [_open_member(i, c, labels[i], out_dirs[i] if out_dirs else None, resume, train_x)
-               for i, c in enumerate(configs)]
 
-    steps_per_epoch = math.ceil(len(train_x) / first.batch_size)
-    start_epoch = min(m.epoch for m in members)
-    last_epoch = max(c.epochs for c in configs)
-    show_bar = sys.stderr.isatty() if progress is None else progress
-    bar = tqdm(total=steps_per_epoch * max(last_epoch - start_epoch, 0), disable=not show_bar, unit="step",
-               desc=f"{first.method} {first.dataset} pack of {len(configs)}", leave=False)
-    trainer: PackedTrainer | None = None
-    packed: list[int] = []
-    try:
-        for epoch in range(start_epoch, last_epoch):
-            if not any(m.running for m in members):
-                break
-            for m in members:
-                if m.running and m.epoch == epoch and should_stop(m.config, m.history):
-                    m.stopped = True
-                    if log:
-                        log(f"{m.label}: early stop after epoch {epoch}: val_elbo has not improved for "
-                            f"{m.config.patience} epochs")
-            active = [m for m in members if m.running and m.epoch == epoch]
-            if not active:
-                bar.update(steps_per_epoch)
-                continue
-            if [m.index for m in active] != packed:
-                # Repack: members that left keep their last state; those at this epoch join.
-                for m in members:
-                    if not m.running:
-                        m.noisy_copy = None  # a training set's worth of memory per member
-                copies = [m.noisy_copy for m in active]
-                trainer = PackedTrainer([m.config for m in active], train_x, [m.model for m in active],
-                                        [m.generator for m in active], [m.optimizer_state for m in active],
-                                        None if copies[0] is None else copies, cuda_graphs=use_graphs, log=log)
-                packed = [m.index for m in active]
-            started = time.perf_counter()
-            sums, first_bad = trainer.train_epoch(first.batch_size, on_step=lambda: bar.update(1))
-            seconds = time.perf_counter() - started
-            reports = []
-            for k, m in enumerate(active):
-                if first_bad[k] >= 0:
-                    m.diverged = divergence_message(epoch, first_bad[k], steps_per_epoch, m.out_path)
-                    if log:
-                        log(f"{m.label}: training diverged: {m.diverged}")
-                    continue
-                m.model.load_state_dict(trainer.model.member_state_dict(k))
-                m.optimizer_state = trainer.member_optimizer_state(k, m.param_groups)
-                metrics = {f"train_{name}": values[k] / steps_per_epoch for name, values in sums.items()}
-                metrics.update(validation_metrics(m.model, m.config, splits.val_x))
-                metrics["epoch"] = epoch + 1
-                metrics["epoch_seconds"] = seconds
-                metrics["images_per_second"] = len(train_x) / seconds
-                m.history.append(metrics)
-                if m.out_path:
-                    write_checkpoint(m.out_path, m.config, m.model.state_dict(), m.optimizer_state, m.generator,
-                                     m.history, device, len(train_x))
-                if log:
-                    log(f"{m.label}: epoch {epoch + 1}/{m.config.epochs}  loss {metrics['train_loss']:.2f}  "
-                        f"val_elbo {metrics['val_elbo']:.2f}  val_mse_255 {metrics['val_mse_255']:.1f}  "
-                        f"{len(active) * metrics['images_per_second']:.0f} img/s for the pack of {len(active)}")
-                report = EpochReport(epoch + 1, metrics, m.config, m.model,
-                                     m.out_path / CHECKPOINT_NAME if m.out_path else None,
-                                     last=epoch + 1 == m.config.epochs or should_stop(m.config, m.history))
-                for callback in callbacks or []:
-                    callback(report)
-                reports.append(report)
-            for callback in pack_callbacks or []:
-                callback(reports)
-    finally:
-        bar.close()
-    results = []
-    for m in members:
-        m.model.eval()
-        m.model.config = m.config
-        m.model.history = m.history
-        results.append(TrainResult(m.model, m.config, m.history, m.out_path, diverged=m.diverged))
-    return results
+    def make_trainer(members: list[Member], train_x: torch.Tensor) -> PackedTrainer:
+        copies = [m.noisy_copy for m in members]
+        return PackedTrainer([m.config for m in members], train_x, [m.model for m in members],
+                             [m.generator for m in members], [m.optimizer_state for m in members],
+                             None if copies[0] is None else copies, cuda_graphs=use_graphs, log=log)
+
+    return train_members(configs, make_trainer, solo=False, splits=splits, device=device, out_dirs=out_dirs,
+                         callbacks=callbacks, pack_callbacks=pack_callbacks, resume=resume, data_dir=data_dir,
+                         progress=progress, log=log)

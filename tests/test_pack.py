@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import raven
-from raven import pack as pack_module
+from raven import cuda_graphs
 from raven import train as train_module
 from raven.cli import main
 from raven.config import METHODS, ConfigError, TrainConfig
@@ -172,8 +172,7 @@ def scripted_validation(monkeypatch, scores_by_seed: dict[int, list[float]]):
     def fake(model, config, val_x):
         return {"val_loss": 0.0, "val_elbo": next(streams[config.seed]), "val_mse_255": 0.0}
 
-    monkeypatch.setattr(train_module, "validation_metrics", fake)
-    monkeypatch.setattr(pack_module, "validation_metrics", fake)
+    monkeypatch.setattr(train_module, "validation_metrics", fake)  # the one loop, solo and packed
     yield
 
 
@@ -317,7 +316,7 @@ def test_graphed_steps_replay_the_eager_steps(monkeypatch, tiny, fail_capture):
     monkeypatch.setattr(torch.cuda, "Stream", Stream)
     monkeypatch.setattr(torch.cuda, "stream", stream)
     monkeypatch.setattr(torch.cuda, "current_stream", Stream)
-    monkeypatch.setattr(pack_module, "GRAPH_WARMUP_STEPS", 2)
+    monkeypatch.setattr(cuda_graphs, "GRAPH_WARMUP_STEPS", 2)
     trainer = PackedTrainer(configs, tiny.train_x[:320], [build_model(c) for c in configs],
                             [torch.Generator().manual_seed(c.seed) for c in configs], [None, None], cuda_graphs=True)
     real_step = trainer._graphs.step_fn

@@ -112,17 +112,17 @@ def test_a_checkpoint_config_without_the_newer_fields_still_loads():
 @pytest.mark.parametrize("method, fixed", [("vae-noise", True), ("raven", False), ("raven-gmm", True)])
 def test_noisy_pairs_are_one_fixed_copy_or_fresh_per_step(method, fixed, mnist_small, monkeypatch):
     """(B) sees the same noisy copy of an image in every epoch; per-step noise differs; both unclipped."""
-    import raven.train as train_module
+    import raven.step as step_module
 
     seen: dict[bytes, list[torch.Tensor]] = {}
-    original = train_module.method_terms
+    original = step_module.method_terms
 
     def spy(model, config, x, partner, generator, *rest):
         for row, pair in zip(x, partner):
             seen.setdefault(row.numpy().tobytes(), []).append(pair.clone())
         return original(model, config, x, partner, generator, *rest)
 
-    monkeypatch.setattr(train_module, "method_terms", spy)
+    monkeypatch.setattr(step_module, "method_terms", spy)
     config = TrainConfig(method=method, epochs=2, limit=256, n_components=2,
                          pair_noise="fixed" if method == "raven-gmm" else None)
     train(config, splits=mnist_small, device="cpu")
