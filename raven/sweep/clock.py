@@ -30,7 +30,7 @@ from raven.data import DataSplits
 from raven.progress import duration
 from raven.sweep.selection import validation_objective
 from raven.sweep.spec import SweepSpec
-from raven.train import build_model, make_optimizer, method_loss, validation_metrics
+from raven.step import build_model, make_optimizer, train_step, validation_metrics
 
 # Measured rates (README, cluster/README.md): Ray Tune's per-trial overhead (sweeps/ray_overhead.py,
 # local Ray on the 2-core development machine), sklearn's t-SNE (about 50 s for 1,000 clean + 1,000
@@ -73,10 +73,7 @@ def calibrate(spec: SweepSpec, splits: DataSplits, eval_on_gpu: bool) -> Rates:
         seconds = []
         for step in range(2 + _CALIBRATION_STEPS):  # the first steps warm up allocators and kernels
             started = time.perf_counter()
-            loss = method_loss(model, config, x, generator)["loss"]
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            train_step(model, optimizer, config, x, generator)
             seconds.append(time.perf_counter() - started)
         train_images = min(len(splits.train_x), spec.limit or len(splits.train_x))
         steps_per_epoch = math.ceil(train_images / config.batch_size)
