@@ -108,7 +108,7 @@ def vae_noise_loss(
     """Baseline (B) of Sec. 1 / Appendix C.1: the Eq. (2) bound on clean and noisy images together.
 
     Each batch holds clean images and their noisy copies (one fixed copy per seed by default,
-    raven.train.training_noisy_copy), so this is training on the union {x~_i} U {x_i}. It
+    raven.step.training_noisy_copy), so this is training on the union {x~_i} U {x_i}. It
     equals the RAVEN bound with an independent prior N(0, I) N(0, I) in place of Definition 1,
     which is what makes it the right control. x_pair is the noisy image's Bernoulli target
     (raven.data.bernoulli_target); the encoder saw it unclipped.
@@ -218,8 +218,9 @@ def smooth_encoder_loss(
              = -E log p(x_a|z) + beta * (KL[q_a || N(0, I)] + KL[q_b || N(0, I)]
                                          + WD_{2,eta}(q_a, q_b) - (d/2) log(1 + 2 eta)),
 
-    with x_b = Select(x_a; L, eps) the partner crafted by raven.train.se_partner (PGD in the
-    L-inf ball of radius eps around x_a maximising W2 between the posteriors), treated as an
+    with x_b = Select(x_a; L, eps) the partner crafted by the method's craft_partner
+    (raven.methods.smooth_encoder: PGD in the L-inf ball of radius eps around x_a maximising W2
+    between the posteriors), treated as an
     input. Only x_a is reconstructed (x_b is fictive); gradients reach the encoder through both
     posteriors. See `smooth_encoder_kl` for the prior term.
 

@@ -1,6 +1,6 @@
 """What a method is: one object that says how its partner is made and computes its named terms.
 
-A step (raven.train.step_terms) encodes the batch and its partner, samples z and decodes, and
+A step (raven.step.step_terms) encodes the batch and its partner, samples z and decodes, and
 hands the method one `Batch`; the method returns its terms as pure functions of those tensors
 (raven.objectives, with the paper's equation numbers). Training, packs, validation, the
 evaluation, the sweeps, the CLI and the report find methods by name in raven.methods.METHODS,
@@ -91,8 +91,9 @@ class Method:
         """Trained on (clean, noisy) pairs: both encoded, sampled and decoded."""
         return self.partner == "noisy"
 
-    def partner_noise(self, batch_size: int, generator: torch.Generator, fixed_partner: bool) -> dict[str, torch.Tensor]:
-        """The random numbers of a batch's partner, the first a step draws (see raven.train.partner_noise)."""
+    def partner_noise(self, batch_size: int, generator: torch.Generator,
+                      fixed_partner: bool) -> dict[str, torch.Tensor]:
+        """The random numbers of a batch's partner, the first a step draws (see raven.step.partner_noise)."""
         device = generator.device
         if self.partner == "adversarial":
             return {"start": torch.rand((batch_size, IMAGE_SIZE), generator=generator, device=device)}
