@@ -169,6 +169,7 @@ def _bad_flag_cases(tmp: Path) -> list[tuple[Path, list[str], dict[str, str], st
         (ETA_SCRIPT, ["--eta-values", "1,x"], {}, "expected comma-separated numbers"),
         (ETA_SCRIPT, ["--eta-values", "1,3", "--eta-grid"], {}, "two grids"),
         (ETA_SCRIPT, ["--resume", "--storage-path", str(tmp / "nothing")], {}, "to resume"),
+        (TC_BETA_SCRIPT, ["--tc-beta-min", "20", "--tc-beta-max", "1"], {}, "tc_beta range must satisfy 0 < low < high"),
     ]
 
 
