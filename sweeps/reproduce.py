@@ -18,43 +18,24 @@ import argparse
 import sys
 from pathlib import Path
 
-from raven.config import DATASETS, METHODS, ConfigError
-from raven.eval.protocols import PROTOCOLS
+from raven.config import PAPER_ETA, PAPER_SIGMA_AUG, ConfigError
+from raven.options import add_field_flags, field_flag_values
 from raven.reproduce import offline as reproduce_offline
 from raven.reproduce.grid import FULL_BUDGET, SMOKE_BUDGET, Budget
 
 
-def _words(text: str) -> tuple[str, ...]:
-    return tuple(w.strip() for w in text.split(",") if w.strip())
+def _per_dataset(values: dict[str, float]) -> str:
+    return ", ".join(f"{value:g} {dataset}" for dataset, value in values.items())
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    budget = p.add_argument_group("budget (defaults: the full reproduction; --smoke: the smoke budget; "
-                                  "any flag overrides either)")
-    budget.add_argument("--smoke", action="store_true",
-                        help="2 seeds, 2 epochs on 5,000 training images, 300 test images, 10-step PGD, probe on "
-                             "5,000 images, no FID (both datasets, all methods)")
-    budget.add_argument("--epochs", type=int, help="max epochs per model (full: 100)")
-    budget.add_argument("--patience", type=int, help="stop after this many epochs without a better val_elbo (full: 5)")
-    budget.add_argument("--no-early-stopping", action="store_true", help="always train --epochs epochs")
-    budget.add_argument("--limit", type=int, help="training images (full: all 55,000)")
-    budget.add_argument("--eval-limit", type=int, help="test images attacked and measured (full: all 10,000)")
-    budget.add_argument("--probe-limit", type=int, help="training images the linear probe is fitted on (full: all)")
-    budget.add_argument("--seeds", type=int, help="seeds 0..N-1 per method (full: 5)")
-    budget.add_argument("--steps", type=int, help="PGD steps per attack (full: 50, the paper's)")
-    budget.add_argument("--datasets", type=_words, help=f"comma-separated ({','.join(DATASETS)})")
-    budget.add_argument("--methods", type=_words,
-                        help=f"comma-separated (default the paper's five; any of {','.join(METHODS)})")
-    budget.add_argument("--no-fid", action="store_true", help="skip FID (the slowest metric on a CPU)")
-    budget.add_argument("--protocol", choices=PROTOCOLS,
-                        help="evaluation protocol: paper, strong or both (full: both; raven evaluate --protocol)")
-    budget.add_argument("--strong-steps", type=int,
-                        help="strong protocol: PGD steps and AutoAttack iterations (full: 100)")
-    budget.add_argument("--strong-restarts", type=int, help="strong protocol: PGD restarts (full: 2)")
-    budget.add_argument("--square-queries", type=int, help="strong protocol: Square attack queries (full: 5000)")
+    budget = p.add_argument_group("budget (raven.reproduce.grid.Budget; defaults: the full reproduction; --smoke: "
+                                  "the smoke budget; any flag overrides either)")
+    add_field_flags(budget, Budget, label="full:")
     p.add_argument("--paper-values", action="store_true",
-                   help="use the paper's sigma_aug (0.01 MNIST, 0.04 F-MNIST) and eta (500, 5000), not the sweeps'")
+                   help=f"use the paper's sigma_aug ({_per_dataset(PAPER_SIGMA_AUG)}) and eta ({_per_dataset(PAPER_ETA)}), "
+                        "not the sweeps'")
     # Experiment defaults (None) are raven.record.tracking's names, resolved once MLflow is imported.
     p.add_argument("--sigma-aug-experiment", default=None,
                    help="MLflow experiment of the sigma_aug sweeps (default raven-sigma-aug)")
@@ -90,16 +71,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def budget_from_args(args: argparse.Namespace) -> Budget:
-    base = SMOKE_BUDGET if args.smoke else FULL_BUDGET
-    changes = {name: getattr(args, name) for name in ("epochs", "patience", "limit", "eval_limit", "probe_limit",
-                                                     "seeds", "steps", "datasets", "methods", "protocol",
-                                                     "strong_steps", "strong_restarts", "square_queries")
-               if getattr(args, name) is not None}
-    if args.no_early_stopping:
-        changes["patience"] = None
-    if args.no_fid:
-        changes["fid"] = False
-    return base.replace(**changes)
+    """The full budget (the smoke one with --smoke), changed by the budget flags given."""
+    changes = field_flag_values(args, Budget)
+    return (SMOKE_BUDGET if changes.pop("smoke", False) else FULL_BUDGET).replace(**changes)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -69,3 +69,31 @@ def test_evaluate_records_kind_and_dataset_inputs(tmp_path, data_dir):
               for d in run.inputs.dataset_inputs}
     assert inputs == {"mnist-train": ("train", 500), "mnist-test": ("test", 100)}
     assert {"clean_accuracy", "adv_acc_kl_delta_0.1", "adv_acc_w2_delta_0.1"} <= set(run.data.metrics)
+
+
+def test_flag_fields_make_flags_that_read_back_as_field_values():
+    """raven.options.flag_field: a field's flag, its type from the hint, --no-X for a True bool, a None flag."""
+    import argparse
+    from dataclasses import dataclass
+
+    from raven.config import ConfigError
+    from raven.options import add_field_flags, field_flag_values, flag_field
+
+    @dataclass(frozen=True)
+    class Settings:
+        steps: int = flag_field(5, "steps")
+        patience: int | None = flag_field(3, "patience", off=("--never-stop", "no patience"))
+        budgets: tuple[float, ...] | None = flag_field(None, "budgets")
+        plots: bool = flag_field(True, "skip the plots")
+        quick: bool = flag_field(False, "quick")
+        hidden: int = 1
+
+    parser = argparse.ArgumentParser()
+    add_field_flags(parser, Settings)
+    assert field_flag_values(parser.parse_args([]), Settings) == {}
+    assert field_flag_values(parser.parse_args(["--steps", "2", "--budgets", "0, 0.5", "--no-plots", "--quick",
+                                                "--never-stop"]), Settings) == {
+        "steps": 2, "budgets": (0.0, 0.5), "plots": False, "quick": True, "patience": None}
+    assert "(default 5)" in parser.format_help() and "--hidden" not in parser.format_help()
+    with pytest.raises(ConfigError, match=r"^--budgets expects comma-separated numbers, got '0,x'$"):
+        field_flag_values(parser.parse_args(["--budgets", "0,x"]), Settings)

@@ -260,3 +260,43 @@ def test_resume_reruns_only_what_the_store_lacks(smoke_store, tmp_path):
     assert broken.info.run_id not in {r.info.run_id for r in children}
     again = run_script([script, "--smoke", "--resume"], smoke_store.cwd, env, timeout=120)
     assert again.returncode == 0 and "resuming: 20 of 20" in again.stderr and "Ray task" not in again.stderr
+
+
+def _reproduce_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("reproduce_script", REPO_ROOT / "sweeps" / "reproduce.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_budget_flags_are_the_budget_fields():
+    """sweeps/reproduce.py's budget flags come from Budget's fields: no flag gives the full budget, --smoke the
+    smoke one, and a flag for every field sets exactly that field (--no-fid, --no-early-stopping included)."""
+    script = _reproduce_script()
+    budget = lambda *argv: script.budget_from_args(script.parse_args(list(argv)))  # noqa: E731
+    assert budget() == FULL_BUDGET and budget("--smoke") == SMOKE_BUDGET
+    wanted = Budget(epochs=7, patience=2, limit=100, eval_limit=50, probe_limit=60, seeds=3, steps=4,
+                    datasets=("mnist",), methods=("vae", "raven"), fid=False, protocol="paper", strong_steps=9,
+                    strong_restarts=3, square_queries=11)
+    assert budget("--epochs", "7", "--patience", "2", "--limit", "100", "--eval-limit", "50", "--probe-limit", "60",
+                  "--seeds", "3", "--steps", "4", "--datasets", "mnist", "--methods", "vae,raven", "--no-fid",
+                  "--protocol", "paper", "--strong-steps", "9", "--strong-restarts", "3",
+                  "--square-queries", "11") == wanted
+    assert budget("--smoke", "--no-early-stopping", "--patience", "3").patience is None
+    assert budget("--smoke", "--seeds", "4") == replace(SMOKE_BUDGET, seeds=4)
+
+
+def test_budget_help_shows_each_fields_full_value(capsys):
+    with pytest.raises(SystemExit):
+        _reproduce_script().parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"max epochs per model (full: {FULL_BUDGET.epochs})" in text
+    assert f"strong protocol: PGD restarts (full: {FULL_BUDGET.strong_restarts})" in text
+
+
+def test_a_bad_budget_flag_is_one_line():
+    script = _reproduce_script()
+    with pytest.raises(ConfigError, match=r"^--datasets expects comma-separated names, got ','$"):
+        script.budget_from_args(script.parse_args(["--datasets", ","]))

@@ -29,7 +29,7 @@ from torch import nn
 
 from raven.config import ConfigError
 from raven.data import DataSplits, load_splits, noisy_copy
-from raven.eval.attacks import ATTACKS, PAPER_ATTACKS, PAPER_STEP_DIVISOR
+from raven.eval.attacks import ATTACKS, PAPER_ATTACKS, PAPER_STEP_DIVISOR, PAPER_STEPS
 from raven.eval.metrics import (
     cluster_accuracy,
     first_of_each_class,
@@ -51,11 +51,14 @@ from raven.eval.protocols import (
     strong_protocol,
 )
 from raven.eval.results import EvalResult, format_summary  # noqa: F401  (format_summary: the CLI's and sweeps' summary)
+from raven.options import flag_field
 
 RECON_PNG = "reconstructions.png"
 TSNE_PNG = "tsne.png"
 CURVES_PNG = "robustness_curves.png"
 PAPER_DELTAS = (0.0, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25, 0.3)
+TEST_IMAGES = 10_000  # the test split of MNIST and Fashion-MNIST: an evaluation without --limit
+TRAIN_SPLIT_IMAGES = 55_000  # the training split (60,000 minus 5,000 validation): a probe without --probe-limit
 
 
 @dataclass(frozen=True)
@@ -79,22 +82,25 @@ class EvalConfig:
     features cost ~0.1-0.2 s per image on a small CPU, so FID dominates a CPU evaluation.
     """
 
-    attacks: tuple[str, ...] = PAPER_ATTACKS
-    deltas: tuple[float, ...] = PAPER_DELTAS
-    steps: int = 50
-    step_size: float | None = None
-    restarts: int = 1
+    attacks: tuple[str, ...] = flag_field(PAPER_ATTACKS, "paper protocol, comma-separated: kl, w2, ce, rkl, mean")
+    deltas: tuple[float, ...] = flag_field(PAPER_DELTAS, "comma-separated L-inf budgets in [0, 1] (default "
+                                           "0,0.025,...,0.3, the paper's)")
+    steps: int = flag_field(PAPER_STEPS, f"PGD iterations (default {PAPER_STEPS}, the paper's)")
+    step_size: float | None = flag_field(None, f"PGD step (default delta/{PAPER_STEP_DIVISOR:g}, the paper's)")
+    restarts: int = flag_field(1, "random restarts per image")
     random_start: bool = True
-    limit: int | None = None
-    probe_limit: int | None = None
-    fid: bool = True
-    tsne: bool = True
-    seed: int = 0
-    batch_size: int = 1000
+    limit: int | None = flag_field(None, "evaluate on the first N test images (default all)")
+    probe_limit: int | None = flag_field(None, "fit the probe on the first N training images (default the whole "
+                                         "training split)")
+    fid: bool = flag_field(True, "skip FID")
+    tsne: bool = flag_field(True, "skip the t-SNE plot")
+    seed: int = flag_field(0, "seed of the random starts, the noisy copies and the t-SNE")
+    batch_size: int = flag_field(1000, "images attacked at once")
     tsne_points: int = 1000
     noise_std: float = 0.05
-    fid_images: int | None = None
-    protocol: str = "paper"
+    fid_images: int | None = flag_field(None, "FID on the first N evaluated test images (default all; slow on CPU)")
+    protocol: str = flag_field("paper", "paper (the paper's PGD on the encoder), strong (worst case over every "
+                               "attack, per iterate, with AutoAttack on the probe) or both")
     strong: StrongConfig = field(default_factory=StrongConfig)
 
     def __post_init__(self) -> None:

@@ -28,18 +28,18 @@ from typing import Any
 import torch
 
 from raven.config import DATASETS, DEFAULT_ETA, METHODS, PAPER_ETA, PAPER_SIGMA_AUG, ConfigError, TrainConfig
-from raven.methods import PAPER_METHODS
 from raven.data import DataSplits, load_splits
-from raven.eval.evaluate import EvalConfig, EvalResult, evaluate_model
+from raven.methods import PAPER_METHODS
+from raven.eval.attacks import PAPER_STEPS
+from raven.eval.evaluate import TEST_IMAGES, TRAIN_SPLIT_IMAGES, EvalConfig, EvalResult, evaluate_model
 from raven.eval.pack_eval import pack_probe_and_attack
 from raven.eval.protocols import PROTOCOLS, StrongConfig
+from raven.options import flag_field
 from raven.pack import train_pack
 from raven.record.provenance import dataset_inputs
 from raven.train import CHECKPOINT_NAME, METRICS_NAME, TrainResult, resolve_device
 
 PAPER_SEEDS = 5
-TRAIN_SPLIT_IMAGES = 55_000
-TEST_IMAGES = 10_000
 CHECKPOINT_ARTIFACTS = "checkpoint"
 
 
@@ -58,21 +58,26 @@ class Budget:
     square_queries: Square's queries (standard: 5,000).
     """
 
-    epochs: int = 100
-    patience: int | None = 5
-    limit: int | None = None
-    eval_limit: int | None = None
-    probe_limit: int | None = None
-    seeds: int = PAPER_SEEDS
-    steps: int = 50
-    datasets: tuple[str, ...] = DATASETS
-    methods: tuple[str, ...] = PAPER_METHODS
-    fid: bool = True
-    protocol: str = "both"
-    strong_steps: int = StrongConfig.steps
-    strong_restarts: int = StrongConfig.restarts
-    square_queries: int = StrongConfig.square_queries
-    smoke: bool = False
+    epochs: int = flag_field(100, "max epochs per model")
+    patience: int | None = flag_field(5, "stop after this many epochs without a better val_elbo",
+                                      off=("--no-early-stopping", "always train --epochs epochs"))
+    limit: int | None = flag_field(None, f"training images (full: all {TRAIN_SPLIT_IMAGES:,})")
+    eval_limit: int | None = flag_field(None, f"test images attacked and measured (full: all {TEST_IMAGES:,})")
+    probe_limit: int | None = flag_field(None, "training images the linear probe is fitted on (full: all)")
+    seeds: int = flag_field(PAPER_SEEDS, "seeds 0..N-1 per method")
+    steps: int = flag_field(PAPER_STEPS, "PGD steps per attack (full: 50, the paper's)")
+    datasets: tuple[str, ...] = flag_field(DATASETS, f"comma-separated, any of {','.join(DATASETS)}")
+    methods: tuple[str, ...] = flag_field(PAPER_METHODS, f"comma-separated, any of {','.join(METHODS)} (full: the "
+                                          "paper's five)")
+    fid: bool = flag_field(True, "skip FID (the slowest metric on a CPU)")
+    protocol: str = flag_field("both", "evaluation protocol: paper, strong or both (raven evaluate --protocol)",
+                               choices=PROTOCOLS)
+    strong_steps: int = flag_field(StrongConfig.steps, "strong protocol: PGD steps and AutoAttack iterations")
+    strong_restarts: int = flag_field(StrongConfig.restarts, "strong protocol: PGD restarts")
+    square_queries: int = flag_field(StrongConfig.square_queries, "strong protocol: Square attack queries")
+    smoke: bool = flag_field(False, "the smoke budget (SMOKE_BUDGET): 2 seeds, 2 epochs on 5,000 training images, "
+                             "300 test images, 10-step PGD, probe on 5,000 images, no FID, the strong protocol at "
+                             "5 steps x 1 restart and 50 Square queries (both datasets, the paper's five methods)")
 
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOLS:
@@ -110,34 +115,37 @@ class Budget:
 
     def describe(self) -> str:
         """One line: 'full' or what is scaled down, against the full reproduction."""
+        full = FULL_BUDGET
         if self.full:
-            return ("full budget: up to 100 epochs with early stopping (patience 5 on val_elbo), all 55,000 "
-                    "training images, 10,000 test images, probe on all training images, 5 seeds, 50-step PGD, "
-                    "FID, both datasets, all methods; the paper's protocol and the strong one (100-step PGD x 2 "
-                    "restarts, AutoAttack's standard set)")
+            return (f"full budget: up to {full.epochs} epochs with early stopping (patience {full.patience} on "
+                    f"val_elbo), all {TRAIN_SPLIT_IMAGES:,} training images, {TEST_IMAGES:,} test images, probe on "
+                    f"all training images, {full.seeds} seeds, {full.steps}-step PGD, FID, both datasets, all "
+                    f"methods; the paper's protocol and the strong one ({full.strong_steps}-step PGD x "
+                    f"{full.strong_restarts} restarts, AutoAttack's standard set)")
         changes = []
-        if (self.epochs, self.patience) != (FULL_BUDGET.epochs, FULL_BUDGET.patience):
+        if (self.epochs, self.patience) != (full.epochs, full.patience):
             stop = f"early stopping patience {self.patience}" if self.patience else "no early stopping"
-            changes.append(f"{self.epochs} epochs max ({stop}; full: 100, patience 5)")
+            changes.append(f"{self.epochs} epochs max ({stop}; full: {full.epochs}, patience {full.patience})")
         if self.limit is not None:
             changes.append(f"{self.limit:,} of {TRAIN_SPLIT_IMAGES:,} training images")
         if self.eval_limit is not None:
             changes.append(f"{self.eval_limit:,} of {TEST_IMAGES:,} test images")
         if self.probe_limit is not None:
             changes.append(f"probe on {self.probe_limit:,} of {TRAIN_SPLIT_IMAGES:,} training images")
-        if self.seeds != FULL_BUDGET.seeds:
+        if self.seeds != full.seeds:
             changes.append(f"{self.seeds} of {PAPER_SEEDS} seeds")
-        if self.steps != FULL_BUDGET.steps:
-            changes.append(f"{self.steps}-step PGD (paper: 50)")
+        if self.steps != full.steps:
+            changes.append(f"{self.steps}-step PGD (paper: {PAPER_STEPS})")
         if not self.fid:
             changes.append("no FID")
-        if self.protocol != FULL_BUDGET.protocol:
-            changes.append(f"{self.protocol} protocol only (full: both)")
+        if self.protocol != full.protocol:
+            changes.append(f"{self.protocol} protocol only (full: {full.protocol})")
         if self.protocol != "paper":
             strong = (self.strong_steps, self.strong_restarts, self.square_queries)
-            if strong != (FULL_BUDGET.strong_steps, FULL_BUDGET.strong_restarts, FULL_BUDGET.square_queries):
+            if strong != (full.strong_steps, full.strong_restarts, full.square_queries):
                 changes.append(f"strong protocol at {self.strong_steps} steps x {self.strong_restarts} restart(s), "
-                               f"Square {self.square_queries} queries (full: 100 x 2, 5,000)")
+                               f"Square {self.square_queries} queries (full: {full.strong_steps} x {full.strong_restarts}, "
+                               f"{full.square_queries:,})")
         if self.datasets != DATASETS:
             changes.append("datasets " + ", ".join(self.datasets))
         if self.methods != PAPER_METHODS:
