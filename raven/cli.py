@@ -11,9 +11,12 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from raven.config import DATASETS, METHODS, ConfigError, TrainConfig
+from raven.eval.evaluate import EvalConfig
 from raven.methods import options
+from raven.options import add_field_flags, field_flag_values
 
 
 def add_option_flags(parser: argparse.ArgumentParser) -> None:
@@ -104,8 +107,8 @@ def _run_train_seeds(args: argparse.Namespace, config: TrainConfig, device: obje
     return 1 if any(result.diverged for result in results) else 0
 
 
-def _csv_words(text: str) -> list[str]:
-    return [w.strip() for w in text.split(",") if w.strip()]
+# `raven evaluate` runs both protocols unless told; EvalConfig's own default is the paper's alone.
+EVALUATE_DEFAULTS = {"protocol": "both"}
 
 
 def add_evaluate_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -114,25 +117,8 @@ def add_evaluate_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Fit a linear probe on encoder means, attack every test image with PGD per attack and "
                     "budget, and write robustness.json, robustness.csv and plots next to each checkpoint.")
     p.add_argument("dirs", nargs="+", metavar="DIR", help="checkpoint folders (or checkpoint.pt files) of `raven train`")
-    p.add_argument("--protocol", default="both",
-                   help="paper (the paper's PGD on the encoder), strong (worst case over every attack, per iterate, "
-                        "with AutoAttack on the probe) or both (default)")
-    p.add_argument("--attacks", default="kl,w2", help="paper protocol, comma-separated: kl, w2, ce, rkl, mean "
-                                                      "(default kl,w2)")
-    p.add_argument("--deltas", default="0,0.025,0.05,0.075,0.1,0.15,0.2,0.25,0.3",
-                   help="comma-separated L-inf budgets in [0, 1] (default 0,0.025,...,0.3)")
-    p.add_argument("--steps", type=int, default=50, help="PGD iterations (default 50, the paper's)")
-    p.add_argument("--step-size", type=float, default=None, help="PGD step (default delta/25, the paper's)")
-    p.add_argument("--restarts", type=int, default=1, help="random restarts per image (default 1)")
-    p.add_argument("--limit", type=int, default=None, help="evaluate on the first N test images (default all)")
-    p.add_argument("--probe-limit", type=int, default=None,
-                   help="fit the probe on the first N training images (default the whole training split)")
-    p.add_argument("--batch-size", type=int, default=1000, help="images attacked at once (default 1000)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-fid", action="store_true", help="skip FID")
-    p.add_argument("--fid-images", type=int, default=None,
-                   help="FID on the first N evaluated test images (default all; slow on CPU)")
-    p.add_argument("--no-tsne", action="store_true", help="skip the t-SNE plot")
+    add_field_flags(p.add_argument_group("evaluation (raven.eval.evaluate.EvalConfig)"), EvalConfig,
+                    shown=EVALUATE_DEFAULTS)
     p.add_argument("--plots-dir", type=Path, default=None,
                    help="folder for the combined accuracy-vs-delta plot (default: the first DIR's parent)")
     p.add_argument("--data-dir", default=None, help="data root (default: $RAVEN_DATA_DIR, else ~/.cache/raven/data)")
@@ -140,16 +126,6 @@ def add_evaluate_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--tracking-uri", default=None, help="log to MLflow at this tracking URI (one run per DIR)")
     p.add_argument("--experiment", default=None, help="MLflow experiment (default raven-evaluate); turns logging on")
     p.set_defaults(run=run_evaluate)
-
-
-def _parse_deltas(text: str) -> tuple[float, ...]:
-    words = _csv_words(text)
-    if not words:
-        raise ConfigError(f"--deltas expects comma-separated numbers in [0, 1], got {text!r}")
-    try:
-        return tuple(float(w) for w in words)
-    except ValueError:
-        raise ConfigError(f"--deltas expects comma-separated numbers in [0, 1], got {text!r}") from None
 
 
 def _run_labels(configs: list[TrainConfig]) -> list[str]:
@@ -164,82 +140,58 @@ def _run_labels(configs: list[TrainConfig]) -> list[str]:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    import os
-
-    from raven.eval.evaluate import CURVES_PNG, EvalConfig, evaluate_checkpoint, format_summary
+    from raven.data import load_splits
+    from raven.eval.evaluate import CURVES_PNG, evaluate_checkpoint, format_summary
+    from raven.eval.plots import plot_accuracy_curves
+    from raven.record.provenance import dataset_inputs
     from raven.train import checkpoint_file, load_state, resolve_device
 
-    config = EvalConfig(
-        attacks=tuple(_csv_words(args.attacks)), deltas=_parse_deltas(args.deltas), steps=args.steps,
-        step_size=args.step_size, restarts=args.restarts, limit=args.limit, probe_limit=args.probe_limit,
-        fid=not args.no_fid, tsne=not args.no_tsne, seed=args.seed, batch_size=args.batch_size,
-        fid_images=args.fid_images, protocol=args.protocol,
-    )
+    config = EvalConfig(**{**EVALUATE_DEFAULTS, **field_flag_values(args, EvalConfig)})
     files = [checkpoint_file(d) for d in args.dirs]  # every checkpoint must exist before any work
     device = resolve_device(args.device)
     configs = [TrainConfig.from_dict(load_state(f)["config"]) for f in files]
     labels = _run_labels(configs)
-    use_mlflow = bool(args.tracking_uri or args.experiment or os.environ.get("MLFLOW_RUN_ID")
-                      or ("mlflow" in sys.modules and sys.modules["mlflow"].active_run() is not None))
-    mlflow = None
-    if use_mlflow:
-        import mlflow
-
-        from raven.record import provenance, tracking
-
-        if args.tracking_uri:
-            mlflow.set_tracking_uri(args.tracking_uri)
-        if mlflow.active_run() is None and not os.environ.get("MLFLOW_RUN_ID"):
-            tracking.use_experiment(args.experiment or tracking.EVALUATE_EXPERIMENT)
-
-        def record(result, train_config) -> None:
-            """The evaluation into the active run: raven.record.tracking.log_evaluation and the data it read."""
-            run_id, client = mlflow.active_run().info.run_id, mlflow.MlflowClient()
-            tracking.log_evaluation(client, run_id, result)
-            splits = splits_cache[(train_config.dataset, train_config.validation_size)]
-            tracking.log_inputs(client, run_id, provenance.dataset_inputs(
-                train_config.dataset, args.data_dir, {"train": len(splits.train_x[:config.probe_limit]),
-                                                      "test": len(splits.test_x[:config.limit])},
-                train_config.validation_size))
     plots_dir = args.plots_dir or files[0].resolve().parent.parent
     print(f"raven evaluate: {len(files)} checkpoint(s), attacks {','.join(config.attacks)}, "
-          f"deltas {','.join(_csv_words(args.deltas))}, {config.steps} steps, device {device}", file=sys.stderr)
+          f"deltas {','.join(f'{d:g}' for d in config.deltas)}, {config.steps} steps, device {device}", file=sys.stderr)
     started = time.perf_counter()
     results, splits_cache = [], {}
-    outer = None
-    if mlflow is not None and os.environ.get("MLFLOW_RUN_ID") and mlflow.active_run() is None:
-        outer = mlflow.start_run()  # resume the run named by MLFLOW_RUN_ID (e.g. `mlflow run`)
-    try:
+    with _evaluation_record(args, len(files)) as record:
         for file, train_config, label in zip(files, configs, labels):
             key = (train_config.dataset, train_config.validation_size)
             if key not in splits_cache:
-                from raven.data import load_splits
-
                 splits_cache[key] = load_splits(train_config.dataset, args.data_dir, device, train_config.validation_size)
-            result = evaluate_checkpoint(file, config, device=device, label=label, splits=splits_cache[key],
+            splits = splits_cache[key]
+            result = evaluate_checkpoint(file, config, device=device, label=label, splits=splits,
                                          log=lambda line: print(line, file=sys.stderr, flush=True))
             results.append(result)
-            if mlflow is not None:
-                nested = mlflow.active_run() is not None
-                if nested and len(files) == 1:
-                    record(result, train_config)
-                else:
-                    with mlflow.start_run(run_name=f"evaluate {label} {file.parent.name}", nested=nested):
-                        mlflow.set_tag("checkpoint", str(file.resolve()))
-                        record(result, train_config)
-        from raven.eval.plots import plot_accuracy_curves
-
+            if record is not None:
+                record.log(result, file, label, dataset_inputs(
+                    train_config.dataset, args.data_dir, {"train": len(splits.train_x[:config.probe_limit]),
+                                                          "test": len(splits.test_x[:config.limit])},
+                    train_config.validation_size))
         curves = plot_accuracy_curves([(r.label, r.to_json()) for r in results], Path(plots_dir) / CURVES_PNG,
                                       attacks=config.attacks, title="linear-probe accuracy under PGD attacks")
-        if mlflow is not None and mlflow.active_run() is not None:
-            mlflow.log_artifact(str(curves), artifact_path="robustness")
-    finally:
-        if outer is not None:
-            mlflow.end_run()
+        if record is not None:
+            record.log_curves(curves)
     print(format_summary(results))
     written = ", ".join(str(f.parent / "robustness.json") for f in files)
     print(f"done in {time.perf_counter() - started:.1f}s: wrote {written}; combined plot {curves}")
     return 0
+
+
+def _evaluation_record(args: argparse.Namespace, checkpoints: int) -> Any:
+    """raven.record.tracking.EvaluationRecord when MLflow is asked for (a flag, MLFLOW_RUN_ID, an active run)."""
+    import contextlib
+    import os
+
+    asked = args.tracking_uri or args.experiment or os.environ.get("MLFLOW_RUN_ID") or (
+        "mlflow" in sys.modules and sys.modules["mlflow"].active_run() is not None)
+    if not asked:
+        return contextlib.nullcontext()
+    from raven.record.tracking import EvaluationRecord
+
+    return EvaluationRecord(args.tracking_uri, args.experiment, checkpoints)
 
 
 def add_report_parser(subparsers: argparse._SubParsersAction) -> None:

@@ -304,3 +304,34 @@ def test_evaluate_missing_checkpoint_is_one_line(tmp_path, capsys):
     assert main(["evaluate", str(tmp_path / "nowhere"), "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no raven checkpoint" in err[0]
+
+
+def _evaluate_args(*argv: str):
+    from raven.cli import build_parser
+
+    return build_parser().parse_args(["evaluate", "run", *argv])
+
+
+def test_evaluate_flags_are_the_eval_config_fields():
+    """`raven evaluate`'s evaluation flags come from EvalConfig's fields: none gives EvalConfig's defaults but
+    --protocol both, and each flag sets its field."""
+    from raven.cli import EVALUATE_DEFAULTS
+    from raven.options import field_flag_values
+
+    def config(*argv: str) -> EvalConfig:
+        return EvalConfig(**{**EVALUATE_DEFAULTS, **field_flag_values(_evaluate_args(*argv), EvalConfig)})
+
+    assert config() == EvalConfig(protocol="both")
+    assert config("--attacks", "kl,ce", "--deltas", "0,0.1", "--steps", "3", "--step-size", "0.01", "--restarts", "2",
+                  "--limit", "10", "--probe-limit", "20", "--no-fid", "--no-tsne", "--seed", "4", "--batch-size", "8",
+                  "--fid-images", "5", "--protocol", "paper") == EvalConfig(
+        attacks=("kl", "ce"), deltas=(0.0, 0.1), steps=3, step_size=0.01, restarts=2, limit=10, probe_limit=20,
+        fid=False, tsne=False, seed=4, batch_size=8, fid_images=5, protocol="paper")
+
+
+def test_evaluate_help_shows_each_fields_default(capsys):
+    with pytest.raises(SystemExit):
+        _evaluate_args("--help")
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default both)" in text and "random restarts per image (default 1)" in text
+    assert "images attacked at once (default 1000)" in text and "--no-fid" in text

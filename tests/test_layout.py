@@ -60,8 +60,9 @@ def test_the_layers_are_folders():
     for name in LAYERS[1:]:
         assert (PACKAGE / name / "__init__.py").is_file(), f"raven/{name}/ is not a package"
     flat = {p.stem for p in PACKAGE.glob("*.py")} - {"__init__"}
-    assert flat <= {"config", "data", "gaussians", "pgd", "models", "objectives", "train", "pack", "progress",
-                    "methods", "options", "cli", "bench"}, f"tooling at the top of raven/: {sorted(flat)}"
+    assert flat <= {"config", "data", "gaussians", "pgd", "models", "objectives", "step", "train", "pack",
+                    "checkpoints", "cuda_graphs", "progress", "methods", "options", "cli", "bench"}, \
+        f"tooling at the top of raven/: {sorted(flat)}"
 
 
 def test_imports_flow_one_way_down_the_layers():
@@ -114,3 +115,50 @@ def test_the_layer_test_catches_a_core_module_importing_from_a_sweep_module(tmp_
         assert "raven.config (core layer) imports raven.sweep.spec" in str(error)
     else:
         raise AssertionError("a core module importing from raven/sweep/ passed the layer test")
+
+
+# Modules outside raven/record/ that may import mlflow: they only read the record back.
+MLFLOW_READERS = {
+    "raven.reproduce.report": "reads a reproduction's runs back for `raven report`",
+    "raven.reproduce.figures": "downloads a reproduction's artifacts (checkpoints, t-SNE) to draw the figures",
+    "raven.sweep.report": "reads a sweep's runs back for its summary",
+}
+
+
+def mlflow_importers(package: Path) -> set[str]:
+    """The modules of `package` and of sweeps/ beside it that import mlflow, at the top or in a function."""
+    files = {module_name(p): p for p in package.rglob("*.py")}
+    files.update({f"sweeps.{p.stem}": p for p in (package.parent / "sweeps").glob("*.py")})
+    found = set()
+    for module, path in files.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            if any(name.split(".")[0] == "mlflow" for name in names):
+                found.add(module)
+    return found
+
+
+def test_only_the_record_writes_mlflow():
+    """raven/record/ is the one MLflow writer; the CLI, the runners and the entry scripts go through it."""
+    outside = {m for m in mlflow_importers(PACKAGE) if layer(m) != "record"}
+    assert outside <= set(MLFLOW_READERS), (
+        f"{sorted(outside - set(MLFLOW_READERS))} import mlflow: write through raven.record (or, for a module "
+        f"that only reads runs back, add it to MLFLOW_READERS with the reason)")
+
+
+def test_the_mlflow_check_catches_an_import_in_the_cli(tmp_path, monkeypatch):
+    """The check above is live: `import mlflow` added to raven/cli.py (even inside a function) fails it."""
+    fake = tmp_path / "raven"
+    for path in PACKAGE.rglob("*.py"):
+        target = fake / path.relative_to(PACKAGE)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(path.read_text())
+    (fake / "cli.py").write_text((fake / "cli.py").read_text() + "\n\ndef _log():\n    import mlflow.tracking\n")
+    monkeypatch.setattr(sys.modules[__name__], "PACKAGE", fake)
+    try:
+        test_only_the_record_writes_mlflow()
+    except AssertionError as error:
+        assert "['raven.cli'] import mlflow" in str(error)
+    else:
+        raise AssertionError("raven/cli.py importing mlflow passed the MLflow check")

@@ -1,6 +1,7 @@
 """The MLflow record: every tag, role and experiment name, one `log_evaluation`, dataset inputs, the registry.
 
-Sweeps, the reproduction and `raven evaluate` all write through this module. A sweep's record:
+Sweeps, the reproduction (its parent and child runs: the last section) and `raven evaluate` (EvaluationRecord)
+all write through this module. A sweep's record:
 
     parent      tags raven.role=sweep,      raven.sweep_name=NAME
     trial       tags raven.role=trial,      raven.trial_id=ID, raven.parent_sweep=NAME,
@@ -30,12 +31,15 @@ for minutes on every write.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import math
 import os
+import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import mlflow
 import mlflow.pytorch
@@ -45,10 +49,10 @@ from mlflow import MlflowClient
 from mlflow.data import get_dataset_source_from_json
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.entities import Dataset as DatasetEntity
-from mlflow.entities import DatasetInput, InputTag, Metric, Param
+from mlflow.entities import DatasetInput, InputTag, Metric, Param, Run
 from mlflow.exceptions import MlflowException
 
-from raven.eval.evaluate import EvalResult
+from raven.eval.results import EvalResult
 
 # Experiments (the sweeps' defaults are also where the reproduction looks their results up).
 SIGMA_SWEEP_EXPERIMENT = "raven-sigma-aug"
@@ -220,6 +224,52 @@ def log_evaluation(client: MlflowClient, run_id: str, result: EvalResult) -> Non
             client.log_artifact(run_id, str(path), "robustness")
 
 
+class EvaluationRecord:
+    """`raven evaluate`'s MLflow runs, as a context manager: one run per checkpoint and the combined plot.
+
+    With MLFLOW_RUN_ID set and no active run (e.g. under `mlflow run`), that run is resumed for the
+    duration. Inside an active run, a single checkpoint is logged into it, several as nested runs;
+    else each checkpoint gets its own run in `experiment` (default raven-evaluate).
+    """
+
+    def __init__(self, tracking_uri: str | None, experiment: str | None, checkpoints: int) -> None:
+        if tracking_uri:
+            mlflow.set_tracking_uri(tracking_uri)
+        if mlflow.active_run() is None and not os.environ.get("MLFLOW_RUN_ID"):
+            use_experiment(experiment or EVALUATE_EXPERIMENT)
+        self.checkpoints = checkpoints
+        self.outer = None
+
+    def __enter__(self) -> "EvaluationRecord":
+        if os.environ.get("MLFLOW_RUN_ID") and mlflow.active_run() is None:
+            self.outer = mlflow.start_run()  # resumes the run named by MLFLOW_RUN_ID
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.outer is not None:
+            mlflow.end_run()
+
+    def log(self, result: EvalResult, checkpoint: Path, label: str, inputs: Iterable[Mapping[str, Any]]) -> None:
+        """One checkpoint's evaluation (log_evaluation) and the data it read (log_inputs)."""
+        nested = mlflow.active_run() is not None
+        if nested and self.checkpoints == 1:
+            self._log(result, inputs)
+        else:
+            with mlflow.start_run(run_name=f"evaluate {label} {checkpoint.parent.name}", nested=nested):
+                mlflow.set_tag("checkpoint", str(checkpoint.resolve()))
+                self._log(result, inputs)
+
+    def _log(self, result: EvalResult, inputs: Iterable[Mapping[str, Any]]) -> None:
+        run_id, client = mlflow.active_run().info.run_id, MlflowClient()
+        log_evaluation(client, run_id, result)
+        log_inputs(client, run_id, inputs)
+
+    def log_curves(self, path: Path) -> None:
+        """The combined accuracy-vs-delta plot, into the enclosing run when there is one."""
+        if mlflow.active_run() is not None:
+            mlflow.log_artifact(str(path), artifact_path="robustness")
+
+
 # ----------------------------------------------------------------------------- dataset inputs
 
 
@@ -290,3 +340,108 @@ def use_store(tracking_uri: str | None = None) -> str:
     uri = resolve_tracking_uri(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))
     mlflow.set_tracking_uri(uri)
     return uri
+
+
+# ----------------------------------------------------------------------------- the reproduction's runs
+# raven.reproduce.runner decides what a reproduction records (tags, params, metrics, files); these write it.
+
+EVALUATION_FILES = "robustness/"  # a child's files under this folder are its evaluation's (log_evaluation)
+
+
+def open_store(tracking_uri: str | None, experiment: str) -> tuple[str, str]:
+    """`use_store(tracking_uri)` and make `experiment` active; returns (the resolved URI, the experiment's id)."""
+    uri = use_store(tracking_uri)
+    return uri, use_experiment(experiment)
+
+
+def latest_run(experiment_id: str, role: str) -> Run | None:
+    """The newest run tagged raven.role = `role` in the experiment, or None."""
+    runs = MlflowClient().search_runs([experiment_id], filter_string=f"tags.`{ROLE}` = '{role}'",
+                                      order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0] if runs else None
+
+
+def get_run(run_id: str) -> Run:
+    return MlflowClient().get_run(run_id)
+
+
+def complete_children(experiment_id: str, parent_id: str) -> list[dict[str, str]]:
+    """The tags of the parent's children that are complete (COMPLETE_TAG, FINISHED); the others (a crash while
+    logging) are deleted, so that a resume records them again."""
+    client = MlflowClient()
+    done = []
+    for run in client.search_runs([experiment_id], filter_string=f"tags.{PARENT_RUN_ID} = '{parent_id}'",
+                                  max_results=50_000):
+        if run.data.tags.get(COMPLETE_TAG) == "true" and run.info.status == "FINISHED":
+            done.append(dict(run.data.tags))
+        else:
+            client.delete_run(run.info.run_id)
+    return done
+
+
+@contextlib.contextmanager
+def parent_run(run_id: str | None, run_name: str | None, tags: Mapping[str, str],
+               params: Mapping[str, Any] | None = None) -> Iterator[str]:
+    """The active parent run for the block (`run_id` reopened, else a new run `run_name`); yields its id.
+    `params` are logged when given (a new parent)."""
+    with mlflow.start_run(run_id=run_id, run_name=run_name, tags=dict(tags)) as run:
+        if params is not None:
+            log_params(MlflowClient(), run.info.run_id, params)
+        yield run.info.run_id
+
+
+def set_tags(tags: Mapping[str, str]) -> None:
+    """Tags on the active (parent) run."""
+    mlflow.set_tags(dict(tags))
+
+
+def log_child_run(name: str, tags: Mapping[str, str], params: Mapping[str, Any], inputs: Iterable[Mapping[str, Any]],
+                  history: list[dict[str, float]], *, error: str | None = None,
+                  metrics: Mapping[str, float] | None = None, evaluation: EvalResult | None = None,
+                  files: Mapping[str, bytes] | None = None) -> str:
+    """One child run of the active parent; returns its id.
+
+    Params, dataset inputs, the per-epoch `history` at step = epoch. With `error`: tagged and FAILED, nothing
+    more. Else `metrics`, the `evaluation` (log_evaluation, its artifacts the `files` under robustness/), the
+    other `files` ({relative path: bytes}) as artifacts in their folders, and COMPLETE_TAG last.
+    """
+    client = MlflowClient()
+    with mlflow.start_run(run_name=name, nested=True, tags=dict(tags)) as run:
+        run_id = run.info.run_id
+        log_params(client, run_id, params)
+        log_inputs(client, run_id, inputs)
+        now = int(time.time() * 1000)
+        client.log_batch(run_id, metrics=[Metric(key, float(value), now, int(row["epoch"]))
+                                          for row in history for key, value in row.items() if key != "epoch"])
+        if error:
+            mlflow.set_tag(ERROR, error[:5000])
+            mlflow.end_run(status="FAILED")
+            return run_id
+        log_metrics(client, run_id, metrics or {})
+        with tempfile.TemporaryDirectory() as tmp:
+            local = {}
+            for relative, data in (files or {}).items():
+                path = Path(tmp) / relative
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(data)
+                local[relative] = path
+            if evaluation is not None:
+                log_evaluation(client, run_id, dataclasses.replace(
+                    evaluation, artifacts=[p for n, p in local.items() if n.startswith(EVALUATION_FILES)]))
+            for relative, path in local.items():
+                if not relative.startswith(EVALUATION_FILES):
+                    client.log_artifact(run_id, str(path), str(Path(relative).parent))
+        mlflow.set_tag(COMPLETE_TAG, "true")
+        return run_id
+
+
+def finished_sweeps(experiment: str, dataset: str, param: str) -> list[Run]:
+    """The finished sweep parents (raven.role = sweep) of `param` on `dataset` in `experiment`, newest first."""
+    client = MlflowClient()
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return []
+    return client.search_runs(
+        [found.experiment_id], order_by=["attributes.start_time DESC"],
+        filter_string=f"tags.`{ROLE}` = '{SWEEP_ROLE}' and params.dataset = '{dataset}' "
+                      f"and params.`search.param` = '{param}' and attributes.status = 'FINISHED'")

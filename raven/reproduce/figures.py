@@ -26,7 +26,7 @@ from raven.methods import METHODS as REGISTRY
 from raven.data import default_data_dir, load_raw, noisy_copy, to_tensor
 from raven.eval.evaluate import encode_mean, tsne_embedding
 from raven.eval.plots import DATASET_LABELS
-from raven.reproduce.runner import CHECKPOINT_ARTIFACTS
+from raven.reproduce.grid import CHECKPOINT_ARTIFACTS
 from raven.train import CHECKPOINT_NAME, load_checkpoint
 
 METHOD_LABELS = {name: method.label for name, method in REGISTRY.items()}

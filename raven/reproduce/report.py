@@ -31,6 +31,10 @@ import pandas as pd
 from raven.config import DATASETS, METHODS
 from raven.eval.plots import DATASET_LABELS
 from raven.record.tracking import use_store
+from raven.record.tracking import COMPLETE_TAG
+from raven.record.tracking import REPRODUCTION_EXPERIMENT as DEFAULT_EXPERIMENT
+from raven.record.tracking import REPRODUCTION_ROLE as ROLE
+from raven.record.tracking import REPRODUCTION_RUN_ROLE as CHILD_ROLE
 from raven.reproduce.figures import (  # noqa: F401 - the notebooks read these through raven.reproduce.report
     ATTACK_LABELS,
     METHOD_COLORS,
@@ -49,7 +53,6 @@ from raven.reproduce.figures import (  # noqa: F401 - the notebooks read these t
     tsne_of_pairs,
 )
 from raven.reproduce.paper import PAPER_TABLE1, PAPER_TABLE2, TABLE1_ERRATUM
-from raven.reproduce.runner import CHILD_ROLE, COMPLETE_TAG, DEFAULT_EXPERIMENT, ROLE
 
 # Figure 2's curves: the paper protocol's adv_acc_{attack}_delta_{delta}, and the strong protocol's
 # robust_acc_delta_{delta} as the attack "strong" (raven.eval.evaluate.EvalResult.metrics).

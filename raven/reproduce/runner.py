@@ -17,19 +17,14 @@ and the cells are raven.reproduce.grid.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import mlflow
 import ray
-from mlflow import MlflowClient
-from mlflow.entities import Metric
 
 from raven.config import ConfigError
 from raven.data import DataError
@@ -38,9 +33,7 @@ from raven.record import tracking
 from raven.record.tracking import (
     BUDGET,
     BUDGET_TEXT,
-    COMPLETE_TAG,
     DATASET,
-    ERROR,
     ETA_SWEEP_EXPERIMENT,
     FAILED_RUNS,
     HYPERPARAMETERS,
@@ -54,7 +47,6 @@ from raven.record.tracking import REPRODUCTION_EXPERIMENT as DEFAULT_EXPERIMENT
 from raven.record.tracking import REPRODUCTION_ROLE as ROLE
 from raven.record.tracking import REPRODUCTION_RUN_ROLE as CHILD_ROLE
 from raven.reproduce.grid import (  # noqa: F401  (the budgets are public here too)
-    CHECKPOINT_ARTIFACTS,
     FULL_BUDGET,
     SMOKE_BUDGET,
     Budget,
@@ -82,15 +74,7 @@ def best_sweep_value(param: str, dataset: str, experiment: str, allow_smoke: boo
     params dataset / search.param / smoke, metric best_<param>: the top-ranked value on the
     validation objective). Smoke sweeps count only when `allow_smoke`.
     """
-    client = MlflowClient()
-    found = client.get_experiment_by_name(experiment)
-    if found is None:
-        return None
-    runs = client.search_runs(
-        [found.experiment_id], order_by=["attributes.start_time DESC"],
-        filter_string=f"tags.`{tracking.ROLE}` = '{tracking.SWEEP_ROLE}' and params.dataset = '{dataset}' "
-                      f"and params.`search.param` = '{param}' and attributes.status = 'FINISHED'")
-    for run in runs:
+    for run in tracking.finished_sweeps(experiment, dataset, param):
         best = run.data.metrics.get(f"best_{param}")
         smoke = run.data.params.get("smoke") == "True"
         if best is None or (smoke and not allow_smoke):
@@ -143,65 +127,34 @@ def parent_params(budget: Budget, hps: dict[str, Hyperparameters]) -> dict[str, 
 def log_cell(result: CellResult, budget: Budget, hp: Hyperparameters) -> str:
     """Record one finished task as a child of the active (parent) run; returns the child's run id."""
     cell = result.cell
-    client = MlflowClient()
     tags = {tracking.ROLE: CHILD_ROLE, DATASET: cell.dataset, METHOD: cell.method, SEED: str(cell.seed),
             BUDGET: budget.kind, HYPERPARAMETERS: hp.source}
-    with mlflow.start_run(run_name=cell.name, nested=True, tags=tags) as run:
-        run_id = run.info.run_id
-        tracking.log_params(client, run_id, {**result.config, "budget": budget.describe(), "device": result.device,
-                                             "node": result.node, "pack_size": result.pack_size})
-        tracking.log_inputs(client, run_id, result.inputs)
-        now = int(time.time() * 1000)  # per-epoch metrics at step = epoch
-        client.log_batch(run_id, metrics=[Metric(key, float(value), now, int(row["epoch"]))
-                                          for row in result.history for key, value in row.items() if key != "epoch"])
-        if result.error:
-            mlflow.set_tag(ERROR, result.error[:5000])
-            mlflow.end_run(status="FAILED")
-            return run_id
+    params = {**result.config, "budget": budget.describe(), "device": result.device, "node": result.node,
+              "pack_size": result.pack_size}
+    metrics = None
+    if not result.error:
         best = max(result.history, key=lambda row: row["val_elbo"])
-        mlflow.log_metrics({"epochs_trained": len(result.history), "best_epoch": best["epoch"],
-                            "best_val_elbo": best["val_elbo"], "train_seconds": result.train_seconds,
-                            "eval_seconds": result.eval_seconds})
-        with tempfile.TemporaryDirectory() as tmp:
-            local = {}
-            for name, data in result.files.items():
-                path = Path(tmp) / name
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_bytes(data)
-                local[name] = path
-            evaluation = dataclasses.replace(
-                result.evaluation, artifacts=[p for n, p in local.items() if n.startswith("robustness/")])
-            tracking.log_evaluation(client, run_id, evaluation)
-            mlflow.log_artifacts(str(Path(tmp) / CHECKPOINT_ARTIFACTS), artifact_path=CHECKPOINT_ARTIFACTS)
-        mlflow.set_tag(COMPLETE_TAG, "true")
-        return run_id
+        metrics = {"epochs_trained": len(result.history), "best_epoch": best["epoch"],
+                   "best_val_elbo": best["val_elbo"], "train_seconds": result.train_seconds,
+                   "eval_seconds": result.eval_seconds}
+    return tracking.log_child_run(cell.name, tags, params, result.inputs, result.history, error=result.error,
+                                  metrics=metrics, evaluation=result.evaluation, files=result.files)
 
 
 def find_parent(experiment_id: str, run_id: str | None) -> Any:
     """The reproduction parent run `run_id`, else the latest one in the experiment; None when there is none."""
-    client = MlflowClient()
     if run_id:
-        run = client.get_run(run_id)
+        run = tracking.get_run(run_id)
         if run.data.tags.get(tracking.ROLE) != ROLE:
             raise ConfigError(f"run {run_id} is not a reproduction (tag raven.role = {run.data.tags.get(tracking.ROLE)!r})")
         return run
-    runs = client.search_runs([experiment_id], filter_string=f"tags.`{tracking.ROLE}` = '{ROLE}'",
-                              order_by=["attributes.start_time DESC"], max_results=1)
-    return runs[0] if runs else None
+    return tracking.latest_run(experiment_id, ROLE)
 
 
 def finished_cells(experiment_id: str, parent_id: str) -> set[Cell]:
     """Cells the parent already holds complete; incomplete children (a crash while logging) are deleted."""
-    client = MlflowClient()
-    done = set()
-    for run in client.search_runs([experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'",
-                                  max_results=50_000):
-        tags = run.data.tags
-        if tags.get(COMPLETE_TAG) == "true" and run.info.status == "FINISHED":
-            done.add(Cell(tags[DATASET], tags[METHOD], int(tags[SEED])))
-        else:
-            client.delete_run(run.info.run_id)
-    return done
+    done = tracking.complete_children(experiment_id, parent_id)
+    return {Cell(tags[DATASET], tags[METHOD], int(tags[SEED])) for tags in done}
 
 
 # ----------------------------------------------------------------------------- the driver
@@ -233,7 +186,7 @@ def run_cells(cells: list[Cell], budget: Budget, hps: dict[str, Hyperparameters]
     try:
         gpus = cluster.gpus_per(gpus_per_task, TRIAL_GPU_SHARE)
         slots = cluster.slots(cpus_per_task, gpus)
-        mlflow.set_tags({"raven.cpus_per_task": str(cpus_per_task), "raven.gpus_per_task": str(gpus)})
+        tracking.set_tags({"raven.cpus_per_task": str(cpus_per_task), "raven.gpus_per_task": str(gpus)})
         packs = group_cells(cells)
         jobs = {key: (group, [train_config(c, budget, hps[c.dataset]) for c in group],
                       [eval_config(c, budget) for c in group], None if data_dir is None else str(data_dir),
@@ -287,17 +240,15 @@ def import_results(path: str | os.PathLike, tracking_uri: str | None = None, exp
     """Record an export of raven.reproduce.offline in MLflow as one reproduction; returns the parent run id."""
     log = log or (lambda line: print(line, file=sys.stderr, flush=True))
     budget, hps, results = read_export(path)
-    mlflow.set_tracking_uri(tracking.resolve_tracking_uri(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")))
-    tracking.use_experiment(experiment)
+    tracking.open_store(tracking_uri, experiment)
     tags = {tracking.ROLE: ROLE, BUDGET: budget.kind, BUDGET_TEXT: budget.describe(), IMPORTED_FROM: str(path),
             NOTE: note}
-    with mlflow.start_run(run_name=f"reproduction-{budget.kind}-imported", tags=tags) as run:
-        tracking.log_params(MlflowClient(), run.info.run_id, parent_params(budget, hps))
+    with tracking.parent_run(None, f"reproduction-{budget.kind}-imported", tags, parent_params(budget, hps)) as run_id:
         for result in results:
             log_cell(result, budget, hps[result.cell.dataset])
-        mlflow.set_tag(FAILED_RUNS, str(sum(1 for r in results if r.error)))
-        log(f"imported {len(results)} runs into reproduction {run.info.run_id} ({budget.describe()})")
-        return run.info.run_id
+        tracking.set_tags({FAILED_RUNS: str(sum(1 for r in results if r.error))})
+        log(f"imported {len(results)} runs into reproduction {run_id} ({budget.describe()})")
+        return run_id
 
 
 def reproduce(
@@ -335,8 +286,7 @@ def reproduce(
     if run_id and not resume:
         raise ConfigError("--run-id names a reproduction to resume; add --resume")
     started = time.perf_counter()
-    mlflow.set_tracking_uri(tracking.resolve_tracking_uri(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")))
-    experiment_id = tracking.use_experiment(experiment)
+    uri, experiment_id = tracking.open_store(tracking_uri, experiment)
     log(f"raven reproduce: {budget.describe()}")
 
     parent = find_parent(experiment_id, run_id) if resume else None
@@ -356,15 +306,13 @@ def reproduce(
         log(f"{hp.dataset}: sigma_aug = {hp.sigma_aug:g}, eta = {hp.eta:g} ({hp.source})")
 
     tags = {tracking.ROLE: ROLE, BUDGET: budget.kind, BUDGET_TEXT: budget.describe()}
-    with mlflow.start_run(run_id=parent.info.run_id if parent else None,
-                          run_name=None if parent else f"reproduction-{budget.kind}", tags=tags) as run:
-        parent_id = run.info.run_id
-        if parent is None:
-            tracking.log_params(MlflowClient(), parent_id, parent_params(budget, hps))
+    with tracking.parent_run(parent.info.run_id if parent else None,
+                           None if parent else f"reproduction-{budget.kind}", tags,
+                           None if parent else parent_params(budget, hps)) as parent_id:
         done = finished_cells(experiment_id, parent_id) if parent else set()
         skipped = [c for c in budget.cells() if c in done]
         todo = [c for c in budget.cells() if c not in done]
-        log(f"MLflow run {parent_id} in {mlflow.get_tracking_uri()}, experiment {experiment!r}"
+        log(f"MLflow run {parent_id} in {uri}, experiment {experiment!r}"
             + (f"; resuming: {len(skipped)} of {len(budget.cells())} runs already recorded" if parent else ""))
         finished, failed = [], {}
         if todo:
@@ -373,8 +321,8 @@ def reproduce(
                                              Path(work_dir).resolve() / parent_id, device, log)
             except DataError as exc:
                 raise ConfigError(str(exc)) from None
-        mlflow.set_tag(FAILED_RUNS, str(len(failed)))
-    summary = ReproductionSummary(parent_id, experiment_id, mlflow.get_tracking_uri(), budget, finished, skipped,
+        tracking.set_tags({FAILED_RUNS: str(len(failed))})
+    summary = ReproductionSummary(parent_id, experiment_id, uri, budget, finished, skipped,
                                   failed, time.perf_counter() - started)
     log(f"reproduction {parent_id}: {len(finished)} runs recorded, {len(skipped)} already there, {len(failed)} failed, "
         f"{summary.seconds:.0f}s; {budget.describe()}")
