@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from raven.config import DATASETS, METHODS, ConfigError, TrainConfig
+from raven.config import METHODS, ConfigError, TrainConfig
 from raven.eval.evaluate import EvalConfig
 from raven.methods import options
 from raven.options import add_field_flags, field_flag_values
@@ -38,23 +38,12 @@ def option_values(args: argparse.Namespace) -> dict[str, object]:
 def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("train", help="train one model and write its checkpoint and metrics.json")
     p.add_argument("--method", required=True, choices=METHODS)
-    p.add_argument("--dataset", default="mnist", choices=DATASETS)
+    add_field_flags(p, TrainConfig)  # the shared fields; the methods' options below
     p.add_argument("--out", type=Path, default=None,
                    help="output folder (default runs/METHOD-DATASET-sSEED); an existing checkpoint there is resumed")
-    p.add_argument("--beta", type=float, default=1.0, help="weight of the KL/prior term (default 1)")
-    p.add_argument("--latent-dim", type=int, default=10)
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--patience", type=int, default=None,
-                   help="stop when val_elbo has not improved for this many epochs (default: train all epochs)")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--no-grad-clip", action="store_true",
-                   help="do not cap the global gradient norm at 100 (the paper has no cap)")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--seeds", default=None, metavar="SEEDS",
                    help="train these seeds as one packed model (0-4 or 0,2,5) into OUT/seed-N "
                         "(default OUT runs/METHOD-DATASET); replaces --seed")
-    p.add_argument("--limit", type=int, default=None, help="train on the first N training images")
     p.add_argument("--data-dir", default=None, help="data root (default: $RAVEN_DATA_DIR, else ~/.cache/raven/data)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint in --out and start over")
@@ -65,11 +54,7 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
 def run_train(args: argparse.Namespace) -> int:
     from raven.train import resolve_device, train
 
-    config = TrainConfig(
-        method=args.method, dataset=args.dataset, beta=args.beta, latent_dim=args.latent_dim, epochs=args.epochs,
-        patience=args.patience, batch_size=args.batch_size, lr=args.lr, seed=args.seed, limit=args.limit,
-        **({"grad_clip_norm": None} if args.no_grad_clip else {}), **option_values(args),
-    )
+    config = TrainConfig(method=args.method, **field_flag_values(args, TrainConfig), **option_values(args))
     device = resolve_device(args.device)
     if args.seeds is not None:
         return _run_train_seeds(args, config, device)

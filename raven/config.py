@@ -18,7 +18,7 @@ from raven.methods import options
 from raven.methods.base import PAIR_NOISE  # noqa: F401 - re-exported
 from raven.methods.raven import PAPER_SIGMA_AUG  # noqa: F401 - re-exported
 from raven.methods.smooth_encoder import DEFAULT_ETA, PAPER_ETA, PAPER_SE_ETA_GRID  # noqa: F401 - re-exported
-from raven.options import ConfigError, at_least, non_negative, positive
+from raven.options import ConfigError, at_least, flag_field, non_negative, positive
 
 METHODS = tuple(REGISTRY)
 # Methods whose objective sees a (clean, noisy) pair per image.
@@ -40,18 +40,20 @@ class _SharedFields:
     then. None disables it.
     """
 
-    method: str = "raven"
-    dataset: str = "mnist"
-    beta: float = 1.0
-    latent_dim: int = 10
-    epochs: int = 20
-    patience: int | None = None
-    batch_size: int = 128
-    lr: float = 1e-3
-    grad_clip_norm: float | None = 100.0
-    seed: int = 0
-    limit: int | None = None
-    validation_size: int = 5000
+    method: str = "raven"  # raven train's --method is required: written by hand there
+    dataset: str = flag_field("mnist", "data set", choices=DATASETS)
+    beta: float = flag_field(1.0, "weight of the KL/prior term")
+    latent_dim: int = flag_field(10, "latent dimensions d")
+    epochs: int = flag_field(20, "epochs at most")
+    patience: int | None = flag_field(None, "stop when val_elbo has not improved for this many epochs "
+                                            "(default: train all epochs)")
+    batch_size: int = flag_field(128, "images per step")
+    lr: float = flag_field(1e-3, "RAdam's learning rate")
+    grad_clip_norm: float | None = flag_field(100.0, "cap on the global gradient norm", off=(
+        "--no-grad-clip", "do not cap the global gradient norm (the paper has no cap)"))
+    seed: int = flag_field(0, "seed of the weights, the batch order and every draw")
+    limit: int | None = flag_field(None, "train on the first N training images")
+    validation_size: int = flag_field(5000, "training images held out for validation")
 
 
 def _check(self: Any) -> None:
