@@ -100,13 +100,19 @@ def test_tooling_modules_import_at_the_top_and_stay_small():
             assert len(path.read_text().splitlines()) <= MAX_LINES, f"{path.relative_to(PACKAGE.parent)} is over ~500 lines"
 
 
-def test_the_layer_test_catches_a_core_module_importing_from_a_sweep_module(tmp_path, monkeypatch):
-    """The check above is live: a core module that imports raven.sweep.spec fails it."""
+def package_copy(tmp_path: Path) -> Path:
+    """A copy of raven/'s modules under tmp_path, for the tests that show a check fails."""
     fake = tmp_path / "raven"
-    for module, path in modules().items():
+    for path in PACKAGE.rglob("*.py"):
         target = fake / path.relative_to(PACKAGE)
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(path.read_text())
+    return fake
+
+
+def test_the_layer_test_catches_a_core_module_importing_from_a_sweep_module(tmp_path, monkeypatch):
+    """The check above is live: a core module that imports raven.sweep.spec fails it."""
+    fake = package_copy(tmp_path)
     (fake / "config.py").write_text((fake / "config.py").read_text() + "\nfrom raven.sweep.spec import SweepSpec\n")
     monkeypatch.setattr(sys.modules[__name__], "PACKAGE", fake)
     try:
@@ -149,11 +155,7 @@ def test_only_the_record_writes_mlflow():
 
 def test_the_mlflow_check_catches_an_import_in_the_cli(tmp_path, monkeypatch):
     """The check above is live: `import mlflow` added to raven/cli.py (even inside a function) fails it."""
-    fake = tmp_path / "raven"
-    for path in PACKAGE.rglob("*.py"):
-        target = fake / path.relative_to(PACKAGE)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(path.read_text())
+    fake = package_copy(tmp_path)
     (fake / "cli.py").write_text((fake / "cli.py").read_text() + "\n\ndef _log():\n    import mlflow.tracking\n")
     monkeypatch.setattr(sys.modules[__name__], "PACKAGE", fake)
     try:
