@@ -16,6 +16,7 @@ import math
 import sys
 
 from raven.config import PAPER_ETA, PAPER_SE_ETA_GRID, ConfigError
+from raven.methods.smooth_encoder import SE_EPSILON, SE_STEPS
 from raven.record.tracking import ETA_SWEEP_EXPERIMENT
 from raven.sweep import driver as sweep
 from raven.sweep.space import INITIAL_CHOICES, PaperValues, SearchSpace
@@ -43,8 +44,10 @@ def build_parser() -> sweep.SweepArgumentParser:
     g.add_argument("--initial", choices=INITIAL_CHOICES, default="paper",
                    help="evaluated before Optuna's proposals: the paper's selected eta (default), its whole grid, "
                         "or nothing")
-    g.add_argument("--se-epsilon", type=float, default=0.1, help="training L-inf radius of the partner (default 0.1)")
-    g.add_argument("--se-steps", type=int, default=5, help="PGD steps for the partner (default 5)")
+    g.add_argument("--se-epsilon", type=float, default=SE_EPSILON.default,
+                   help=f"training L-inf radius of the partner (default {SE_EPSILON.default:g})")
+    g.add_argument("--se-steps", type=int, default=SE_STEPS.default,
+                   help=f"PGD steps for the partner (default {SE_STEPS.default})")
     return parser
 
 

@@ -27,19 +27,19 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from raven.data import DataSplits
+from raven.eval.evaluate import TEST_IMAGES
 from raven.progress import duration
+from raven.step import build_model, make_optimizer, train_step, validation_metrics
 from raven.sweep.selection import validation_objective
 from raven.sweep.spec import SweepSpec
-from raven.step import build_model, make_optimizer, train_step, validation_metrics
 
-# Measured rates (README, cluster/README.md): Ray Tune's per-trial overhead (sweeps/ray_overhead.py,
+# Measured rates (reports/bench/README.md, cluster/README.md): Ray Tune's per-trial overhead (sweeps/ray_overhead.py,
 # local Ray on the 2-core development machine), sklearn's t-SNE (about 50 s for 1,000 clean + 1,000
 # noisy points on the CPU of the lent H100 machine) and FID's Inception features on the 2-core CPU
 # (10,000 images took over 35 minutes).
 RAY_TRIAL_OVERHEAD_S = 4.0
 TSNE_SECONDS_PER_POINT = 0.025
 FID_SECONDS_PER_IMAGE_CPU = 0.21
-TEST_IMAGES = 10_000
 _CALIBRATION_STEPS = 6
 
 
