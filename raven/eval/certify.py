@@ -17,8 +17,8 @@ protocol's is an upper one.
   chosen per neuron as CROWN's adaptive rule: the slope of the longer side (1 when u >= -l,
   else a). Pre-activation bounds of the second layer come from CROWN too, intersected with IBP's.
 
-Choices: the bound reported is max(CROWN, IBP), both sound, so it is never looser than IBP
-(CROWN alone can be, rarely). Bounds are computed in float64 by default: a bound that decides a
+Choices: the bound reported is the larger of CROWN's and the interval one on the same (tightened)
+pre-activation bounds, both sound, so it is never looser than IBP (CROWN alone can be, rarely). Bounds are computed in float64 by default: a bound that decides a
 verdict must not be lost to rounding (and never in bf16). Batched over images, on the model's device.
 """
 
@@ -143,57 +143,68 @@ def _margin_spec(head: MeanHead, probe: nn.Linear, y: torch.Tensor):
     return diff_w @ head.weights[2], diff_w @ head.biases[2] + diff_b
 
 
+Box = tuple[torch.Tensor, torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]
+
+
+def box_bounds(head: MeanHead, x: torch.Tensor, delta: float, method: str = "crown") -> Box:
+    """The input box around each x and the pre-activation bounds inside it, by IBP or CROWN (with IBP):
+    the expensive part, which the margins and the latent shift share."""
+    if method not in ("ibp", "crown"):
+        raise ValueError(f"unknown bound {method!r}; choose ibp or crown")
+    lo0, hi0 = input_box(x.to(head.weights[0].dtype), delta)
+    return lo0, hi0, _bounds(head, lo0, hi0, crown=method == "crown")
+
+
+def _linear_bounds(head: MeanHead, spec: torch.Tensor, const: torch.Tensor, box: Box,
+                   crown: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lower and upper bounds of spec @ h_2 + const: intervals on h_2, tightened by CROWN when asked."""
+    lo0, hi0, pre = box
+    h_lo, h_hi = _prelu_interval(*pre[1], head.slopes[1])
+    positive, negative = spec.clamp(min=0), spec.clamp(max=0)
+    low = const + (positive @ h_lo.unsqueeze(-1) + negative @ h_hi.unsqueeze(-1)).squeeze(-1)
+    high = const + (positive @ h_hi.unsqueeze(-1) + negative @ h_lo.unsqueeze(-1)).squeeze(-1)
+    if crown:
+        low = torch.maximum(low, _back_substitute(spec, const, head, 2, pre, lo0, hi0))
+        high = torch.minimum(high, -_back_substitute(-spec, -const, head, 2, pre, lo0, hi0))
+    return low, high
+
+
 def margin_lower_bounds(head: MeanHead, probe: nn.Linear, x: torch.Tensor, y: torch.Tensor, delta: float,
-                        method: str = "crown") -> torch.Tensor:
+                        method: str = "crown", box: Box | None = None) -> torch.Tensor:
     """(N, C) lower bounds of logit_y - logit_j over the box around each x (+inf at j = y).
 
-    method: "ibp" or "crown" (max of CROWN and IBP, see the module docstring).
+    method: "ibp" or "crown" (max of CROWN and IBP, see the module docstring); box: `box_bounds`
+    of the same images, delta and method, when already computed.
     """
-    lo0, hi0 = input_box(x.to(head.weights[0].dtype), delta)
+    box = box or box_bounds(head, x, delta, method)
     spec, const = _margin_spec(head, probe, y)
-    pre = _bounds(head, lo0, hi0, crown=False)
-    h_lo, h_hi = _prelu_interval(*pre[1], head.slopes[1])
-    ibp = const + (spec.clamp(min=0) @ h_lo.unsqueeze(-1) + spec.clamp(max=0) @ h_hi.unsqueeze(-1)).squeeze(-1)
-    bound = ibp
-    if method == "crown":
-        pre = _bounds(head, lo0, hi0, crown=True)
-        bound = torch.maximum(ibp, _back_substitute(spec, const, head, 2, pre, lo0, hi0))
-    elif method != "ibp":
-        raise ValueError(f"unknown bound {method!r}; choose ibp or crown")
+    bound, _ = _linear_bounds(head, spec, const, box, crown=method == "crown")
     own = torch.nn.functional.one_hot(y, bound.shape[1]).bool()
     return bound.masked_fill(own, float("inf"))
 
 
-def latent_shift_bound(head: MeanHead, x: torch.Tensor, delta: float, method: str = "crown") -> torch.Tensor:
+def latent_shift_bound(head: MeanHead, x: torch.Tensor, delta: float, method: str = "crown",
+                       box: Box | None = None) -> torch.Tensor:
     """Per image, an upper bound of ||mu(x') - mu(x)||^2 over the box around x (the certified
     counterpart of Table 1's distance)."""
-    dtype = head.weights[0].dtype
-    x = x.to(dtype)
-    lo0, hi0 = input_box(x, delta)
+    box = box or box_bounds(head, x, delta, method)
     mu = head.forward(x)
     n, d = mu.shape
     spec = head.weights[2].expand(n, d, -1)
-    const = head.biases[2].expand(n, -1) - mu
-    pre = _bounds(head, lo0, hi0, crown=method == "crown")
-    h_lo, h_hi = _prelu_interval(*pre[1], head.slopes[1])
-    low = const + (spec.clamp(min=0) @ h_lo.unsqueeze(-1) + spec.clamp(max=0) @ h_hi.unsqueeze(-1)).squeeze(-1)
-    high = const + (spec.clamp(min=0) @ h_hi.unsqueeze(-1) + spec.clamp(max=0) @ h_lo.unsqueeze(-1)).squeeze(-1)
-    if method == "crown":
-        low = torch.maximum(low, _back_substitute(spec, const, head, 2, pre, lo0, hi0))
-        high = torch.minimum(high, -_back_substitute(-spec, -const, head, 2, pre, lo0, hi0))
+    low, high = _linear_bounds(head, spec, head.biases[2].expand(n, -1) - mu, box, crown=method == "crown")
     return torch.maximum(low.pow(2), high.pow(2)).sum(-1)
 
 
 def certify(classifier: ProbeOnMean, x: torch.Tensor, y: torch.Tensor, delta: float, *, method: str = "crown",
             batch_size: int = 250, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
     """(certified per image, bound on ||mu(x') - mu(x)||^2 per image) at delta, in chunks of batch_size."""
-    head = MeanHead.of(classifier.encoder, dtype)
-    head = MeanHead(*(tuple(t.to(x.device) for t in part) for part in (head.weights, head.biases, head.slopes)))
+    head = MeanHead.of(classifier.encoder, dtype)  # on the encoder's device, where x is
     certified, shift = [], []
     with torch.no_grad():
         for start in range(0, len(x), batch_size):
             rows = slice(start, start + batch_size)
-            bound = margin_lower_bounds(head, classifier.probe, x[rows], y[rows], delta, method)
+            box = box_bounds(head, x[rows], delta, method)
+            bound = margin_lower_bounds(head, classifier.probe, x[rows], y[rows], delta, method, box)
             certified.append(bound.min(dim=1).values > _EPS)
-            shift.append(latent_shift_bound(head, x[rows], delta, method))
+            shift.append(latent_shift_bound(head, x[rows], delta, method, box))
     return torch.cat(certified), torch.cat(shift)
