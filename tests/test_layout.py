@@ -17,6 +17,8 @@ import ast
 import sys
 from pathlib import Path
 
+import pytest
+
 PACKAGE = Path(__file__).resolve().parents[1] / "raven"
 LAYERS = ("core", "eval", "record", "sweep", "reproduce")
 ENTRY_POINTS = {"raven.cli", "raven.bench"}
@@ -100,27 +102,25 @@ def test_tooling_modules_import_at_the_top_and_stay_small():
             assert len(path.read_text().splitlines()) <= MAX_LINES, f"{path.relative_to(PACKAGE.parent)} is over ~500 lines"
 
 
-def package_copy(tmp_path: Path) -> Path:
-    """A copy of raven/'s modules under tmp_path, for the tests that show a check fails."""
+def check_fails_on(tmp_path: Path, monkeypatch, module: str, added: str, check, expected: str) -> None:
+    """Run `check` on a copy of raven/ whose `module` (a path under raven/) has `added` appended, and
+    assert it fails with `expected` in its message: the check is live."""
     fake = tmp_path / "raven"
     for path in PACKAGE.rglob("*.py"):
         target = fake / path.relative_to(PACKAGE)
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(path.read_text())
-    return fake
+    (fake / module).write_text((fake / module).read_text() + added)
+    monkeypatch.setattr(sys.modules[__name__], "PACKAGE", fake)
+    with pytest.raises(AssertionError) as caught:
+        check()
+    assert expected in str(caught.value)
 
 
 def test_the_layer_test_catches_a_core_module_importing_from_a_sweep_module(tmp_path, monkeypatch):
     """The check above is live: a core module that imports raven.sweep.spec fails it."""
-    fake = package_copy(tmp_path)
-    (fake / "config.py").write_text((fake / "config.py").read_text() + "\nfrom raven.sweep.spec import SweepSpec\n")
-    monkeypatch.setattr(sys.modules[__name__], "PACKAGE", fake)
-    try:
-        test_imports_flow_one_way_down_the_layers()
-    except AssertionError as error:
-        assert "raven.config (core layer) imports raven.sweep.spec" in str(error)
-    else:
-        raise AssertionError("a core module importing from raven/sweep/ passed the layer test")
+    check_fails_on(tmp_path, monkeypatch, "config.py", "\nfrom raven.sweep.spec import SweepSpec\n",
+                   test_imports_flow_one_way_down_the_layers, "raven.config (core layer) imports raven.sweep.spec")
 
 
 # Modules outside raven/record/ that may import mlflow: they only read the record back.
@@ -155,12 +155,5 @@ def test_only_the_record_writes_mlflow():
 
 def test_the_mlflow_check_catches_an_import_in_the_cli(tmp_path, monkeypatch):
     """The check above is live: `import mlflow` added to raven/cli.py (even inside a function) fails it."""
-    fake = package_copy(tmp_path)
-    (fake / "cli.py").write_text((fake / "cli.py").read_text() + "\n\ndef _log():\n    import mlflow.tracking\n")
-    monkeypatch.setattr(sys.modules[__name__], "PACKAGE", fake)
-    try:
-        test_only_the_record_writes_mlflow()
-    except AssertionError as error:
-        assert "['raven.cli'] import mlflow" in str(error)
-    else:
-        raise AssertionError("raven/cli.py importing mlflow passed the MLflow check")
+    check_fails_on(tmp_path, monkeypatch, "cli.py", "\n\ndef _log():\n    import mlflow.tracking\n",
+                   test_only_the_record_writes_mlflow, "['raven.cli'] import mlflow")
