@@ -501,11 +501,15 @@ def test_lost_worker_node_trial_restarts_from_checkpoint_on_another_node(cluster
     workers = {n.node_id for n in cluster.workers if n.alive()}
 
     def running_on_a_worker():
-        # A trial with a checkpoint of epoch >= 1 stored and epochs still to go, on a worker node.
+        # A trial with a checkpoint of epoch >= 1 stored and epochs still to go, on a worker node, whose
+        # report the driver has processed: a checkpoint folder seen in storage before that may still be
+        # half copied when the node dies (CI once killed it there, and the trial rightly began again).
         for trial_dir in experiment_dir.glob("trial_*"):
             history = checkpoint_reports(trial_dir)
-            if history and len(history) < epochs - 1 and history[-1].get("node_id") in workers:
-                return trial_dir.name.removeprefix("trial_"), history[-1]["node_id"], len(history)
+            trial_id = trial_dir.name.removeprefix("trial_")
+            if (history and len(history) < epochs - 1 and history[-1].get("node_id") in workers
+                    and len(history) in epoch_lines(driver.output, trial_id)):
+                return trial_id, history[-1]["node_id"], len(history)
         return driver.proc.poll() is not None
 
     try:
