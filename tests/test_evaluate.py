@@ -24,8 +24,9 @@ from raven.eval.metrics import (
     sampled_latent_pair_distance,
 )
 from raven.eval.plots import accuracy_curve_data, plot_accuracy_curves
+from raven.eval.attacks import attack
 from raven.eval.probe import encode_mean, train_linear_probe
-from raven.eval.protocols import StrongConfig
+from raven.eval.protocols import StrongConfig, stream, strong_protocol
 from raven.objectives import aug_variance, mixture_component_log_prob
 from raven.train import train
 
@@ -74,6 +75,7 @@ def test_delta_keys_are_the_decimals_as_written():
         ({"step_size": -0.1}, "step_size must be"),
         ({"restarts": 3, "random_start": False}, "restarts > 1 needs random_start"),
         ({"limit": 0}, "limit must be"),
+        ({"strong_limit": 0}, "strong_limit must be an integer >= 1, got 0"),
         ({"protocol": "fast"}, "protocol must be one of paper, strong, both, got 'fast'"),
         ({"strong": {"restarts": 0}}, "strong.restarts must be an integer >= 1"),
     ],
@@ -110,6 +112,49 @@ def test_clean_accuracy_is_the_probe_accuracy_on_clean_means(vae, mnist_small):
     expected = (probe(encode_mean(vae, mnist_small.test_x[:200])).argmax(1) == mnist_small.test_y[:200]).double().mean()
     assert result["clean_accuracy"] == pytest.approx(float(expected))
     assert info["train_images"] == 2000 and info["train_accuracy"] > 0.3
+
+
+def test_robust_reading_counts_images_right_clean_and_after_the_attack(vae, mnist_small):
+    """adversarial_robust_accuracy is an independent count: the attack's per-image correctness AND the probe's
+    clean rightness, never above the paper's reading or the clean accuracy."""
+    config = EvalConfig(attacks=("kl", "ce"), deltas=(0.0, 0.05, 0.1), steps=10, limit=200, probe_limit=2000)
+    result = probe_and_attack(vae, mnist_small.train_x, mnist_small.train_y, mnist_small.test_x, mnist_small.test_y,
+                              config)
+    x, y = mnist_small.test_x[:200], mnist_small.test_y[:200]
+    probe, _ = train_linear_probe(encode_mean(vae, mnist_small.train_x[:2000]), mnist_small.train_y[:2000])
+    clean = probe(encode_mean(vae, x)).argmax(1) == y
+    turned_right = 0
+    for kind in ("kl", "ce"):
+        robust, paper = result["adversarial_robust_accuracy"][kind], result["adversarial_accuracy"][kind]
+        assert list(robust) == list(paper) == ["0", "0.05", "0.1"]
+        assert robust["0"] == paper["0"] == result["clean_accuracy"]
+        for delta in config.deltas:
+            key = delta_key(delta)
+            out = attack(vae, x, delta, kind, steps=10, step_size=delta / 25, generator=stream(x.device, 0, kind, key),
+                         probe=probe, y=y)
+            assert paper[key] == float(out.correct.double().mean())
+            assert robust[key] == float((out.correct & clean).double().mean())
+            assert robust[key] <= min(paper[key], result["clean_accuracy"])
+            turned_right += int((out.correct & ~clean).sum())
+    assert turned_right > 0  # the readings differ on this model: some wrong clean predictions are turned right
+
+
+def test_strong_protocol_runs_on_the_first_strong_limit_images(vae, mnist_small, tmp_path):
+    small = StrongConfig(attacks=("ce",), steps=10, restarts=1, autoattack=False, check_images=30, convergence=False)
+    config = EvalConfig(protocol="both", strong=small, attacks=("kl",), deltas=(0.0, 0.1), steps=5, limit=80,
+                        strong_limit=30, probe_limit=2000, fid=False, tsne=False)
+    result = evaluate_model(vae, mnist_small, config, out_dir=tmp_path)
+    assert result.settings["test_images"] == 80 and result.settings["strong_images"] == 30
+    probe, _ = train_linear_probe(encode_mean(vae, mnist_small.train_x[:2000]), mnist_small.train_y[:2000])
+    alone = strong_protocol(vae, probe, mnist_small.test_x[:30], mnist_small.test_y[:30], config.deltas, small,
+                            seed=0, batch_size=1000)
+    assert result.robust_accuracy == alone["robust_accuracy"]
+    x, y = mnist_small.test_x[:80], mnist_small.test_y[:80]
+    assert result.clean_accuracy == float((probe(encode_mean(vae, x)).argmax(1) == y).double().mean())
+    with open(tmp_path / "robustness.csv") as f:
+        images = {(r["protocol"], r["attack"], r["delta"]): int(r["images"]) for r in csv.DictReader(f)}
+    assert images[("strong", "all", "0.1")] == 30 and images[("paper", "kl", "0.1")] == 80
+    assert json.loads((tmp_path / "robustness.json").read_text())["settings"]["strong_images"] == 30
 
 
 def test_cluster_accuracy_on_hand_made_assignments():
@@ -167,12 +212,14 @@ def test_curves_and_metrics_carry_both_protocols(vae, mnist_small):
     assert result.adversarial_accuracy == paper.adversarial_accuracy  # the strong run leaves the paper's untouched
     assert paper.robust_accuracy is None and "robust_acc" not in paper.curves()
     curves = result.curves()
-    assert set(curves) == {"adv_acc_kl", "adv_acc_w2", "robust_acc"}
+    assert set(curves) == {"adv_acc_kl", "adv_acc_w2", "adv_robust_acc_kl", "adv_robust_acc_w2", "robust_acc"}
+    assert curves["adv_robust_acc_w2"] == result.adversarial_robust_accuracy["w2"]
+    assert result.metrics()["adv_robust_acc_kl_delta_0.1"] == result.adversarial_robust_accuracy["kl"]["0.1"]
     assert curves["robust_acc"] == result.robust_accuracy and list(curves["adv_acc_kl"]) == ["0", "0.1"]
     assert result.metrics()["robust_acc_delta_0.1"] == result.robust_accuracy["0.1"]
     strong_only = evaluate_model(vae, mnist_small, both.replace(protocol="strong"))
     assert strong_only.adversarial_accuracy == {} and strong_only.robust_accuracy == result.robust_accuracy
-    assert not any(name.startswith("adv_acc") for name in strong_only.metrics())
+    assert not any(name.startswith(("adv_acc", "adv_robust_acc")) for name in strong_only.metrics())
 
 
 def test_evaluate_model_without_out_dir_and_with_fid(gmm, mnist_small, tmp_path, monkeypatch):
@@ -247,12 +294,20 @@ def test_evaluate_command_writes_complete_outputs(cli_run, capsys):
         assert robust <= min(by_delta[key] for by_delta in report["robust_accuracy_by_attack"].values())
         assert robust <= min(by_delta[key] for by_delta in report["adversarial_accuracy"].values())
     assert report["robust_accuracy"]["0.2"] < report["adversarial_accuracy"]["kl"]["0.2"]
+    assert set(report["adversarial_robust_accuracy"]) == {"kl", "w2"}
+    for kind, by_delta in report["adversarial_robust_accuracy"].items():
+        assert by_delta["0"] == report["clean_accuracy"]
+        for key, robust in by_delta.items():
+            assert robust <= min(report["clean_accuracy"], report["adversarial_accuracy"][kind][key])
     assert report["checks"]["ok"] and set(report["checks"]) == {"monotone", "flat_grey", "noise", "convergence", "ok"}
     assert settings["strong"]["steps"] == StrongConfig().steps and settings["strong"]["square_queries"] == 5000
     with open(run_dir / "robustness.csv") as f:
         rows = list(csv.DictReader(f))
     paper = [r for r in rows if r["protocol"] == "paper"]
-    assert len(paper) == 2 * 4 and len(rows) == len(paper) + (1 + len(STRONG_ATTACKS)) * 4
+    robust = {(r["attack"], r["delta"]): float(r["accuracy"]) for r in rows if r["protocol"] == "paper-robust"}
+    assert len(paper) == 2 * 4 and len(rows) == 2 * len(paper) + (1 + len(STRONG_ATTACKS)) * 4
+    assert robust == {(a, d): report["adversarial_robust_accuracy"][a][d] for a in ("kl", "w2") for d in
+                      CLI_DELTAS.split(",")}
     assert {(r["attack"], r["delta"]) for r in paper} == {(a, d) for a in ("kl", "w2") for d in CLI_DELTAS.split(",")}
     assert float(next(r for r in rows if r["attack"] == "all" and r["delta"] == "0.1")["accuracy"]) == \
         report["robust_accuracy"]["0.1"]
@@ -273,6 +328,7 @@ def test_evaluate_command_logs_to_mlflow(cli_run):
     assert metrics["adv_acc_kl_delta_0.1"] == pytest.approx(report["adversarial_accuracy"]["kl"]["0.1"])
     assert metrics["clean_accuracy"] == pytest.approx(report["clean_accuracy"])
     assert metrics["robust_acc_delta_0.1"] == pytest.approx(report["robust_accuracy"]["0.1"])
+    assert metrics["adv_robust_acc_w2_delta_0.1"] == pytest.approx(report["adversarial_robust_accuracy"]["w2"]["0.1"])
     assert {"mse_255", "latent_pair_distance_mean", "latent_pair_distance_std"} <= set(metrics)
     history = client.get_metric_history(run.info.run_id, "adv_acc_w2")
     assert sorted(m.step for m in history) == [0, 50, 100, 200]
@@ -324,9 +380,9 @@ def test_evaluate_flags_are_the_eval_config_fields():
     assert config() == EvalConfig(protocol="both")
     assert config("--attacks", "kl,ce", "--deltas", "0,0.1", "--steps", "3", "--step-size", "0.01", "--restarts", "2",
                   "--limit", "10", "--probe-limit", "20", "--no-fid", "--no-tsne", "--seed", "4", "--batch-size", "8",
-                  "--fid-images", "5", "--protocol", "paper") == EvalConfig(
+                  "--fid-images", "5", "--protocol", "paper", "--strong-limit", "7") == EvalConfig(
         attacks=("kl", "ce"), deltas=(0.0, 0.1), steps=3, step_size=0.01, restarts=2, limit=10, probe_limit=20,
-        fid=False, tsne=False, seed=4, batch_size=8, fid_images=5, protocol="paper")
+        fid=False, tsne=False, seed=4, batch_size=8, fid_images=5, protocol="paper", strong_limit=7)
 
 
 def test_evaluate_help_shows_each_fields_default(capsys):

@@ -54,6 +54,7 @@ def test_each_member_of_a_pack_gets_its_solo_probe_and_attack(pack):
         assert result["clean_accuracy"] == solo["clean_accuracy"]
         assert result["probe"] == solo["probe"]
         assert result["adversarial_accuracy"] == solo["adversarial_accuracy"]
+        assert result["adversarial_robust_accuracy"] == solo["adversarial_robust_accuracy"]
         for kind in ATTACKS:
             assert result["attack_dissimilarity"][kind] == pytest.approx(solo["attack_dissimilarity"][kind],
                                                                          rel=1e-5), kind

@@ -3,7 +3,8 @@
 `pack_probe_and_attack` computes, for each member, what raven.eval.evaluate.probe_and_attack
 computes under the paper's protocol: the linear probe fitted on the member's own encodings
 of the training images, its clean accuracy, and per attack and delta the adversarial
-accuracy and the mean Delta at the kept iterates. The members' encoders (and probes) are
+accuracy (in both readings: the paper's, and counting only images also right when clean)
+and the mean Delta at the kept iterates. The members' encoders (and probes) are
 stacked into one module (raven.pack.stack_modules: batched matrix products over (K, out, in)
 weights), and one PGD (raven.pgd.pgd_linf with row_dims=2) ascends every member's own
 objective on a (K, batch, 784) input: one pass, one launch per layer and step, for the K
@@ -161,7 +162,8 @@ def pack_probe_and_attack(models: Sequence[nn.Module], train_x: torch.Tensor, tr
     models[k] (RavenModels with encoders of one architecture, on one device) is evaluated
     under configs[k]; config.probe_limit / config.limit cut train_x / eval_x. Returns, per
     member, probe_and_attack's dict ("clean_accuracy", "adversarial_accuracy",
-    "attack_dissimilarity", "strong": None, "probe", "images", "attack_seconds": the pack's
+    "adversarial_robust_accuracy", "attack_dissimilarity", "strong": None, "probe", "images",
+    "strong_images", "attack_seconds": the pack's
     shared attack time) plus "probe_layer", the fitted nn.Linear, for the rest of its
     evaluation (raven.eval.evaluate.evaluate_model's `stage`).
     """
@@ -187,14 +189,16 @@ def pack_probe_and_attack(models: Sequence[nn.Module], train_x: torch.Tensor, tr
     with torch.no_grad():
         right = probe(encode_mean_pack(encoder, eval_x, size)).argmax(dim=-1) == eval_y
     results: list[dict[str, Any]] = [
-        {"clean_accuracy": float(right[k].double().mean()), "adversarial_accuracy": {}, "attack_dissimilarity": {},
-         "strong": None, "probe": info, "images": int(len(eval_x)), "probe_layer": layer}
+        {"clean_accuracy": float(right[k].double().mean()), "adversarial_accuracy": {},
+         "adversarial_robust_accuracy": {}, "attack_dissimilarity": {}, "strong": None, "probe": info,
+         "images": int(len(eval_x)), "strong_images": configs[k].strong_images(len(eval_x)), "probe_layer": layer}
         for k, (layer, info) in enumerate(fitted)]
 
     started = time.perf_counter()
     for kind in config.attacks:
         for result in results:
             result["adversarial_accuracy"][kind], result["attack_dissimilarity"][kind] = {}, {}
+            result["adversarial_robust_accuracy"][kind] = {}
         for delta in config.deltas:
             key = delta_key(delta)
             correct, value = attack_pack(
@@ -204,6 +208,8 @@ def pack_probe_and_attack(models: Sequence[nn.Module], train_x: torch.Tensor, tr
             for k, result in enumerate(results):
                 # Row k alone, contiguous: the same reduction as the solo (N,) tensor's.
                 result["adversarial_accuracy"][kind][key] = float(correct[k].double().mean())
+                # Right after the attack and on the clean image: AutoAttack's and RobustBench's reading.
+                result["adversarial_robust_accuracy"][kind][key] = float((correct[k] & right[k]).double().mean())
                 result["attack_dissimilarity"][kind][key] = float(value[k].double().mean())
             if log:
                 log(f"  paper {kind} delta={key} (pack of {size}): accuracy "

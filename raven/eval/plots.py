@@ -2,9 +2,12 @@
 
 * `plot_accuracy_curves`: adversarial accuracy against the attack budget delta, one panel
   per attack of the paper's protocol and, beside them, one for the strong protocol's
-  worst case (robust accuracy), one line per label (Figure 2). Runs sharing a label (seeds
-  of one setting) are drawn as their mean with a +-1 standard deviation band (sample std
-  over runs).
+  worst case (robust accuracy), one line per label (Figure 2). In a paper attack's panel the
+  solid line counts an image only if the probe is right on the clean image and after the
+  attack (adversarial_robust_accuracy), the dashed line is the paper's reading, right after
+  the attack (adversarial_accuracy); results written before the first existed show the
+  paper's reading alone, solid, and say so in the legend. Runs sharing a label (seeds of one
+  setting) are drawn as their mean with a +-1 standard deviation band (sample std over runs).
 * `plot_reconstructions`: test images above their mean reconstructions sigmoid(Dec(mu_x)).
 * `plot_tsne`: a 2-d t-SNE of clean and noisy test encodings coloured by class, clean as
   dots and noisy as crosses (Figure 1).
@@ -22,19 +25,26 @@ import matplotlib
 matplotlib.use("Agg")  # before pyplot: headless, and safe in worker processes
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
 
 ATTACK_TITLES = {"kl": "KL attack", "w2": "Wasserstein-2 attack", "ce": "end-to-end cross-entropy attack",
                  "rkl": "reverse-KL attack", "mean": "posterior-mean attack"}
 DATASET_LABELS = {"mnist": "MNIST", "fashion-mnist": "F-MNIST"}
 STRONG = "strong"  # the panel of the strong protocol's robust accuracy
 STRONG_TITLE = "strong protocol: worst case over all attacks"
+PAPER_READING = "paper"  # adversarial_accuracy: the probe is right after the attack
+ROBUST_READING = "robust"  # adversarial_robust_accuracy: right on the clean image and after the attack
+READING_KEYS = {PAPER_READING: "adversarial_accuracy", ROBUST_READING: "adversarial_robust_accuracy"}
+READING_LABELS = {ROBUST_READING: "solid: right clean and after the attack",
+                  PAPER_READING: "dashed: right after the attack (paper's reading)"}
 
 
-def curve(run: dict[str, Any], attack: str) -> dict[str, float]:
-    """One accuracy-vs-delta curve of a robustness.json dict: a paper attack's, or STRONG's robust accuracy."""
+def curve(run: dict[str, Any], attack: str, reading: str = PAPER_READING) -> dict[str, float]:
+    """One accuracy-vs-delta curve of a robustness.json dict: a paper attack's in `reading`, or STRONG's robust
+    accuracy. A result written before the robust reading existed has none ({})."""
     if attack == STRONG:
         return run.get("robust_accuracy") or {}
-    return (run.get("adversarial_accuracy") or {}).get(attack, {})
+    return (run.get(READING_KEYS[reading]) or {}).get(attack, {})
 
 
 def _save(fig: plt.Figure, path: str | os.PathLike) -> Path:
@@ -47,18 +57,20 @@ def _save(fig: plt.Figure, path: str | os.PathLike) -> Path:
     return path
 
 
-def accuracy_curve_data(runs: Sequence[dict[str, Any]], attack: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(deltas, mean, std) over `runs` (robustness.json dicts) for one attack (or STRONG), on the deltas all share.
+def accuracy_curve_data(runs: Sequence[dict[str, Any]], attack: str,
+                        reading: str = PAPER_READING) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(deltas, mean, std) over `runs` (robustness.json dicts) for one attack (or STRONG) in `reading`, on the
+    deltas all share.
 
     std is the sample standard deviation over runs (0 for a single run).
     """
     keys = None
     for run in runs:
-        run_keys = set(curve(run, attack))
+        run_keys = set(curve(run, attack, reading))
         keys = run_keys if keys is None else keys & run_keys
     keys = sorted(keys or (), key=float)
     deltas = np.array([float(k) for k in keys])
-    values = np.array([[curve(run, attack)[k] for k in keys] for run in runs], dtype=float)
+    values = np.array([[curve(run, attack, reading)[k] for k in keys] for run in runs], dtype=float)
     if len(keys) == 0:
         return deltas, np.zeros(0), np.zeros(0)
     mean = values.mean(axis=0)
@@ -71,7 +83,8 @@ def plot_accuracy_curves(entries: Iterable[tuple[str, dict[str, Any]]], path: st
     """Figure 2: accuracy vs delta per attack for labelled robustness results; returns the file written.
 
     `entries` are (label, robustness.json dict) pairs; several entries with one label are
-    averaged (mean line, +-std band). `attacks` (default: every paper attack present) that
+    averaged (mean line, +-std band). A paper attack's line is its robust reading, with the
+    paper's reading dashed beside it (the paper's alone, solid, for results without the robust one). `attacks` (default: every paper attack present) that
     no run measured are left out; the STRONG panel is added when any run has the strong
     protocol's robust accuracy.
     """
@@ -90,12 +103,21 @@ def plot_accuracy_curves(entries: Iterable[tuple[str, dict[str, Any]]], path: st
     fig, axes = plt.subplots(1, len(attacks), figsize=(4.6 * len(attacks), 3.8), squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, attack in zip(axes[0], attacks):
+        both_readings = False
         for i, (label, runs) in enumerate(groups.items()):
-            deltas, mean, std = accuracy_curve_data(runs, attack)
-            if len(deltas) == 0:
-                continue
             color = colors[i % len(colors)]
             suffix = f" (n={len(runs)})" if len(runs) > 1 else ""
+            deltas, mean, std = accuracy_curve_data(runs, attack, ROBUST_READING)
+            if attack != STRONG and len(deltas):
+                # Beside the robust reading, the paper's, dashed.
+                both_readings = True
+                paper_deltas, paper_mean, _ = accuracy_curve_data(runs, attack, PAPER_READING)
+                ax.plot(paper_deltas, 100 * paper_mean, linestyle="--", linewidth=1, color=color)
+            elif attack != STRONG:
+                deltas, mean, std = accuracy_curve_data(runs, attack, PAPER_READING)
+                suffix += ", paper's reading"
+            if len(deltas) == 0:
+                continue
             ax.plot(deltas, 100 * mean, marker="o", markersize=3, color=color, label=label + suffix)
             if len(runs) > 1:
                 ax.fill_between(deltas, 100 * (mean - std), 100 * (mean + std), color=color, alpha=0.2, linewidth=0)
@@ -104,7 +126,11 @@ def plot_accuracy_curves(entries: Iterable[tuple[str, dict[str, Any]]], path: st
         ax.set_ylabel("linear-probe accuracy (%)")
         ax.set_ylim(0, 100)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        handles, _ = ax.get_legend_handles_labels()
+        if both_readings:
+            handles += [Line2D([], [], color="gray", linestyle=style, label=READING_LABELS[reading])
+                        for reading, style in ((ROBUST_READING, "-"), (PAPER_READING, "--"))]
+        ax.legend(handles=handles, fontsize=7)
     if title:
         fig.suptitle(title)
     fig.tight_layout()

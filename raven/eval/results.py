@@ -1,7 +1,8 @@
 """The outputs of one evaluation: EvalResult (robustness.json, robustness.csv, flat metrics, curves) and its summary.
 
 robustness.json holds the paper's protocol (`adversarial_accuracy`, per attack and
-delta) and the strong one (`robust_accuracy`, `robust_accuracy_by_attack`, `checks`),
+delta, in the paper's reading, and `adversarial_robust_accuracy`, which counts an image
+only if the probe is also right on the clean image) and the strong one (`robust_accuracy`, `robust_accuracy_by_attack`, `checks`),
 side by side; delta keys are raven.eval.protocols.delta_key's decimals.
 """
 
@@ -26,7 +27,10 @@ CSV_FIELDS = ["protocol", "attack", "delta", "accuracy", "mean_dissimilarity", "
 class EvalResult:
     """Everything one evaluation measured; `to_json()` is the robustness.json format.
 
-    adversarial_accuracy: the paper's protocol ({} when not run). robust_accuracy,
+    adversarial_accuracy: the paper's protocol ({} when not run), in the paper's reading (right
+    after the attack); adversarial_robust_accuracy: the same attacks, an image counting only
+    if the probe is right on the clean image too (AutoAttack's and RobustBench's reading;
+    {} when not run). robust_accuracy,
     robust_accuracy_by_attack, autoattack_survivors, checks: the strong protocol (None
     when not run).
     """
@@ -48,6 +52,7 @@ class EvalResult:
     timings: dict[str, float] = field(default_factory=dict)
     artifacts: list[Path] = field(default_factory=list)
     latent_pair_distance_sampled: dict[str, float] = field(default_factory=dict)
+    adversarial_robust_accuracy: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -55,6 +60,7 @@ class EvalResult:
             "protocol": self.settings.get("protocol"),
             "clean_accuracy": self.clean_accuracy,
             "adversarial_accuracy": self.adversarial_accuracy,
+            "adversarial_robust_accuracy": self.adversarial_robust_accuracy,
             "attack_dissimilarity": self.attack_dissimilarity,
             "robust_accuracy": self.robust_accuracy,
             "robust_accuracy_by_attack": self.robust_accuracy_by_attack,
@@ -71,23 +77,32 @@ class EvalResult:
         }
 
     def csv_rows(self) -> list[dict[str, Any]]:
-        """One row per (protocol, attack, delta); the strong protocol's worst case is attack "all"."""
+        """One row per (protocol, attack, delta); the strong protocol's worst case is attack "all".
+
+        protocol "paper" is the paper's reading, "paper-robust" the same attacks counting only the
+        images the probe also gets right clean.
+        """
         images = self.settings.get("test_images")
+        strong_images = self.settings.get("strong_images") or images
         rows = []
-        for kind, by_delta in self.adversarial_accuracy.items():
-            for key, acc in by_delta.items():
-                rows.append({"protocol": "paper", "attack": kind, "delta": key, "accuracy": acc,
-                             "mean_dissimilarity": self.attack_dissimilarity.get(kind, {}).get(key), "images": images})
+        readings = (("paper", self.adversarial_accuracy), ("paper-robust", self.adversarial_robust_accuracy))
+        for protocol, paper_curves in readings:
+            for kind, by_delta in paper_curves.items():
+                for key, acc in by_delta.items():
+                    rows.append({"protocol": protocol, "attack": kind, "delta": key, "accuracy": acc,
+                                 "mean_dissimilarity": self.attack_dissimilarity.get(kind, {}).get(key),
+                                 "images": images})
         if self.robust_accuracy is not None:
             curves = {"all": self.robust_accuracy, **(self.robust_accuracy_by_attack or {})}
             for kind, by_delta in curves.items():
                 for key, acc in by_delta.items():
                     rows.append({"protocol": "strong", "attack": kind, "delta": key, "accuracy": acc,
-                                 "mean_dissimilarity": None, "images": images})
+                                 "mean_dissimilarity": None, "images": strong_images})
         return rows
 
     def metrics(self) -> dict[str, float]:
-        """Flat metrics for MLflow: adv_acc_{attack}_delta_{key}, robust_acc_delta_{key}, clean_accuracy, ..."""
+        """Flat metrics for MLflow: adv_acc_{attack}_delta_{key}, adv_robust_acc_{attack}_delta_{key},
+        robust_acc_delta_{key}, clean_accuracy, ..."""
         out = {"clean_accuracy": self.clean_accuracy, "mse_255": self.mse,
                "latent_pair_distance_mean": self.latent_pair_distance["mean"],
                "latent_pair_distance_std": self.latent_pair_distance["std"]}
@@ -97,6 +112,9 @@ class EvalResult:
         for kind, by_delta in self.adversarial_accuracy.items():
             for key, acc in by_delta.items():
                 out[f"adv_acc_{kind}_delta_{key}"] = acc
+        for kind, by_delta in self.adversarial_robust_accuracy.items():
+            for key, acc in by_delta.items():
+                out[f"adv_robust_acc_{kind}_delta_{key}"] = acc
         for key, acc in (self.robust_accuracy or {}).items():
             out[f"robust_acc_delta_{key}"] = acc
         if self.fid is not None:
@@ -106,11 +124,14 @@ class EvalResult:
         return out
 
     def curves(self) -> dict[str, dict[str, float]]:
-        """Accuracy-vs-delta curves {metric name: {delta_key: value}}: adv_acc_{attack} (paper), robust_acc (strong).
+        """Accuracy-vs-delta curves {metric name: {delta_key: value}}: adv_acc_{attack} and adv_robust_acc_{attack}
+        (paper, both readings), robust_acc (strong).
 
         MLflow logs each at step round(1000 delta), so its chart is accuracy against delta.
         """
         out = {f"adv_acc_{kind}": dict(by_delta) for kind, by_delta in self.adversarial_accuracy.items()}
+        out.update({f"adv_robust_acc_{kind}": dict(by_delta)
+                    for kind, by_delta in self.adversarial_robust_accuracy.items()})
         if self.robust_accuracy is not None:
             out["robust_acc"] = dict(self.robust_accuracy)
         return out
@@ -137,7 +158,8 @@ class EvalResult:
 
 
 def format_summary(results: list[EvalResult]) -> str:
-    """A plain-text table: one block per model, rows = attacks (paper, then strong), columns = deltas; then checks."""
+    """A plain-text table: one block per model, rows = attacks (paper, each in both readings, then strong), columns
+    = deltas; then checks."""
     lines = []
     for result in results:
         extra = f", cluster acc {result.cluster_accuracy:.4f}" if result.cluster_accuracy is not None else ""
@@ -148,7 +170,11 @@ def format_summary(results: list[EvalResult]) -> str:
                      f"+- {result.latent_pair_distance['std']:.4g}, sampled z "
                      f"{result.latent_pair_distance_sampled.get('mean', math.nan):.4g} "
                      f"+- {result.latent_pair_distance_sampled.get('std', math.nan):.4g}{extra})")
-        rows = [(f"paper {kind}", by_delta) for kind, by_delta in result.adversarial_accuracy.items()]
+        rows = []
+        for kind, by_delta in result.adversarial_accuracy.items():
+            rows.append((f"paper {kind}", by_delta))
+            if kind in result.adversarial_robust_accuracy:  # right clean too: AutoAttack's reading
+                rows.append((f"paper {kind} robust", result.adversarial_robust_accuracy[kind]))
         if result.robust_accuracy is not None:
             rows.append(("STRONG (all)", result.robust_accuracy))
             rows += [(f"strong {kind}", curve) for kind, curve in (result.robust_accuracy_by_attack or {}).items()]

@@ -1,12 +1,18 @@
 """The reproduction report's figures: Figure 2 (accuracy against delta, both protocols) and Figure 1
 (t-SNE of clean and noisy encodings), drawn from the runs `raven.reproduce.report` reads from MLflow,
 and the artifacts and models they need.
+
+Figure 2 reads the paper's attacks in two ways: the paper's (the probe is right after the attack,
+metrics adv_acc_{attack}_delta_{delta}) and the robust one of AutoAttack and RobustBench (right on
+the clean image too, adv_robust_acc_{attack}_delta_{delta}). It draws the robust reading solid and
+the paper's dashed; runs logged before the robust reading existed show the paper's alone, solid.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import re
 import tempfile
 import textwrap
 from pathlib import Path
@@ -20,12 +26,13 @@ import pandas as pd
 import torch
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 
 from raven.config import DATASETS, METHODS
 from raven.methods import METHODS as REGISTRY
 from raven.data import default_data_dir, load_raw, noisy_copy, to_tensor
 from raven.eval.evaluate import encode_mean, tsne_embedding
-from raven.eval.plots import DATASET_LABELS
+from raven.eval.plots import DATASET_LABELS, PAPER_READING, READING_LABELS, ROBUST_READING
 from raven.reproduce.grid import CHECKPOINT_ARTIFACTS
 from raven.train import CHECKPOINT_NAME, load_checkpoint
 
@@ -37,6 +44,8 @@ ATTACK_LABELS = {"kl": "KL attack", "w2": "Wasserstein attack", "ce": "cross-ent
                  "rkl": "reverse-KL attack", "mean": "posterior-mean attack", "strong": "strong protocol (worst case)"}
 STRONG = "strong"
 TSNE_ARTIFACT = "robustness/tsne.png"
+# The robust reading of the paper's attacks (raven.eval.results.EvalResult.metrics).
+ROBUST_COLUMN = re.compile(r"^metrics\.adv_robust_acc_([a-z0-9]+)_delta_([0-9.e-]+)$")
 
 
 class ReportError(RuntimeError):
@@ -51,11 +60,37 @@ def ordered(values: Any, order: tuple[str, ...]) -> list[str]:
     return [v for v in order if v in present] + [v for v in present if v not in order]
 
 
-def plot_figure2(summary: pd.DataFrame, path: str | os.PathLike | None = None, title: str | None = None) -> Figure:
+def robust_reading_summary(runs: pd.DataFrame) -> pd.DataFrame:
+    """The paper attacks' robust reading per (dataset, method, attack, delta): seeds, accuracy_mean, accuracy_std
+    (sample std over seeds), from the runs' adv_robust_acc_{attack}_delta_{delta} metrics; empty when none logged it.
+    """
+    rows = []
+    for column in runs.columns:
+        match = ROBUST_COLUMN.match(column)
+        if not match:
+            continue
+        values = pd.to_numeric(runs[column], errors="coerce")
+        for (_, run), value in zip(runs.iterrows(), values):
+            if np.isfinite(value):
+                rows.append({"dataset": run["dataset"], "method": run["method"], "attack": match.group(1),
+                             "delta": float(match.group(2)), "accuracy": float(value)})
+    columns = ["dataset", "method", "attack", "delta", "seeds", "accuracy_mean", "accuracy_std"]
+    if not rows:
+        return pd.DataFrame(columns=columns)
+    grouped = pd.DataFrame(rows).groupby(["dataset", "method", "attack", "delta"], sort=False)["accuracy"]
+    out = grouped.agg(seeds="count", accuracy_mean="mean", accuracy_std=lambda s: s.std(ddof=1)).reset_index()
+    return out[columns]
+
+
+def plot_figure2(summary: pd.DataFrame, path: str | os.PathLike | None = None, title: str | None = None,
+                 runs: pd.DataFrame | None = None) -> Figure:
     """Figure 2: accuracy (%) vs delta, rows = datasets, columns = attacks, mean line and +-std band per method.
 
     The strong protocol's worst case, where present, is the last column, beside the paper's attacks.
+    `summary` holds the paper's reading; `runs` (the reproduction's runs, search_runs columns), where
+    they logged the robust reading, add it: solid with its band, the paper's reading dashed beside it.
     """
+    robust = robust_reading_summary(pd.DataFrame() if runs is None else runs)
     datasets = ordered(summary["dataset"], DATASETS)
     attacks = ordered(summary["attack"], ("kl", "w2", "ce", "rkl", "mean"))
     attacks = [a for a in attacks if a != STRONG] + ([STRONG] if STRONG in attacks else [])
@@ -65,12 +100,21 @@ def plot_figure2(summary: pd.DataFrame, path: str | os.PathLike | None = None, t
     for row, dataset in zip(axes, datasets):
         for ax, attack in zip(row, attacks):
             part = summary[(summary["dataset"] == dataset) & (summary["attack"] == attack)]
+            robust_part = robust[(robust["dataset"] == dataset) & (robust["attack"] == attack)]
+            both_readings = False
             for method in ordered(part["method"], METHODS):
                 line = part[part["method"] == method].sort_values("delta")
-                mean, std = 100 * line["accuracy_mean"].to_numpy(), 100 * line["accuracy_std"].fillna(0).to_numpy()
                 color = METHOD_COLORS.get(method)
-                ax.plot(line["delta"], mean, marker="o", markersize=3, color=color,
-                        label=f"{METHOD_LABELS.get(method, method)} (n={int(line['seeds'].max())})")
+                label = f"{METHOD_LABELS.get(method, method)} (n={int(line['seeds'].max())})"
+                robust_line = robust_part[robust_part["method"] == method].sort_values("delta")
+                if not robust_line.empty:
+                    both_readings = True
+                    ax.plot(line["delta"], 100 * line["accuracy_mean"], linestyle="--", linewidth=1, color=color)
+                    line = robust_line
+                elif attack != STRONG:
+                    label += ", paper's reading"
+                mean, std = 100 * line["accuracy_mean"].to_numpy(), 100 * line["accuracy_std"].fillna(0).to_numpy()
+                ax.plot(line["delta"], mean, marker="o", markersize=3, color=color, label=label)
                 ax.fill_between(line["delta"], mean - std, mean + std, color=color, alpha=0.2, linewidth=0)
             ax.set_title(f"({next(panel)}) {DATASET_LABELS.get(dataset, dataset)}, {ATTACK_LABELS.get(attack, attack)}",
                          fontsize=10)
@@ -81,7 +125,11 @@ def plot_figure2(summary: pd.DataFrame, path: str | os.PathLike | None = None, t
             if part.empty:  # e.g. a dataset whose runs were not evaluated with the strong protocol
                 ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes, color="gray")
             else:
-                ax.legend(fontsize=7)
+                handles, _ = ax.get_legend_handles_labels()
+                if both_readings:
+                    handles += [Line2D([], [], color="gray", linestyle=style, label=READING_LABELS[reading])
+                                for reading, style in ((ROBUST_READING, "-"), (PAPER_READING, "--"))]
+                ax.legend(handles=handles, fontsize=7)
     if title:
         fig.suptitle(textwrap.fill(title, 110), fontsize=9)
     if path is not None:

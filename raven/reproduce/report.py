@@ -315,7 +315,7 @@ def write_report(out: str | os.PathLike = "report", tracking_uri: str | None = N
     t1.to_csv(out / "table1.csv", index=False)
     t2.to_csv(out / "table2.csv", index=False)
     summary.to_csv(out / "figure2.csv", index=False)
-    plot_figure2(summary, out / "figure2.png", title=repro.budget)
+    plot_figure2(summary, out / "figure2.png", title=repro.budget, runs=repro.runs)
     plot_figure1(repro, out / "figure1.png", data_dir=data_dir)
 
     comparison = protocol_table(summary)
