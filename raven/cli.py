@@ -189,6 +189,9 @@ def add_report_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--experiment", default=None,
                    help="MLflow experiment of the reproduction (default raven-reproduction)")
     p.add_argument("--run-id", default=None, help="the reproduction's parent run (default: the latest)")
+    p.add_argument("--parts", type=Path, nargs="+", default=None, metavar="FOLDER",
+                   help="read a reproduction run in parts (python sweeps/reproduce.py --parts) from these folders, "
+                        "merged, instead of MLflow")
     p.add_argument("--out", type=Path, default=Path("report"), help="output folder (default report/)")
     p.add_argument("--data-dir", default=None,
                    help="data root, only to recompute a t-SNE missing from the runs (default: $RAVEN_DATA_DIR)")
@@ -201,7 +204,7 @@ def run_report(args: argparse.Namespace) -> int:
 
     try:
         path = write_report(args.out, args.tracking_uri, args.experiment or REPRODUCTION_EXPERIMENT, args.run_id,
-                            args.data_dir)
+                            args.data_dir, parts=args.parts)
     except ReportError as exc:
         print(f"raven: error: {exc}", file=sys.stderr)
         return 2

@@ -58,6 +58,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data-dir", default=None, help="data root on every node (default: $RAVEN_DATA_DIR there)")
     p.add_argument("--work-dir", default="runs/reproduce",
                    help="checkpoint folder on each node (default runs/reproduce)")
+    parts = p.add_argument_group("a long run on one machine, in parts (raven.reproduce.parts)")
+    parts.add_argument("--parts", type=Path, default=None,
+                       help="run the (dataset, method) packs one after another in this process and write each, when it "
+                            "finishes, as PARTS/<dataset>-<method>/part.json (numbers only; checkpoints stay in "
+                            "--work-dir); parts already there are not rerun; no Ray; report with raven report --parts")
+    parts.add_argument("--threads", type=int, default=None, help="with --parts: torch threads (default torch's)")
     offline = p.add_argument_group("machines without Ray or MLflow (e.g. a lent GPU box)")
     offline.add_argument("--export", type=Path, default=None,
                          help="run every (dataset, method) pack in a local process pool and write the results to this file "
@@ -76,10 +82,36 @@ def budget_from_args(args: argparse.Namespace) -> Budget:
     return (SMOKE_BUDGET if changes.pop("smoke", False) else FULL_BUDGET).replace(**changes)
 
 
+def run_parts(args: argparse.Namespace, budget: Budget) -> int:
+    """--parts: hyperparameters as a Ray reproduction chooses them (the sweeps in the tracking store), then the parts."""
+    from raven.record import tracking
+    from raven.reproduce.parts import run_parts as run
+    from raven.reproduce.runner import select_hyperparameters
+
+    def log(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    tracking.use_store(args.tracking_uri)
+    hps = select_hyperparameters(budget.datasets, args.paper_values, allow_smoke=not budget.full, log=log,
+                                 sigma_experiment=args.sigma_aug_experiment or tracking.SIGMA_SWEEP_EXPERIMENT,
+                                 eta_experiment=args.eta_experiment or tracking.ETA_SWEEP_EXPERIMENT)
+    for hp in hps.values():
+        log(f"{hp.dataset}: sigma_aug = {hp.sigma_aug:g}, eta = {hp.eta:g} ({hp.source})")
+    written, present, failed = run(budget, hps, args.parts, args.work_dir, args.data_dir, threads=args.threads,
+                                   log=log)
+    print(f"{len(written)} parts written, {len(present)} already there, {len(failed)} with a failed seed; "
+          f"next: raven report --parts {args.parts}")
+    return 1 if failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         budget = budget_from_args(args)
+        if args.threads is not None and args.threads < 1:
+            raise ConfigError(f"--threads must be >= 1, got {args.threads}")
+        if args.parts is not None:
+            return run_parts(args, budget)
         if args.export is not None:
             reproduce_offline.export(budget, args.workers, args.data_dir, args.work_dir, args.device, args.export,
                                      log=lambda line: print(line, file=sys.stderr, flush=True))

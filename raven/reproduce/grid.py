@@ -19,11 +19,14 @@ raven.budget tag, the console, and the report.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import os
+import pickle
 import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -41,6 +44,7 @@ from raven.train import CHECKPOINT_NAME, METRICS_NAME, TrainResult, resolve_devi
 
 PAPER_SEEDS = 5
 CHECKPOINT_ARTIFACTS = "checkpoint"
+EVALUATION_CACHE = "evaluation.pkl"  # a seed's finished evaluation, beside its checkpoint (run_pack)
 
 
 @dataclass(frozen=True)
@@ -55,7 +59,10 @@ class Budget:
     protocol: the evaluation's protocol (raven evaluate --protocol; "both": the paper's and
     the strong one side by side). strong_steps: the strong protocol's PGD steps and AutoAttack
     iterations (100 by default, AutoAttack's standard); strong_restarts: its PGD restarts;
-    square_queries: Square's queries (standard: 5,000).
+    square_queries: Square's queries (standard: 5,000). strong_limit: the strong protocol's
+    images, the first N of the evaluated ones (None: all); check_seeds: the seeds whose
+    strong protocol runs its convergence check (the first N; the check costs about three
+    times the protocol, so the full budget runs it on one seed of each method).
     """
 
     epochs: int = flag_field(100, "max epochs per model")
@@ -75,6 +82,11 @@ class Budget:
     strong_steps: int = flag_field(StrongConfig.steps, "strong protocol: PGD steps and AutoAttack iterations")
     strong_restarts: int = flag_field(StrongConfig.restarts, "strong protocol: PGD restarts")
     square_queries: int = flag_field(StrongConfig.square_queries, "strong protocol: Square attack queries")
+    strong_limit: int | None = flag_field(1000, "strong protocol: the first N of the evaluated test images (full: "
+                                          "1,000; its worst case over every attack costs ~100x the paper's)",
+                                          off=("--strong-all-images", "the strong protocol on every evaluated image"))
+    check_seeds: int = flag_field(1, "strong protocol: seeds 0..N-1 of each method run its convergence check "
+                                  "(doubled steps and restarts, ~3x the protocol's cost); the others skip it")
     smoke: bool = flag_field(False, "the smoke budget (SMOKE_BUDGET): 2 seeds, 2 epochs on 5,000 training images, "
                              "300 test images, 10-step PGD, probe on 5,000 images, no FID, the strong protocol at "
                              "5 steps x 1 restart and 50 Square queries (both datasets, the paper's five methods)")
@@ -86,7 +98,9 @@ class Budget:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
-        for name in ("patience", "limit", "eval_limit", "probe_limit"):
+        if isinstance(self.check_seeds, bool) or not isinstance(self.check_seeds, int) or self.check_seeds < 0:
+            raise ConfigError(f"check_seeds must be an integer >= 0, got {self.check_seeds!r}")
+        for name in ("patience", "limit", "eval_limit", "probe_limit", "strong_limit"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ConfigError(f"{name} must be an integer >= 1 (or unset), got {value!r}")
@@ -121,7 +135,8 @@ class Budget:
                     f"val_elbo), all {TRAIN_SPLIT_IMAGES:,} training images, {TEST_IMAGES:,} test images, probe on "
                     f"all training images, {full.seeds} seeds, {full.steps}-step PGD, FID, both datasets, all "
                     f"methods; the paper's protocol and the strong one ({full.strong_steps}-step PGD x "
-                    f"{full.strong_restarts} restarts, AutoAttack's standard set)")
+                    f"{full.strong_restarts} restarts, AutoAttack's standard set, on the first {full.strong_limit:,} "
+                    f"test images; its convergence check on {full.check_seeds} seed of each method)")
         changes = []
         if (self.epochs, self.patience) != (full.epochs, full.patience):
             stop = f"early stopping patience {self.patience}" if self.patience else "no early stopping"
@@ -146,6 +161,12 @@ class Budget:
                 changes.append(f"strong protocol at {self.strong_steps} steps x {self.strong_restarts} restart(s), "
                                f"Square {self.square_queries} queries (full: {full.strong_steps} x {full.strong_restarts}, "
                                f"{full.square_queries:,})")
+            if self.strong_limit != full.strong_limit:
+                changes.append(f"strong protocol on {'all evaluated' if self.strong_limit is None else f'{self.strong_limit:,}'}"
+                               f" test images (full: {full.strong_limit:,})")
+            if self.check_seeds != full.check_seeds:
+                changes.append(f"its convergence check on {self.check_seeds} seed(s) of each method (full: "
+                               f"{full.check_seeds})")
         if self.datasets != DATASETS:
             changes.append("datasets " + ", ".join(self.datasets))
         if self.methods != PAPER_METHODS:
@@ -218,9 +239,11 @@ def train_config(cell: Cell, budget: Budget, hp: Hyperparameters) -> TrainConfig
 
 def eval_config(cell: Cell, budget: Budget) -> EvalConfig:
     strong = StrongConfig(steps=budget.strong_steps, restarts=budget.strong_restarts,
-                          autoattack_steps=budget.strong_steps, square_queries=budget.square_queries)
+                          autoattack_steps=budget.strong_steps, square_queries=budget.square_queries,
+                          convergence=cell.seed < budget.check_seeds)
     return EvalConfig(steps=budget.steps, limit=budget.eval_limit, probe_limit=budget.probe_limit, fid=budget.fid,
-                      tsne=True, seed=cell.seed, protocol=budget.protocol, strong=strong)
+                      tsne=True, seed=cell.seed, protocol=budget.protocol, strong=strong,
+                      strong_limit=budget.strong_limit)
 
 
 # ----------------------------------------------------------------------------- the task
@@ -267,15 +290,50 @@ def pack_stages(trained: list[TrainResult], evaluations: list[EvalConfig], split
     return dict(zip(ready, entries)), (time.perf_counter() - started) / len(ready)
 
 
+def _weights_digest(model: torch.nn.Module) -> str:
+    """A digest of the model's weights (not of checkpoint.pt's bytes, which a resumed run writes anew)."""
+    digest = hashlib.sha256()
+    for name, value in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _cached_evaluation(out: Path, evaluation: EvalConfig, model: torch.nn.Module) -> tuple[EvalResult, float] | None:
+    """(result, seconds) of an evaluation already made of these weights under `evaluation`, else None."""
+    try:
+        with open(out / "evaluation" / EVALUATION_CACHE, "rb") as f:
+            saved = pickle.load(f)
+        if saved["config"] == evaluation and saved["weights"] == _weights_digest(model):
+            return saved["result"], saved["seconds"]
+    except Exception:  # noqa: BLE001 - absent, partly written or from another version: evaluate again
+        pass
+    return None
+
+
+def _cache_evaluation(out: Path, evaluation: EvalConfig, model: torch.nn.Module, result: EvalResult,
+                      seconds: float) -> None:
+    """Keep a seed's evaluation beside its checkpoint, so that a pack stopped before its last seed was
+    evaluated (a session's end, during hours of FID and strong attacks) does not evaluate it again."""
+    path = out / "evaluation" / EVALUATION_CACHE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        pickle.dump({"config": evaluation, "weights": _weights_digest(model), "result": result,
+                     "seconds": seconds}, f)
+    os.replace(tmp, path)
+
+
 def run_pack(cells: list[Cell], configs: list[TrainConfig], evaluations: list[EvalConfig], data_dir: str | None,
-             out_dirs: list[str], threads: int = 1, device: str = "auto") -> list[CellResult]:
+             out_dirs: list[str], threads: int = 1, device: str = "auto",
+             log: Callable[[str], None] | None = None) -> list[CellResult]:
     """Train the cells of one (dataset, method) as one pack into their out_dirs (resuming checkpoints there),
     then evaluate each seed on the test set; one CellResult per cell, in order. The paper protocol's probe and
     attacks of the seeds run as one batched pass (pack_stages; each seed's numbers those of its solo
     evaluation), the rest of each seed's evaluation (strong protocol, MSE, FID, ...) one seed after another.
 
     Runs inside a Ray worker (or a local process). A seed that diverged comes back with `error` set;
-    the others are trained and evaluated as usual.
+    the others are trained and evaluated as usual. log: one line per epoch and per evaluation stage.
     """
     torch.set_num_threads(max(1, threads))
     device = resolve_device(device)
@@ -290,9 +348,13 @@ def run_pack(cells: list[Cell], configs: list[TrainConfig], evaluations: list[Ev
             "train": len(splits.train_x[:first.limit]), "validation": len(splits.val_x),
             "test": len(splits.test_x[:evaluation.limit])}, first.validation_size)
     started = time.perf_counter()
-    trained = train_pack(configs, splits=splits, device=device, out_dirs=out_dirs, progress=False)
+    trained = train_pack(configs, splits=splits, device=device, out_dirs=out_dirs, progress=False, log=log)
     train_seconds = time.perf_counter() - started
-    stages, stage_share = pack_stages(trained, evaluations, splits)
+    cached = {k: None if member.diverged else _cached_evaluation(Path(out_dir), evaluation, member.model)
+              for k, (member, evaluation, out_dir) in enumerate(zip(trained, evaluations, out_dirs))}
+    pending = [k for k, member in enumerate(trained) if cached[k] is None and not member.diverged]
+    stages, stage_share = pack_stages([trained[k] for k in pending], [evaluations[k] for k in pending], splits)
+    stages = {pending[j]: stage for j, stage in stages.items()}
     for k, (result, member, evaluation, out_dir) in enumerate(zip(results, trained, evaluations, out_dirs)):
         result.train_seconds = train_seconds
         if member.diverged:
@@ -300,10 +362,16 @@ def run_pack(cells: list[Cell], configs: list[TrainConfig], evaluations: list[Ev
             continue
         out = Path(out_dir)
         result.history = member.history
-        started = time.perf_counter()
-        result.evaluation = evaluate_model(member.model, splits, evaluation, out_dir=out / "evaluation",
-                                           label=result.cell.name, stage=stages.get(k))
-        result.eval_seconds = time.perf_counter() - started + (stage_share if k in stages else 0.0)
+        if cached[k] is not None:  # evaluated before the pack was interrupted: not redone
+            result.evaluation, result.eval_seconds = cached[k]
+            if log:
+                log(f"{result.cell.name}: its evaluation of this checkpoint is in {out / 'evaluation'}; not redone")
+        else:
+            started = time.perf_counter()
+            result.evaluation = evaluate_model(member.model, splits, evaluation, out_dir=out / "evaluation",
+                                               label=result.cell.name, stage=stages.get(k), log=log)
+            result.eval_seconds = time.perf_counter() - started + (stage_share if k in stages else 0.0)
+            _cache_evaluation(out, evaluation, member.model, result.evaluation, result.eval_seconds)
         for path in result.evaluation.artifacts:
             result.files[f"robustness/{Path(path).name}"] = Path(path).read_bytes()
         for name in (CHECKPOINT_NAME, METRICS_NAME):

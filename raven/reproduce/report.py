@@ -126,6 +126,18 @@ def load_reproduction(tracking_uri: str | None = None, experiment: str = DEFAULT
     return Reproduction(uri, experiment, parent, runs.reset_index(drop=True))
 
 
+def load_parts(folders: list[str | os.PathLike]) -> Reproduction:
+    """A reproduction run in parts (raven.reproduce.parts), merged from one or more folders, read like one from MLflow."""
+    from raven.config import ConfigError
+    from raven.reproduce.parts import parts_frames
+
+    try:
+        parent, runs, _ = parts_frames(list(folders))
+    except ConfigError as exc:
+        raise ReportError(str(exc)) from None
+    return Reproduction("parts: " + ", ".join(str(f) for f in folders), "parts", parent, runs)
+
+
 def per_run_table(repro: Reproduction) -> pd.DataFrame:
     """One row per (dataset, method, seed): the headline numbers of every run."""
     columns = {"metrics.clean_accuracy": "clean_accuracy", "metrics.mse_255": "mse_255", "metrics.fid": "fid",
@@ -134,7 +146,11 @@ def per_run_table(repro: Reproduction) -> pd.DataFrame:
                "metrics.latent_pair_distance_sampled_mean": "sampled_pair_distance_mean",
                "metrics.latent_pair_distance_sampled_std": "sampled_pair_distance_std",
                "metrics.cluster_accuracy": "cluster_accuracy",
-               "metrics.epochs_trained": "epochs_trained", "metrics.best_val_elbo": "best_val_elbo"}
+               "metrics.epochs_trained": "epochs_trained", "metrics.best_epoch": "best_epoch",
+               "metrics.best_val_elbo": "best_val_elbo", "metrics.train_seconds": "train_seconds",
+               "metrics.eval_seconds": "eval_seconds", "metrics.seconds_attack": "paper_attack_seconds",
+               "metrics.seconds_strong": "strong_seconds", "metrics.seconds_strong_check": "strong_check_seconds",
+               "metrics.seconds_certified": "certified_seconds", "metrics.seconds_fid": "fid_seconds"}
     out = repro.runs[["dataset", "method", "seed", "run_id"]].copy()
     for source, name in columns.items():
         out[name] = pd.to_numeric(repro.runs[source], errors="coerce") if source in repro.runs else np.nan
@@ -296,15 +312,41 @@ def table2_markdown(t2: pd.DataFrame) -> str:
     return markdown_table(header, rows)
 
 
+def spent_markdown(runs: pd.DataFrame) -> str:
+    """Per (dataset, method): the epochs each seed trained (best epoch, whose weights were kept), the pack's
+    training wall time and each evaluation stage's wall time summed over the seeds."""
+    header = ["Dataset", "Method", "Epochs trained (best)", "Train (pack)", "Paper PGD", "Strong", "Strong check",
+              "Certified", "FID", "Evaluation (all seeds)"]
+    rows = []
+
+    def minutes(value: float) -> str:
+        return f"{value / 60:.1f} min" if np.isfinite(value) and value > 0 else "—"
+
+    for (dataset, method), group in runs.groupby(["dataset", "method"], sort=False):
+        epochs = ", ".join(f"{e:.0f}" + (f" ({b:.0f})" if np.isfinite(b) else "")
+                           for e, b in zip(group["epochs_trained"], group["best_epoch"]))
+        # A pack's training is shared by its seeds: every seed's row holds the same wall time.
+        rows.append([DATASET_LABELS.get(dataset, dataset), METHOD_LABELS.get(method, method), epochs,
+                     minutes(group["train_seconds"].max()),
+                     *(minutes(group[c].sum(min_count=1)) for c in ("paper_attack_seconds", "strong_seconds",
+                                                                    "strong_check_seconds", "certified_seconds",
+                                                                    "fid_seconds", "eval_seconds"))])
+    return markdown_table(header, rows)
+
+
 def budget_line(repro: Reproduction) -> str:
     return f"**Budget: {repro.budget}**"
 
 
 def write_report(out: str | os.PathLike = "report", tracking_uri: str | None = None,
                  experiment: str = DEFAULT_EXPERIMENT, run_id: str | None = None,
-                 data_dir: str | os.PathLike | None = None) -> Path:
-    """Write report.md, the tables and Figure 2's data as CSV, and figure1.png / figure2.png into `out`."""
-    repro = load_reproduction(tracking_uri, experiment, run_id)
+                 data_dir: str | os.PathLike | None = None, parts: list[str | os.PathLike] | None = None) -> Path:
+    """Write report.md, the tables and Figure 2's data as CSV, and figure1.png / figure2.png into `out`.
+
+    parts: read a reproduction run in parts (raven.reproduce.parts) from these folders instead of MLflow;
+    its parts hold no models, so Figure 1 (t-SNE of the models' encodings) is left out.
+    """
+    repro = load_parts(parts) if parts else load_reproduction(tracking_uri, experiment, run_id)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     runs = per_run_table(repro)
@@ -316,7 +358,8 @@ def write_report(out: str | os.PathLike = "report", tracking_uri: str | None = N
     t2.to_csv(out / "table2.csv", index=False)
     summary.to_csv(out / "figure2.csv", index=False)
     plot_figure2(summary, out / "figure2.png", title=repro.budget, runs=repro.runs)
-    plot_figure1(repro, out / "figure1.png", data_dir=data_dir)
+    if not parts:
+        plot_figure1(repro, out / "figure1.png", data_dir=data_dir)
 
     comparison = protocol_table(summary)
     strong_note = ("\nThe last column is the strong protocol (`raven evaluate --protocol strong`, attack `strong` in "
@@ -332,11 +375,17 @@ def write_report(out: str | os.PathLike = "report", tracking_uri: str | None = N
         "are not comparable with the paper's; the differences below are not evidence for or against it.\n")
     hps = "\n".join(f"- {DATASET_LABELS.get(d, d)}: {text}" for d, text in repro.hyperparameters().items())
     status = repro.parent.get("status")
+    source = (f"Reproduction in parts ({status}, `raven report --parts`) from {repro.tracking_uri.removeprefix('parts: ')}"
+              if parts else f"Reproduction run `{repro.run_id}` (status {status}) in experiment `{repro.experiment}` at "
+              f"`{repro.tracking_uri}`")
+    figure1 = ("Left out: a reproduction in parts keeps no models (they stay in its work folder)." if parts else
+               "The paper shows the VAE (A) and the noise-augmented VAE (B) on MNIST; every method is shown here.\n\n"
+               "![Figure 1](figure1.png)")
     text = f"""# RAVEN reproduction report
 
 {budget_line(repro)}
 
-Reproduction run `{repro.run_id}` (status {status}) in experiment `{repro.experiment}` at `{repro.tracking_uri}`:
+{source}:
 {len(repro.runs)} of {repro.planned} runs (dataset × method × seed) complete. Written
 {datetime.datetime.now().isoformat(timespec="seconds")} by `raven report`.
 {reduced}
@@ -372,9 +421,14 @@ over seeds. The paper publishes this figure as a plot only; the points are in `f
 
 ## Figure 1: t-SNE of clean and noisy test encodings
 
-The paper shows the VAE (A) and the noise-augmented VAE (B) on MNIST; every method is shown here.
+{figure1}
 
-![Figure 1](figure1.png)
+## Epochs and wall time
+
+Epochs each seed trained (in brackets the best epoch by validation ELBO, whose weights early stopping
+keeps), the pack's training, and each evaluation stage summed over the seeds.
+
+{spent_markdown(runs)}
 
 ## Files
 

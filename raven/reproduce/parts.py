@@ -1,0 +1,213 @@
+"""The reproduction in parts: one (dataset, method) pack at a time, each exported as a small committable folder.
+
+For a long run on one machine (`python sweeps/reproduce.py --parts DIR`): each part is a
+(dataset, method) pack (raven.reproduce.grid.run_pack: its seeds trained as one pack, then
+evaluated), written when it finishes as DIR/<dataset>-<method>/part.json. A part holds
+numbers only (each seed's config, epoch history, record metrics and robustness.json),
+never checkpoints: those stay in the work folder, where an interrupted part resumes its
+training. A part whose part.json exists is done and never rerun, so a stopped run loses at
+most the part in progress and continues with the same command.
+
+`load_parts` reads parts from one or more folders (runs that ran on different machines or
+days) into the same Reproduction that raven.reproduce.report reads from MLflow, so
+`raven report --parts DIR [DIR ...]` writes the same tables and figures. Torch only: no
+Ray and no MLflow are needed to run or to read parts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import pandas as pd
+import torch
+
+from raven.config import DATASETS, METHODS, ConfigError
+from raven.progress import duration
+from raven.record.provenance import git_version
+from raven.reproduce.grid import Budget, CellResult, Hyperparameters, eval_config, group_cells, run_pack, train_config
+
+PART_NAME = "part.json"
+PART_FORMAT = 1
+# Params that say which parts a run chose: parts of one budget may come from runs that chose differently.
+SELECTION = ("budget", "budget.datasets", "budget.methods")
+
+
+def part_name(dataset: str, method: str) -> str:
+    return f"{dataset}-{method}"
+
+
+def record_metrics(result: CellResult) -> dict[str, float]:
+    """The flat metrics of one finished cell, as its MLflow child run holds them (raven.reproduce.runner.log_cell)."""
+    if result.error or result.evaluation is None:
+        return {}
+    best = max(result.history, key=lambda row: row["val_elbo"])
+    stages = {f"seconds_{k.removesuffix('_seconds')}": v for k, v in result.evaluation.timings.items()
+              if isinstance(v, (int, float))}
+    return {**result.evaluation.metrics(), "epochs_trained": len(result.history), "best_epoch": best["epoch"],
+            "best_val_elbo": best["val_elbo"], "train_seconds": result.train_seconds,
+            "eval_seconds": result.eval_seconds, **stages}
+
+
+def part_record(results: list[CellResult], budget: Budget, hp: Hyperparameters, started: float,
+                seconds: float) -> dict[str, Any]:
+    """part.json's content: where and how the part ran, and each seed's numbers (no checkpoint)."""
+    first = results[0]
+    return {
+        "format": PART_FORMAT,
+        "dataset": first.cell.dataset,
+        "method": first.cell.method,
+        "budget": budget.params(),
+        "budget_fields": dataclasses.asdict(budget),
+        "budget_kind": budget.kind,
+        "hyperparameters": {"sigma_aug": hp.sigma_aug, "eta": hp.eta, "source": hp.source},
+        "commit": git_version(),
+        "machine": f"{platform.node()} ({platform.machine()}, {os.cpu_count()} CPUs, torch "
+                   f"{torch.__version__}, {torch.get_num_threads()} threads)",
+        "started": datetime.datetime.fromtimestamp(started, datetime.timezone.utc).isoformat(timespec="seconds"),
+        "seconds": round(seconds, 1),
+        "train_seconds": round(first.train_seconds, 1),
+        "cells": [{"name": r.cell.name, "seed": r.cell.seed, "config": r.config, "device": r.device,
+                   "error": r.error, "history": r.history, "metrics": record_metrics(r),
+                   "eval_seconds": round(r.eval_seconds, 1),
+                   "evaluation": r.evaluation.to_json() if r.evaluation is not None else None}
+                  for r in results],
+    }
+
+
+def same_budget(a: dict[str, str], b: dict[str, str]) -> bool:
+    """Whether two budgets' params (Budget.params) differ at most in which datasets and methods they ran."""
+    def strip(params: dict[str, str]) -> dict[str, str]:
+        return {k: v for k, v in params.items() if k not in SELECTION}
+
+    return strip(a) == strip(b)
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str))
+    os.replace(tmp, path)  # a part is either whole or absent
+
+
+def run_parts(budget: Budget, hps: dict[str, Hyperparameters], root: str | os.PathLike, work_dir: str | os.PathLike,
+              data_dir: str | os.PathLike | None, device: str = "auto", threads: int | None = None,
+              log: Callable[[str], None] = print) -> tuple[list[str], list[str], list[str]]:
+    """Run every (dataset, method) part of `budget` not yet in `root`, one after another, in this process.
+
+    Returns (parts written, parts already there, parts with a failed seed). Checkpoints go to
+    work_dir/<dataset>-<method>-s<seed>, where an interrupted part resumes its training.
+    """
+    root, work = Path(root), Path(work_dir).resolve()
+    threads = threads or torch.get_num_threads()
+    packs = group_cells(budget.cells())
+    written: list[str] = []
+    present: list[str] = []
+    failed: list[str] = []
+    for (dataset, method), _ in packs.items():
+        path = root / part_name(dataset, method) / PART_NAME
+        if path.is_file():
+            held = json.loads(path.read_text()).get("budget")
+            if not held or not same_budget(held, budget.params()):
+                raise ConfigError(f"{path} was run with another budget ({held.get('budget') if held else '?'}); "
+                                  "give another folder, or the same flags")
+            present.append(part_name(dataset, method))
+    todo = [key for key in packs if part_name(*key) not in present]
+    log(f"raven reproduce (parts in {root}): {budget.describe()}")
+    log(f"{len(packs)} parts (one per dataset and method): {len(present)} already done"
+        + (f" ({', '.join(present)}), not rerun" if present else "") + f"; {len(todo)} to run, one at a time, "
+        f"{threads} thread(s); checkpoints in {work}")
+    walls: list[float] = []
+    for index, (dataset, method) in enumerate(todo):
+        group, name = packs[(dataset, method)], part_name(dataset, method)
+        hp = hps[dataset]
+        log(f"[part {index + 1}/{len(todo)}] {name}: {len(group)} seeds as one pack (sigma_aug {hp.sigma_aug:g}, "
+            f"eta {hp.eta:g})")
+        started, wall = time.time(), time.perf_counter()
+        results = run_pack(group, [train_config(c, budget, hp) for c in group], [eval_config(c, budget) for c in group],
+                           None if data_dir is None else str(data_dir), [str(work / c.name) for c in group],
+                           threads, device, log=lambda line, name=name: log(f"  {name} {line}"))
+        seconds = time.perf_counter() - wall
+        _write_json(root / name / PART_NAME, part_record(results, budget, hp, started, seconds))
+        walls.append(seconds)
+        written.append(name)
+        if any(r.error for r in results):
+            failed.append(name)
+        left = len(todo) - index - 1
+        eta = f"; ~{duration(left * sum(walls) / len(walls))} left ({left} parts)" if left else ""
+        summary = ", ".join(f"s{r.cell.seed} " + (f"FAILED ({r.error})" if r.error else
+                                                  f"{len(r.history)} epochs, clean acc {r.evaluation.clean_accuracy:.4f}")
+                            for r in results)
+        log(f"[part {index + 1}/{len(todo)}] {name} done in {duration(seconds)} (train {duration(results[0].train_seconds)}): "
+            f"{summary}; wrote {root / name / PART_NAME}{eta}")
+    return written, present, failed
+
+
+# ----------------------------------------------------------------------------- reading parts
+
+
+def read_parts(folders: list[str | os.PathLike]) -> list[tuple[Path, dict[str, Any]]]:
+    """Every part.json under `folders` (the folder itself or one or two levels down), with its path."""
+    found: list[tuple[Path, dict[str, Any]]] = []
+    for folder in map(Path, folders):
+        if not folder.is_dir():
+            raise ConfigError(f"no parts folder at {folder}")
+        paths = sorted({*folder.glob(PART_NAME), *folder.glob(f"*/{PART_NAME}"), *folder.glob(f"*/*/{PART_NAME}")})
+        if not paths:
+            raise ConfigError(f"no {PART_NAME} under {folder}; run python sweeps/reproduce.py --parts {folder} first")
+        for path in paths:
+            data = json.loads(path.read_text())
+            if data.get("format") != PART_FORMAT:
+                raise ConfigError(f"{path} has part format {data.get('format')!r}; this raven reads {PART_FORMAT}")
+            found.append((path, data))
+    return found
+
+
+def parts_frames(folders: list[str | os.PathLike]) -> tuple[pd.Series, pd.DataFrame, list[dict[str, Any]]]:
+    """(parent, runs, parts) in the columns raven.reproduce.report reads from MLflow: one row per finished seed,
+    "metrics.*", "params.*" and "tags.raven.*" columns; parent holds the budget's and hyperparameters' params."""
+    parts = read_parts(folders)
+    first = parts[0][1]
+    for path, data in parts[1:]:
+        if not same_budget(first["budget"], data["budget"]):
+            raise ConfigError(f"the parts ran with different budgets ({first['budget'].get('budget', '?')} in "
+                              f"{parts[0][0]} | {data['budget'].get('budget', '?')} in {path}); merge parts of one budget")
+    # The merged run's budget: the parts' own, over every dataset and method they hold.
+    datasets = tuple(d for d in DATASETS if any(data["dataset"] == d for _, data in parts))
+    methods = tuple(m for m in METHODS if any(data["method"] == m for _, data in parts))
+    merged = Budget(**{**first["budget_fields"], "datasets": datasets, "methods": methods})
+    seen: dict[str, Path] = {}
+    rows = []
+    for path, data in parts:
+        for cell in data["cells"]:
+            if cell["name"] in seen:
+                raise ConfigError(f"{cell['name']} is in two parts: {seen[cell['name']]} and {path}")
+            seen[cell["name"]] = path
+            if cell.get("error"):
+                continue
+            row: dict[str, Any] = {"run_id": cell["name"], "status": "FINISHED", "tags.raven.dataset": data["dataset"],
+                                   "tags.raven.method": data["method"], "tags.raven.seed": str(cell["seed"]),
+                                   "dataset": data["dataset"], "method": data["method"], "seed": int(cell["seed"]),
+                                   "part": str(path.parent)}
+            row.update({f"metrics.{k}": v for k, v in cell["metrics"].items()})
+            row.update({f"params.{k}": str(v) for k, v in cell["config"].items()})
+            rows.append(row)
+    parent: dict[str, Any] = {"run_id": f"parts:{','.join(str(f) for f in folders)}",
+                              "status": f"{len(parts)} parts", **{f"params.{k}": v for k, v in merged.params().items()}}
+    for _, data in parts:
+        hp = data["hyperparameters"]
+        parent.update({f"params.sigma_aug.{data['dataset']}": str(hp["sigma_aug"]),
+                       f"params.eta.{data['dataset']}": str(hp["eta"]),
+                       f"params.hyperparameters.{data['dataset']}": hp["source"]})
+    runs = pd.DataFrame(rows)
+    if runs.empty:
+        raise ConfigError(f"the parts under {', '.join(map(str, folders))} hold no finished seed")
+    order = {name: i for i, name in enumerate(DATASETS + METHODS)}
+    runs = runs.sort_values(["dataset", "method", "seed"], key=lambda s: s.map(order) if s.name != "seed" else s)
+    return pd.Series(parent), runs.reset_index(drop=True), [data for _, data in parts]

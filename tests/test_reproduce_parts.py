@@ -1,0 +1,135 @@
+"""A reproduction in parts (sweeps/reproduce.py --parts, raven.reproduce.parts): parts written as they finish,
+never rerun, merged from several folders by `raven report --parts`, with the numbers the runs measured."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from raven.config import ConfigError
+from raven.reproduce.grid import Budget
+from raven.reproduce.parts import PART_NAME, parts_frames
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# Small enough for seconds per part; the paper protocol only (the strong one has its own tests).
+TINY = ["--epochs", "2", "--patience", "1", "--limit", "256", "--eval-limit", "40", "--probe-limit", "256",
+        "--seeds", "2", "--steps", "2", "--no-fid", "--protocol", "paper", "--datasets", "mnist",
+        "--paper-values", "--threads", "1"]
+
+
+def reproduce(args: list[str], cwd: Path, data_dir: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "RAVEN_DATA_DIR": str(data_dir), "MLFLOW_TRACKING_URI": f"sqlite:///{cwd / 'mlflow.db'}"}
+    return subprocess.run([sys.executable, str(REPO_ROOT / "sweeps" / "reproduce.py"), *TINY, *args], cwd=cwd,
+                          env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def two_folders(tmp_path_factory, data_dir):
+    """VAE parts in one folder, RAVEN parts in another (as two machines or two days would write them)."""
+    base = tmp_path_factory.mktemp("parts")
+    first = reproduce(["--methods", "vae", "--parts", str(base / "a"), "--work-dir", str(base / "work")], base, data_dir)
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = reproduce(["--methods", "raven", "--parts", str(base / "b"), "--work-dir", str(base / "work")], base,
+                       data_dir)
+    assert second.returncode == 0, second.stderr[-3000:]
+    return base, first, second
+
+
+def test_each_part_is_written_with_every_seed_and_no_checkpoint(two_folders):
+    base, first, _ = two_folders
+    part = base / "a" / "mnist-vae"
+    assert sorted(p.name for p in part.iterdir()) == [PART_NAME]
+    data = json.loads((part / PART_NAME).read_text())
+    assert [c["name"] for c in data["cells"]] == ["mnist-vae-s0", "mnist-vae-s1"]
+    for cell in data["cells"]:
+        assert cell["error"] is None and len(cell["history"]) == cell["metrics"]["epochs_trained"] <= 2
+        # The record's numbers are the evaluation's own.
+        assert cell["metrics"]["clean_accuracy"] == cell["evaluation"]["clean_accuracy"]
+        assert cell["metrics"]["adv_acc_kl_delta_0.1"] == cell["evaluation"]["adversarial_accuracy"]["kl"]["0.1"]
+        # The checkpoint stays in the work folder, where an interrupted part resumes.
+        assert (base / "work" / cell["name"] / "checkpoint.pt").is_file()
+    assert data["budget"]["budget.methods"] == "vae" and data["hyperparameters"]["sigma_aug"] > 0
+    assert "[part 1/1] mnist-vae done" in first.stderr
+
+
+def test_a_part_already_done_is_not_rerun(two_folders, data_dir):
+    base, _, _ = two_folders
+    path = base / "a" / "mnist-vae" / PART_NAME
+    before = path.stat().st_mtime_ns
+    again = reproduce(["--methods", "vae", "--parts", str(base / "a"), "--work-dir", str(base / "work")], base, data_dir)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "1 already done (mnist-vae), not rerun; 0 to run" in again.stderr
+    assert "0 parts written, 1 already there" in again.stdout
+    assert path.stat().st_mtime_ns == before
+
+
+def test_a_part_of_another_budget_is_refused_in_one_line(two_folders, data_dir):
+    base, _, _ = two_folders
+    other = reproduce(["--methods", "vae", "--parts", str(base / "a"), "--work-dir", str(base / "work2"),
+                       "--strong-limit", "7"], base, data_dir)
+    assert other.returncode == 2 and "was run with another budget" in other.stderr
+    assert "Traceback" not in other.stderr
+
+
+def test_report_merges_parts_from_two_folders(two_folders):
+    base, _, _ = two_folders
+    out = base / "report"
+    proc = subprocess.run([sys.executable, "-m", "raven.cli", "report", "--parts", str(base / "a"), str(base / "b"),
+                           "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(out / "runs.csv") as f:
+        runs = list(csv.DictReader(f))
+    assert sorted(r["run_id"] for r in runs) == ["mnist-raven-s0", "mnist-raven-s1", "mnist-vae-s0", "mnist-vae-s1"]
+    for row in runs:
+        method = row["run_id"].split("-")[1]
+        part = json.loads((base / ("a" if method == "vae" else "b") / f"mnist-{method}" / PART_NAME).read_text())
+        cell = next(c for c in part["cells"] if c["name"] == row["run_id"])
+        assert float(row["clean_accuracy"]) == pytest.approx(cell["evaluation"]["clean_accuracy"])
+        assert float(row["epochs_trained"]) == len(cell["history"])
+    report = (out / "report.md").read_text()
+    assert "4 of 4 runs" in report and "Reproduction in parts" in report and "## Epochs and wall time" in report
+    assert (out / "figure2.png").is_file() and not (out / "figure1.png").exists()
+
+
+def test_parts_that_hold_one_cell_twice_or_differ_in_budget_are_refused(two_folders, tmp_path):
+    base, _, _ = two_folders
+    with pytest.raises(ConfigError, match="mnist-vae-s0 is in two parts"):
+        parts_frames([base / "a", base / "a"])
+    changed = tmp_path / "c" / "mnist-vae"
+    changed.mkdir(parents=True)
+    data = json.loads((base / "a" / "mnist-vae" / PART_NAME).read_text())
+    data["budget"]["budget.epochs"] = "3"
+    (changed / PART_NAME).write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match="different budgets"):
+        parts_frames([base / "b", tmp_path / "c"])
+
+
+def test_strong_limit_and_check_seeds_reach_the_evaluation():
+    from raven.reproduce.grid import Cell, eval_config
+
+    budget = Budget(strong_limit=300, check_seeds=1)
+    assert [eval_config(Cell("mnist", "vae", s), budget).strong.convergence for s in range(3)] == [True, False, False]
+    assert eval_config(Cell("mnist", "vae", 0), budget).strong_limit == 300
+    assert "strong protocol on 300 test images (full: 1,000)" in budget.describe()
+    with pytest.raises(ConfigError, match="strong_limit must be an integer >= 1"):
+        Budget(strong_limit=0)
+
+
+def test_a_part_stopped_after_its_seeds_were_evaluated_does_not_evaluate_them_again(two_folders, data_dir):
+    base, _, _ = two_folders
+    path = base / "b" / "mnist-raven" / PART_NAME
+    before = json.loads(path.read_text())
+    path.unlink()  # as if the session ended between the last evaluation and the part's file
+    again = reproduce(["--methods", "raven", "--parts", str(base / "b"), "--work-dir", str(base / "work")], base,
+                      data_dir)
+    assert again.returncode == 0, again.stderr[-3000:]
+    for seed in (0, 1):
+        assert f"mnist-raven-s{seed}: its evaluation of this checkpoint is in" in again.stderr
+    after = json.loads(path.read_text())
+    assert [c["evaluation"] for c in after["cells"]] == [c["evaluation"] for c in before["cells"]]
