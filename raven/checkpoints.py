@@ -1,7 +1,11 @@
 """The checkpoint folder of a run: DIR/checkpoint.pt (everything resume needs) and DIR/metrics.json.
 
-Written after every epoch by the loop (raven.train), read back by resume (`resume_state`) and by
-`raven.load_checkpoint`. A pack writes each member's folder in this same format.
+Written after every epoch by the loop (raven.train), read back by resume (`resume_state`,
+`resume_weights`) and by `raven.load_checkpoint`. A pack writes each member's folder in this same
+format. `model` holds the weights readers load: the last epoch's, or, once a run with early
+stopping has finished, those of its best val_elbo epoch (`best_epoch`). Resume needs both the
+last epoch's weights and the best epoch's, so whichever of the two `model` does not hold is
+stored beside it (`last_model` or `best_model`) when they differ.
 """
 
 from __future__ import annotations
@@ -70,6 +74,22 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     return model
 
 
+def best_epoch_of(history: list[dict[str, float]]) -> int | None:
+    """The epoch (from 1) of the highest val_elbo, the earliest of equals; None before the first epoch."""
+    values = [h["val_elbo"] for h in history]
+    return max(range(len(values)), key=values.__getitem__) + 1 if values else None
+
+
+def resume_weights(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+    """The last epoch's weights (training continues from them) and the best epoch's; None for the best
+    when a checkpoint written before they were kept holds only the last, and the best was earlier."""
+    if "last_model" in state:
+        return state["last_model"], state["model"]
+    if "best_model" in state:
+        return state["model"], state["best_model"]
+    return state["model"], state["model"] if best_epoch_of(state["history"]) == state["epoch"] else None
+
+
 def resume_state(checkpoint_path: Path, config: TrainConfig, device: torch.device) -> dict[str, Any] | None:
     """The checkpoint to resume `config` from, None when there is none; epochs and patience may change."""
     if not checkpoint_path.is_file():
@@ -84,17 +104,32 @@ def resume_state(checkpoint_path: Path, config: TrainConfig, device: torch.devic
 
 def write_checkpoint(out_path: Path, config: TrainConfig, model_state: dict[str, torch.Tensor],
                      optimizer_state: dict[str, Any], generator: torch.Generator, history: list[dict[str, float]],
-                     device: torch.device, train_images: int) -> None:
-    """DIR/checkpoint.pt (everything resume needs) and DIR/metrics.json after epoch len(history)."""
-    _atomic_torch_save({
+                     device: torch.device, train_images: int, best_state: dict[str, torch.Tensor] | None = None,
+                     last_state: dict[str, torch.Tensor] | None = None) -> None:
+    """DIR/checkpoint.pt (everything resume needs) and DIR/metrics.json after epoch len(history).
+
+    model_state: the weights readers load, the last epoch's unless `last_state` is given; then they
+    are the best epoch's, restored by early stopping, and last_state the last epoch's. best_state:
+    the best epoch's weights (None: unknown), stored when the best epoch is not the last.
+    """
+    best = best_epoch_of(history)
+    state = {
         "format": CHECKPOINT_FORMAT,
         "config": config.to_dict(),
         "model": model_state,
         "optimizer": optimizer_state,
         "generator": generator.get_state(),
         "epoch": len(history),
+        "best_epoch": best,
         "history": history,
         "torch_version": torch.__version__,
-    }, out_path / CHECKPOINT_NAME)
+    }
+    if last_state is not None:
+        state["last_model"] = last_state
+    elif best != len(history) and best_state is not None:
+        state["best_model"] = best_state
+    _atomic_torch_save(state, out_path / CHECKPOINT_NAME)
+    # "final": the metrics of the epoch whose weights `model` holds.
+    final = history[best - 1] if last_state is not None else history[-1]
     _write_json({"config": config.to_dict(), "device": str(device), "train_images": train_images,
-                 "history": history, "final": history[-1]}, out_path / METRICS_NAME)
+                 "history": history, "best_epoch": best, "final": final}, out_path / METRICS_NAME)

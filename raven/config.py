@@ -31,8 +31,8 @@ class _SharedFields:
 
     beta weighs the KL/prior term (beta = 1 is the bound of the paper).
     patience stops training once val_elbo has not improved for that many epochs
-    (None trains all `epochs`); the model kept is the last one, at most `patience`
-    epochs past the best.
+    (None trains all `epochs`); with it, the model kept is that of the best val_elbo
+    epoch.
     grad_clip_norm caps the global gradient norm. RAdam takes plain momentum-SGD steps
     for its first few iterations (until its variance estimate is trusted), and with
     sigma_aug = 0.01 the initial KL gradient is ~1e4 times larger than the

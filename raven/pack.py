@@ -30,9 +30,11 @@ of a pack trains exactly as it would alone:
 
 The epoch loop is the solo run's too (raven.train.train_members, with `PackedTrainer`
 running the steps): members leave the pack when they stop early, finish their epochs or
-diverge, and the rest are repacked, so a stopped member's parameters and optimizer state
-stay exactly as they were. Members resumed at different epochs join when the pack reaches
-theirs. Only the seed and
+diverge, and the rest are repacked. A member that leaves keeps its parameters and optimizer
+state exactly as they were, except that with early stopping on its parameters become those of
+its best val_elbo epoch, as in its solo run (the loop keeps a CPU copy of each member's best
+weights, unpacked from the stack). Members resumed at different epochs join when the pack
+reaches theirs. Only the seed and
 PER_MEMBER_FIELDS may differ inside a pack; everything that shapes the computation
 (method, dataset, architecture, batch size, training images, lr, ...) must agree.
 

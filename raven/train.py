@@ -1,11 +1,12 @@
 """The one epoch loop, for a solo run (`train`) and a pack (raven.pack.train_pack).
 
 Every run goes through `train_members`: each member starts from its seed or resumes from its
-checkpoint; then, every epoch, members whose validation has stalled stop early, the others
-train one epoch of steps, and each member in turn gets its NaN guard, validation metrics,
-checkpoint (raven.checkpoints), log line, EpochReport and callbacks (Ray Tune and MLflow plug
-in here). Members leave when they stop, finish or diverge, and join when the loop reaches
-the epoch they resumed at.
+checkpoint; then, every epoch, the members train one epoch of steps, and each member in turn
+gets its NaN guard, validation metrics, checkpoint (raven.checkpoints), log line, EpochReport
+and callbacks (Ray Tune and MLflow plug in here). Members leave when they stop early (val_elbo
+has stalled), finish or diverge, and join when the loop reaches the epoch they resumed at.
+With early stopping on, a member that stops or finishes takes the weights of its best val_elbo
+epoch (a CPU copy, taken whenever val_elbo improves) before its last checkpoint is written.
 
 What runs an epoch of steps is a trainer. A solo run's is `SoloTrainer`: one RavenModel, one
 step at a time through `raven.step.train_step`, in plain view below. A pack's is
@@ -38,10 +39,12 @@ from raven.checkpoints import (  # noqa: F401
     CHECKPOINT_FORMAT,
     CHECKPOINT_NAME,
     METRICS_NAME,
+    best_epoch_of,
     checkpoint_file,
     load_checkpoint,
     load_state,
     resume_state,
+    resume_weights,
     write_checkpoint,
 )
 from raven.config import ConfigError, TrainConfig
@@ -69,7 +72,9 @@ class TrainingDiverged(RuntimeError):
 @dataclass(frozen=True)
 class EpochReport:
     """What a callback receives after each epoch (epoch counts from 1); `last`: no epoch follows
-    (config.epochs reached, or patience ran out)."""
+    (config.epochs reached, or patience ran out); `best_epoch`: the epoch of the best val_elbo so
+    far. On the last report with early stopping on, `model` and the checkpoint hold best_epoch's
+    weights, while `metrics` are still this epoch's."""
 
     epoch: int
     metrics: dict[str, float]
@@ -77,6 +82,7 @@ class EpochReport:
     model: RavenModel
     checkpoint_path: Path | None
     last: bool = False
+    best_epoch: int | None = None
 
 
 class Callback(Protocol):
@@ -92,10 +98,17 @@ class TrainResult:
     # Set for a pack's member whose loss became non-finite (train() raises instead):
     # the divergence message; model and history are then those of its last good epoch.
     diverged: str | None = None
+    # The epoch (from 1) of the best val_elbo in history. With early stopping on (config.patience),
+    # `model` and the checkpoint hold this epoch's weights, unless the run diverged.
+    best_epoch: int | None = None
 
     @property
     def final_metrics(self) -> dict[str, float]:
-        return self.history[-1] if self.history else {}
+        """The metrics of the epoch whose weights `model` holds (metrics.json's "final")."""
+        if not self.history:
+            return {}
+        restored = self.config.patience is not None and self.diverged is None
+        return self.history[self.best_epoch - 1] if restored else self.history[-1]
 
 
 def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
@@ -113,8 +126,7 @@ def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
 
 def epochs_since_best(history: list[dict[str, float]]) -> int:
     """Epochs since val_elbo last improved (0 when the latest epoch is the best)."""
-    values = [h["val_elbo"] for h in history]
-    return len(values) - 1 - max(range(len(values)), key=values.__getitem__) if values else 0
+    return len(history) - best_epoch_of(history) if history else 0
 
 
 def should_stop(config: TrainConfig, history: list[dict[str, float]]) -> bool:
@@ -146,10 +158,18 @@ class Member:
     history: list[dict[str, float]] = field(default_factory=list)
     diverged: str | None = None
     stopped: bool = False
+    # A CPU copy of the weights of best_epoch (None: unknown, from a checkpoint written before they were kept).
+    best_state: dict[str, torch.Tensor] | None = None
+    # Set once early stopping has put best_state into `model`: the last epoch's weights, which resume continues from.
+    last_state: dict[str, torch.Tensor] | None = None
 
     @property
     def epoch(self) -> int:
         return len(self.history)
+
+    @property
+    def best_epoch(self) -> int | None:
+        return best_epoch_of(self.history)
 
     @property
     def running(self) -> bool:
@@ -168,14 +188,45 @@ def open_member(index: int, config: TrainConfig, label: str, out_dir: str | os.P
         member.out_path.mkdir(parents=True, exist_ok=True)
         state = resume_state(member.out_path / CHECKPOINT_NAME, config, device) if resume else None
         if state is not None:
-            model.load_state_dict(state["model"])
+            last, best = resume_weights(state)
+            model.load_state_dict(last)
+            member.best_state = None if best is None else cpu_copy(best)
             member.optimizer_state = state["optimizer"]
             member.generator.set_state(state["generator"].cpu())
             member.history = state["history"]
             assert state["epoch"] == len(member.history), "checkpoint epoch and history disagree"
+            if best is None and config.patience is not None:
+                raise ConfigError(f"{member.out_path / CHECKPOINT_NAME} does not hold the weights of its best epoch "
+                                  f"({member.best_epoch}), which early stopping keeps (an older checkpoint); "
+                                  "resume it without --patience, or --fresh to start over")
     if member.running:
         member.noisy_copy = training_noisy_copy(config, train_x)
     return member
+
+
+def cpu_copy(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {name: tensor.detach().to("cpu", copy=True) for name, tensor in state.items()}
+
+
+def finish(m: Member) -> str | None:
+    """A member that trains no further (its epochs done, or its patience run out). With early stopping
+    on, its model takes the weights of its best epoch, the last epoch's kept in last_state for resume.
+    Returns what the log says about it (None: nothing)."""
+    assert m.last_state is None, "a member finishes once"
+    m.stopped = should_stop(m.config, m.history)
+    if m.config.patience is None or m.best_epoch == m.epoch:
+        return None
+    m.last_state = cpu_copy(m.model.state_dict())
+    m.model.load_state_dict(m.best_state)
+    how = (f"stopped early at epoch {m.epoch}: val_elbo has not improved for {m.config.patience} epochs"
+           if m.stopped else f"finished at epoch {m.epoch}")
+    return f"{how}; restored epoch {m.best_epoch} (best val_elbo {m.history[m.best_epoch - 1]['val_elbo']:.2f})"
+
+
+def save(m: Member, device: torch.device, train_images: int) -> None:
+    """The member's checkpoint folder after its latest epoch."""
+    write_checkpoint(m.out_path, m.config, m.model.state_dict(), m.optimizer_state, m.generator, m.history,
+                     device, train_images, best_state=m.best_state, last_state=m.last_state)
 
 
 class Trainer(Protocol):
@@ -264,6 +315,14 @@ def train_members(
               else [f"member {i} (seed {s})" for i, s in enumerate(seeds)])
     members = [open_member(i, c, labels[i], out_dirs[i] if out_dirs else None, resume, train_x)
                for i, c in enumerate(configs)]
+    for m in members:
+        if m.epoch >= m.config.epochs or should_stop(m.config, m.history):
+            # Resumed after its end: its checkpoint follows the patience given now.
+            note = finish(m)
+            if m.out_path:
+                save(m, device, len(train_x))
+            if note and log:
+                log(f"{'' if solo else m.label + ': '}{note}")
 
     steps_per_epoch = math.ceil(len(train_x) / first.batch_size)
     start_epoch = min(m.epoch for m in members)
@@ -277,12 +336,6 @@ def train_members(
         for epoch in range(start_epoch, last_epoch):
             if not any(m.running for m in members):
                 break
-            for m in members:
-                if m.running and m.epoch == epoch and should_stop(m.config, m.history):
-                    m.stopped = True
-                    if log:
-                        log(f"{'' if solo else m.label + ': '}early stop after epoch {epoch}: "
-                            f"val_elbo has not improved for {m.config.patience} epochs")
             active = [m for m in members if m.running and m.epoch == epoch]
             if not active:
                 bar.update(steps_per_epoch)
@@ -315,18 +368,24 @@ def train_members(
                 metrics["epoch_seconds"] = seconds
                 metrics["images_per_second"] = len(train_x) / seconds
                 m.history.append(metrics)
+                if m.best_epoch == m.epoch:
+                    m.best_state = cpu_copy(m.model.state_dict())
+                last = m.epoch >= m.config.epochs or should_stop(m.config, m.history)
+                note = finish(m) if last else None
                 if m.out_path:
-                    write_checkpoint(m.out_path, m.config, m.model.state_dict(), m.optimizer_state, m.generator,
-                                     m.history, device, len(train_x))
+                    save(m, device, len(train_x))
                 if log:
                     rate = (f"{metrics['images_per_second']:.0f} img/s" if solo else
                             f"{len(active) * metrics['images_per_second']:.0f} img/s for the pack of {len(active)}")
-                    log(f"{'' if solo else m.label + ': '}epoch {epoch + 1}/{m.config.epochs}  "
+                    prefix = "" if solo else m.label + ": "
+                    log(f"{prefix}epoch {epoch + 1}/{m.config.epochs}  "
                         f"loss {metrics['train_loss']:.2f}  val_elbo {metrics['val_elbo']:.2f}  "
                         f"val_mse_255 {metrics['val_mse_255']:.1f}  {rate}")
+                    if note:
+                        log(prefix + note)
                 report = EpochReport(epoch + 1, metrics, m.config, m.model,
                                      m.out_path / CHECKPOINT_NAME if m.out_path else None,
-                                     last=epoch + 1 == m.config.epochs or should_stop(m.config, m.history))
+                                     last=last, best_epoch=m.best_epoch)
                 for callback in callbacks or []:
                     callback(report)
                 reports.append(report)
@@ -339,7 +398,8 @@ def train_members(
         m.model.eval()
         m.model.config = m.config
         m.model.history = m.history
-        results.append(TrainResult(m.model, m.config, m.history, m.out_path, diverged=m.diverged))
+        results.append(TrainResult(m.model, m.config, m.history, m.out_path, diverged=m.diverged,
+                                   best_epoch=m.best_epoch))
     return results
 
 
@@ -358,6 +418,8 @@ def train(
 
     With `out_dir`, a checkpoint (model, optimizer, epoch, config, RNG) and metrics.json are
     written after every epoch, and an existing checkpoint there is resumed when `resume`.
+    With config.patience, the model returned and checkpointed last is that of the best val_elbo
+    epoch (result.best_epoch).
     `progress` None shows a bar only on a terminal; `log` receives one line per epoch.
     A NaN or infinite loss raises TrainingDiverged; the last good checkpoint stays.
     """

@@ -197,7 +197,17 @@ def test_early_stopped_member_is_frozen_while_the_others_train_on(monkeypatch, t
         assert max_abs_diff(kept["model"], solo_kept["model"]) < 1e-5
         assert optimizer_diff(kept["optimizer"], solo_kept["optimizer"]) < 1e-5
         assert torch.equal(kept["generator"], solo_kept["generator"])
-    # The stopped member's result is its checkpoint: nothing moved after it stopped.
+        assert ("last_model" in kept) == ("last_model" in solo_kept) == (k == 0)
+        assert max_abs_diff(kept.get("last_model", kept["model"]), solo_kept.get("last_model", solo_kept["model"])) \
+            < 1e-5  # the last epoch's weights, which a resume continues from
+    # Member 0 stopped and holds its best epoch (2), as its solo run does: the same seed trained 2 epochs
+    # straight; member 1 improved to its end and holds its last.
+    assert [r.best_epoch for r in packed] == [s.best_epoch for s in solos] == [2, 6]
+    assert load_state(tmp_path / "p0")["best_epoch"] == 2 and "last_model" not in load_state(tmp_path / "p1")
+    two_epochs = train(configs[0].replace(epochs=2, patience=None), splits=tiny, device="cpu")
+    assert max_abs_diff(packed[0].model.state_dict(), two_epochs.model.state_dict()) < 1e-5
+    assert max_abs_diff(solos[0].model.state_dict(), two_epochs.model.state_dict()) == 0.0
+    # The stopped member's result is its checkpoint.
     assert max_abs_diff(load_state(tmp_path / "p0")["model"], packed[0].model.state_dict()) == 0.0
 
 

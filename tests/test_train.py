@@ -163,3 +163,134 @@ def test_unreadable_checkpoint_is_a_config_error(tmp_path):
     torch.save({"format": 99}, tmp_path / "checkpoint.pt")
     with pytest.raises(ConfigError, match="not a raven checkpoint of format 1"):
         raven.load_checkpoint(tmp_path)
+
+
+def scripted_val_elbo(monkeypatch, scores: list[float]) -> None:
+    """validation_metrics replaced by a fixed val_elbo sequence (training itself is untouched)."""
+    import raven.train as train_module
+
+    stream = iter(scores)
+    monkeypatch.setattr(train_module, "validation_metrics",
+                        lambda model, config, val_x: {"val_loss": 0.0, "val_elbo": next(stream), "val_mse_255": 0.0})
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for name, tensor in a.items():
+        assert torch.equal(tensor, b[name]), f"{name} differs"
+
+
+def test_early_stopping_restores_the_best_epoch_before_the_checkpoint_is_written(monkeypatch, tmp_path, mnist_small):
+    import json
+
+    from raven.train import load_state
+
+    config = TrainConfig(method="vae", epochs=6, patience=2, limit=256)
+    # Independent references: the same seed trained straight for 2 and 4 epochs, no early stopping.
+    after_2 = train(config.replace(epochs=2, patience=None), splits=mnist_small, device="cpu").model.state_dict()
+    after_4 = train(config.replace(epochs=4, patience=None), splits=mnist_small, device="cpu").model.state_dict()
+    lines, reports = [], []
+    with monkeypatch.context() as m:
+        scripted_val_elbo(m, [-500.0, -490.0, -495.0, -496.0])  # best at 2, stops after 4
+        result = train(config, splits=mnist_small, device="cpu", out_dir=tmp_path, log=lines.append,
+                       callbacks=[reports.append])
+    assert [h["epoch"] for h in result.history] == [1, 2, 3, 4] and result.best_epoch == 2
+    assert result.final_metrics["val_elbo"] == -490.0
+    assert_same_weights(result.model.state_dict(), after_2)
+    on_disk = load_state(tmp_path)
+    assert on_disk["epoch"] == 4 and on_disk["best_epoch"] == 2
+    assert_same_weights(on_disk["model"], after_2)
+    assert_same_weights(on_disk["last_model"], after_4)  # what a resume continues from
+    assert_same_weights(raven.load_checkpoint(tmp_path).state_dict(), after_2)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["best_epoch"] == 2 and metrics["final"]["epoch"] == 2 and len(metrics["history"]) == 4
+    assert "stopped early at epoch 4: val_elbo has not improved for 2 epochs; restored epoch 2 " \
+           "(best val_elbo -490.00)" in lines
+    assert [(r.epoch, r.last, r.best_epoch) for r in reports] == [(1, False, 1), (2, False, 2), (3, False, 2),
+                                                                  (4, True, 2)]
+    assert_same_weights(reports[-1].model.state_dict(), after_2)
+
+
+def test_the_best_epoch_is_kept_at_the_last_epoch_too_and_never_without_patience(monkeypatch, mnist_small):
+    config = TrainConfig(method="vae", epochs=3, limit=256)
+    after_2 = train(config.replace(epochs=2), splits=mnist_small, device="cpu").model.state_dict()
+    after_3 = train(config, splits=mnist_small, device="cpu").model.state_dict()
+    for patience, expected in ((5, after_2), (None, after_3)):
+        lines = []
+        with monkeypatch.context() as m:
+            scripted_val_elbo(m, [-500.0, -490.0, -495.0])
+            result = train(config.replace(patience=patience), splits=mnist_small, device="cpu", log=lines.append)
+        assert result.best_epoch == 2 and len(result.history) == 3
+        assert_same_weights(result.model.state_dict(), expected)
+        assert result.final_metrics["epoch"] == (2 if patience else 3)
+        assert any(line.startswith("finished at epoch 3; restored epoch 2") for line in lines) == bool(patience)
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_resume_after_an_interruption_keeps_the_best_epoch(monkeypatch, tmp_path, mnist_small):
+    from raven.train import load_state
+
+    config = TrainConfig(method="vae", epochs=6, patience=2, limit=256)
+    scores = [-500.0, -490.0, -495.0, -496.0]  # best at 2, stops after 4
+    with monkeypatch.context() as m:
+        scripted_val_elbo(m, scores)
+        straight = train(config, splits=mnist_small, device="cpu", out_dir=tmp_path / "straight")
+    after_2 = train(config.replace(epochs=2, patience=None), splits=mnist_small, device="cpu").model.state_dict()
+    assert_same_weights(straight.model.state_dict(), after_2)
+
+    def interrupt_after_3(report):
+        if report.epoch == 3:
+            raise Interrupted  # after epoch 3's checkpoint, which holds epoch 3's weights and epoch 2's
+
+    # Killed mid-run after epoch 3; or a first run of 3 epochs, which ends restored to epoch 2.
+    with monkeypatch.context() as m:
+        scripted_val_elbo(m, scores[:3])
+        with pytest.raises(Interrupted):
+            train(config, splits=mnist_small, device="cpu", out_dir=tmp_path / "killed", callbacks=[interrupt_after_3])
+    killed = load_state(tmp_path / "killed")
+    assert killed["epoch"] == 3 and killed["best_epoch"] == 2 and "best_model" in killed
+    with monkeypatch.context() as m:
+        scripted_val_elbo(m, scores[:3])
+        shorter = train(config.replace(epochs=3), splits=mnist_small, device="cpu", out_dir=tmp_path / "shorter")
+    assert shorter.best_epoch == 2 and "last_model" in load_state(tmp_path / "shorter")
+    for folder in (tmp_path / "killed", tmp_path / "shorter"):
+        with monkeypatch.context() as m:
+            scripted_val_elbo(m, scores[3:])
+            resumed = train(config, splits=mnist_small, device="cpu", out_dir=folder)
+        assert resumed.best_epoch == 2 and len(resumed.history) == 4
+        assert_same_weights(resumed.model.state_dict(), after_2)
+        on_disk, reference = load_state(folder), load_state(tmp_path / "straight")
+        for key in ("model", "last_model"):
+            assert_same_weights(on_disk[key], reference[key])
+        assert torch.equal(on_disk["generator"], reference["generator"])
+        assert on_disk["optimizer"]["state"].keys() == reference["optimizer"]["state"].keys()
+        for i, state in on_disk["optimizer"]["state"].items():
+            assert_same_weights(state, reference["optimizer"]["state"][i])
+
+    # Resumed once finished: nothing trains; without patience the last epoch's weights are kept.
+    folder = tmp_path / "killed"
+    again = train(config, splits=mnist_small, device="cpu", out_dir=folder)
+    assert len(again.history) == 4 and again.best_epoch == 2
+    assert_same_weights(again.model.state_dict(), after_2)
+    last = train(config.replace(epochs=4, patience=None), splits=mnist_small, device="cpu", out_dir=folder)
+    assert_same_weights(last.model.state_dict(), load_state(tmp_path / "straight")["last_model"])
+    assert_same_weights(raven.load_checkpoint(folder).state_dict(), last.model.state_dict())
+
+
+def test_an_older_checkpoint_without_its_best_weights_refuses_patience(monkeypatch, tmp_path, mnist_small):
+    from raven.train import load_state
+
+    config = TrainConfig(method="vae", epochs=3, limit=256)
+    with monkeypatch.context() as m:
+        scripted_val_elbo(m, [-500.0, -490.0, -495.0])
+        train(config, splits=mnist_small, device="cpu", out_dir=tmp_path)
+    state = load_state(tmp_path)
+    assert state["best_epoch"] == 2 and "best_model" in state
+    del state["best_model"], state["best_epoch"]  # as written before the best epoch's weights were kept
+    torch.save(state, tmp_path / "checkpoint.pt")
+    with pytest.raises(ConfigError, match=r"does not hold the weights of its best epoch \(2\)"):
+        train(config.replace(patience=5), splits=mnist_small, device="cpu", out_dir=tmp_path)
+    assert len(train(config, splits=mnist_small, device="cpu", out_dir=tmp_path).history) == 3
