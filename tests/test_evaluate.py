@@ -15,7 +15,7 @@ from raven.cli import main
 from raven.config import ConfigError, TrainConfig
 from raven.data import noisy_copy
 from raven.eval import plots
-from raven.eval.evaluate import EvalConfig, delta_key, evaluate_model, probe_and_attack
+from raven.eval.evaluate import EvalConfig, delta_key, evaluate_model, format_summary, probe_and_attack
 from raven.eval.metrics import (
     cluster_accuracy,
     latent_pair_distance,
@@ -25,6 +25,8 @@ from raven.eval.metrics import (
 )
 from raven.eval.plots import accuracy_curve_data, plot_accuracy_curves
 from raven.eval.attacks import attack
+from raven.eval.autoattack import ProbeOnMean
+from raven.eval.certify import certify
 from raven.eval.probe import encode_mean, train_linear_probe
 from raven.eval.protocols import StrongConfig, stream, strong_protocol
 from raven.objectives import aug_variance, mixture_component_log_prob
@@ -76,7 +78,9 @@ def test_delta_keys_are_the_decimals_as_written():
         ({"restarts": 3, "random_start": False}, "restarts > 1 needs random_start"),
         ({"limit": 0}, "limit must be"),
         ({"strong_limit": 0}, "strong_limit must be an integer >= 1, got 0"),
-        ({"protocol": "fast"}, "protocol must be one of paper, strong, both, got 'fast'"),
+        ({"protocol": "fast"}, "protocol must be one of paper, strong, both, certified, all, got 'fast'"),
+        ({"certify_method": "lp"}, "certify_method must be one of crown, ibp, got 'lp'"),
+        ({"certify_dtype": "bfloat16"}, "certify_dtype must be one of float32, float64, got 'bfloat16'"),
         ({"strong": {"restarts": 0}}, "strong.restarts must be an integer >= 1"),
     ],
 )
@@ -155,6 +159,61 @@ def test_strong_protocol_runs_on_the_first_strong_limit_images(vae, mnist_small,
         images = {(r["protocol"], r["attack"], r["delta"]): int(r["images"]) for r in csv.DictReader(f)}
     assert images[("strong", "all", "0.1")] == 30 and images[("paper", "kl", "0.1")] == 80
     assert json.loads((tmp_path / "robustness.json").read_text())["settings"]["strong_images"] == 30
+
+
+def test_protocol_all_certifies_below_the_strong_protocol_on_its_images(vae, mnist_small, tmp_path):
+    """The certified protocol reads the strong protocol's images (the first strong_limit); its accuracy is certify()'s
+    own verdict, never above the strong protocol's, and the clean accuracy of those images at delta 0. That no
+    certified image is broken by an attack is tests/test_certify.py's."""
+    small = StrongConfig(attacks=("ce",), steps=10, restarts=1, autoattack=False, check_images=40, convergence=False)
+    config = EvalConfig(protocol="all", strong=small, attacks=("kl",), deltas=(0.0, 0.005, 0.01, 0.05), steps=5,
+                        limit=80, strong_limit=40, probe_limit=2000, fid=False, tsne=False)
+    result = evaluate_model(vae, mnist_small, config, out_dir=tmp_path)
+    report = json.loads((tmp_path / "robustness.json").read_text())
+    assert report["protocol"] == "all" and report["certified_bound"] == result.certified_bound == "crown-fp32"
+    assert report["certified_accuracy"] == result.certified_accuracy and list(result.certified_accuracy) == \
+        ["0", "0.005", "0.01", "0.05"]
+    assert report["settings"]["certified"]["images"] == 40 and result.timings["certified_seconds"] > 0
+    x, y = mnist_small.test_x[:40], mnist_small.test_y[:40]
+    probe, _ = train_linear_probe(encode_mean(vae, mnist_small.train_x[:2000]), mnist_small.train_y[:2000])
+    clean = probe(encode_mean(vae, x)).argmax(1) == y
+    assert result.certified_accuracy["0"] == result.robust_accuracy["0"] == float(clean.double().mean())
+    for delta in config.deltas:
+        key = delta_key(delta)
+        certified, shift = certify(ProbeOnMean(vae.encoder, probe), x, y, delta, dtype=torch.float32)
+        assert result.certified_accuracy[key] == float(certified.double().mean())
+        assert result.certified_accuracy[key] <= result.robust_accuracy[key]
+        stats = result.latent_shift_bound[key]
+        assert stats["max"] == pytest.approx(float(shift.max())) and stats["mean"] == pytest.approx(float(shift.mean()))
+        assert stats["median"] <= stats["q90"] <= stats["max"]
+    assert 0 < result.certified_accuracy["0.005"] and result.certified_accuracy["0.05"] < result.clean_accuracy
+    metrics, curves = result.metrics(), result.curves()
+    assert metrics["certified_acc_delta_0.01"] == result.certified_accuracy["0.01"]
+    assert metrics["latent_shift_bound_q90_delta_0.01"] == result.latent_shift_bound["0.01"]["q90"]
+    assert curves["certified_acc"] == result.certified_accuracy
+    with open(tmp_path / "robustness.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r["protocol"] == "certified"]
+    assert {(r["attack"], r["delta"], int(r["images"])) for r in rows} == {("crown-fp32", k, 40) for k in
+                                                                          result.certified_accuracy}
+    assert "CERTIFIED (crown)" in format_summary([result])
+
+
+def test_evaluate_command_runs_the_certified_protocol_alone(cli_run, tmp_path, data_dir):
+    import shutil
+
+    run_dir = tmp_path / "vae"
+    shutil.copytree(cli_run["run_dir"], run_dir)
+    (run_dir / "robustness.json").unlink()
+    assert main(["evaluate", str(run_dir), "--protocol", "certified", "--certify-method", "ibp", "--limit", "60",
+                 "--strong-limit", "50", "--deltas", "0,0.01", "--no-fid", "--no-tsne", "--data-dir", str(data_dir),
+                 "--device", "cpu", "--plots-dir", str(tmp_path / "plots")]) == 0
+    report = json.loads((run_dir / "robustness.json").read_text())
+    assert report["protocol"] == "certified" and report["certified_bound"] == "ibp-fp32"
+    assert report["adversarial_accuracy"] == {} and report["robust_accuracy"] is None
+    assert set(report["certified_accuracy"]) == set(report["latent_shift_bound"]) == {"0", "0.01"}
+    assert report["certified_accuracy"]["0.01"] <= report["certified_accuracy"]["0"]
+    assert report["settings"]["certified"]["images"] == 50 and "certified_seconds" in report["timings"]
+    assert (tmp_path / "plots" / "robustness_curves.png").stat().st_size > 1000
 
 
 def test_cluster_accuracy_on_hand_made_assignments():
@@ -347,7 +406,7 @@ def test_evaluate_command_logs_to_mlflow(cli_run):
         (["--deltas", "0,2"], "every delta must be a number in [0, 1]"),
         (["--attacks", "kl,pgd"], "unknown attack 'pgd'"),
         (["--steps", "0"], "steps must be an integer >= 1"),
-        (["--protocol", "strongest"], "protocol must be one of paper, strong, both, got 'strongest'"),
+        (["--protocol", "strongest"], "protocol must be one of paper, strong, both, certified, all, got 'strongest'"),
     ],
 )
 def test_evaluate_errors_are_one_line(args, message, cli_run, capsys):
@@ -383,6 +442,8 @@ def test_evaluate_flags_are_the_eval_config_fields():
                   "--fid-images", "5", "--protocol", "paper", "--strong-limit", "7") == EvalConfig(
         attacks=("kl", "ce"), deltas=(0.0, 0.1), steps=3, step_size=0.01, restarts=2, limit=10, probe_limit=20,
         fid=False, tsne=False, seed=4, batch_size=8, fid_images=5, protocol="paper", strong_limit=7)
+    assert config("--protocol", "all", "--certify-method", "ibp", "--certify-dtype", "float64") == EvalConfig(
+        protocol="all", certify_method="ibp", certify_dtype="float64")
 
 
 def test_evaluate_help_shows_each_fields_default(capsys):

@@ -81,3 +81,42 @@ def test_figure2_draws_the_robust_reading_from_the_runs_and_the_papers_dashed(tm
     assert dashed == [[90.0, 50.0]]  # vae's paper reading, beside its robust one
     assert READING_LABELS["paper"] in [t.get_text() for t in ax.get_legend().get_texts()]
     assert (tmp_path / "figure2.png").stat().st_size > 1000
+
+
+def band(ax):
+    """(label, sorted y values in %) of the hatched band on a panel."""
+    (gap,) = [c for c in ax.collections if c.get_hatch() == "//"]
+    return gap.get_label(), sorted({round(float(v), 9) for v in gap.get_paths()[0].vertices[:, 1]})
+
+
+def test_evaluate_plot_bands_the_gap_from_certified_to_strong(drawn, tmp_path):
+    runs = [{**run([0.9, 0.6, 0.3], [0.9, 0.5, 0.2], [0.9, 0.4, 0.1]),
+             "certified_accuracy": dict(zip(DELTAS, [0.9, 0.2, 0.0])), "certified_bound": "crown-fp32"}]
+    plot_accuracy_curves([("raven", r) for r in runs], tmp_path / "curves.png")
+    _, strong = drawn[0].axes
+    assert strong.get_title() == plots.GAP_TITLE
+    assert band(strong) == ("raven: open between crown-fp32 and strong", [0.0, 10.0, 20.0, 40.0, 90.0])
+    dotted = [list(line.get_ydata()) for line in strong.get_lines() if line.get_linestyle() == ":"]
+    assert dotted == [[90.0, 20.0, 0.0]]
+    # The certified protocol alone still gets its panel, without a band.
+    drawn.clear()
+    plot_accuracy_curves([("raven", {"certified_accuracy": {"0": 0.9, "0.1": 0.2}})], tmp_path / "alone.png")
+    (alone,) = drawn[0].axes
+    assert [c for c in alone.collections if c.get_hatch() == "//"] == []
+    assert [t.get_text() for t in alone.get_legend().get_texts()] == ["raven: certified (certified)"]
+
+
+def test_figure2_bands_the_gap_from_certified_to_strong(tmp_path):
+    summary = pd.DataFrame([{"dataset": "mnist", "method": "vae", "attack": "strong", "delta": d, "seeds": 2,
+                             "accuracy_mean": a, "accuracy_std": 0.0} for d, a in ((0.0, 0.9), (0.01, 0.5))])
+    runs = pd.DataFrame([{"dataset": "mnist", "method": "vae", "seed": seed,
+                          "params.eval.certified.bound": "crown-fp32", "metrics.certified_acc_delta_0": 0.9,
+                          "metrics.certified_acc_delta_0.01": value}
+                         for seed, value in ((0, 0.1), (1, 0.3))])
+    figure = plot_figure2(summary, tmp_path / "figure2.png", runs=runs)
+    (ax,) = figure.axes
+    assert band(ax) == ("VAE: open between crown-fp32 and strong", [20.0, 50.0, 90.0])
+    # Certified runs without the strong protocol still get the strong panel, with their dotted line.
+    figure = plot_figure2(summary.iloc[:0], runs=runs)
+    (ax,) = figure.axes
+    assert [list(np.round(line.get_ydata(), 9)) for line in ax.get_lines()] == [[90.0, 20.0]]

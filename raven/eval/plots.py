@@ -8,6 +8,9 @@
   the attack (adversarial_accuracy); results written before the first existed show the
   paper's reading alone, solid, and say so in the legend. Runs sharing a label (seeds of one
   setting) are drawn as their mean with a +-1 standard deviation band (sample std over runs).
+  Where a run has the certified protocol's accuracy, the strong panel draws it dotted, and
+  where it has both, a hatched band from the certified accuracy (lower edge, a sound bound) to
+  the strong protocol's (upper edge): the band's width is what the evaluation leaves open.
 * `plot_reconstructions`: test images above their mean reconstructions sigmoid(Dec(mu_x)).
 * `plot_tsne`: a 2-d t-SNE of clean and noisy test encodings coloured by class, clean as
   dots and noisy as crosses (Figure 1).
@@ -32,6 +35,8 @@ ATTACK_TITLES = {"kl": "KL attack", "w2": "Wasserstein-2 attack", "ce": "end-to-
 DATASET_LABELS = {"mnist": "MNIST", "fashion-mnist": "F-MNIST"}
 STRONG = "strong"  # the panel of the strong protocol's robust accuracy
 STRONG_TITLE = "strong protocol: worst case over all attacks"
+CERTIFIED = "certified"  # the certified protocol's accuracy, drawn in the strong panel
+GAP_TITLE = "robust accuracy: certified (lower) to strong (upper)"
 PAPER_READING = "paper"  # adversarial_accuracy: the probe is right after the attack
 ROBUST_READING = "robust"  # adversarial_robust_accuracy: right on the clean image and after the attack
 READING_KEYS = {PAPER_READING: "adversarial_accuracy", ROBUST_READING: "adversarial_robust_accuracy"}
@@ -44,6 +49,8 @@ def curve(run: dict[str, Any], attack: str, reading: str = PAPER_READING) -> dic
     accuracy. A result written before the robust reading existed has none ({})."""
     if attack == STRONG:
         return run.get("robust_accuracy") or {}
+    if attack == CERTIFIED:
+        return run.get("certified_accuracy") or {}
     return (run.get(READING_KEYS[reading]) or {}).get(attack, {})
 
 
@@ -84,9 +91,10 @@ def plot_accuracy_curves(entries: Iterable[tuple[str, dict[str, Any]]], path: st
 
     `entries` are (label, robustness.json dict) pairs; several entries with one label are
     averaged (mean line, +-std band). A paper attack's line is its robust reading, with the
-    paper's reading dashed beside it (the paper's alone, solid, for results without the robust one). `attacks` (default: every paper attack present) that
-    no run measured are left out; the STRONG panel is added when any run has the strong
-    protocol's robust accuracy.
+    paper's reading dashed beside it (the paper's alone, solid, for results without the robust one).
+    `attacks` (default: every paper attack present) that no run measured are left out; the
+    STRONG panel is added when any run has the strong protocol's robust accuracy or the
+    certified accuracy (dotted, with a band up to the strong accuracy where both exist).
     """
     groups: OrderedDict[str, list[dict[str, Any]]] = OrderedDict()
     for label, result in entries:
@@ -96,7 +104,7 @@ def plot_accuracy_curves(entries: Iterable[tuple[str, dict[str, Any]]], path: st
     runs_all = [run for runs in groups.values() for run in runs]
     present = list(dict.fromkeys(a for run in runs_all for a in (run.get("adversarial_accuracy") or {})))
     attacks = [a for a in (present if attacks is None else attacks) if a in present]
-    if any(curve(run, STRONG) for run in runs_all):
+    if any(curve(run, STRONG) or curve(run, CERTIFIED) for run in runs_all):
         attacks.append(STRONG)
     if not attacks:
         raise ValueError("the results hold no accuracy curve to plot")
@@ -121,7 +129,12 @@ def plot_accuracy_curves(entries: Iterable[tuple[str, dict[str, Any]]], path: st
             ax.plot(deltas, 100 * mean, marker="o", markersize=3, color=color, label=label + suffix)
             if len(runs) > 1:
                 ax.fill_between(deltas, 100 * (mean - std), 100 * (mean + std), color=color, alpha=0.2, linewidth=0)
-        ax.set_title(STRONG_TITLE if attack == STRONG else ATTACK_TITLES.get(attack, attack), fontsize=10)
+        certified = attack == STRONG and any(curve(run, CERTIFIED) for run in runs_all)
+        if certified:
+            for i, (label, runs) in enumerate(groups.items()):
+                _draw_certified(ax, label, runs, colors[i % len(colors)])
+        heading = GAP_TITLE if certified else STRONG_TITLE if attack == STRONG else ATTACK_TITLES.get(attack, attack)
+        ax.set_title(heading, fontsize=10)
         ax.set_xlabel(r"attack budget $\delta$ ($L_\infty$)")
         ax.set_ylabel("linear-probe accuracy (%)")
         ax.set_ylim(0, 100)
@@ -135,6 +148,23 @@ def plot_accuracy_curves(entries: Iterable[tuple[str, dict[str, Any]]], path: st
         fig.suptitle(title)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def _draw_certified(ax: plt.Axes, label: str, runs: list[dict[str, Any]], color: str) -> None:
+    """The certified accuracy dotted and, where the strong protocol's exists too, the band between them."""
+    deltas, lower, _ = accuracy_curve_data(runs, CERTIFIED)
+    if len(deltas) == 0:
+        return
+    bound = next((run.get("certified_bound") for run in runs if run.get("certified_bound")), CERTIFIED)
+    ax.plot(deltas, 100 * lower, linestyle=":", marker="v", markersize=3, color=color,
+            label=f"{label}: certified ({bound})")
+    strong_deltas, upper, _ = accuracy_curve_data(runs, STRONG)
+    shared = np.intersect1d(deltas, strong_deltas)
+    if len(shared):
+        low = lower[np.isin(deltas, shared)]
+        high = upper[np.isin(strong_deltas, shared)]
+        ax.fill_between(shared, 100 * low, 100 * high, color=color, alpha=0.15, hatch="//", linewidth=0,
+                        label=f"{label}: open between {bound} and strong")
 
 
 def plot_reconstructions(images: np.ndarray, reconstructions: np.ndarray, path: str | os.PathLike,

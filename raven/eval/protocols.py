@@ -19,6 +19,12 @@ with [0, 1].
   that survive all of them: an upper bound on the probe's true robust accuracy that the
   field would accept. `robust_accuracy_by_attack` holds each attack alone (AutoAttack as
   one attack, its four parts in AutoAttack's own cascade).
+* ``certified``: the lower edge (raven.eval.certify). An image is certified at delta when a
+  sound lower bound (CROWN with IBP, or IBP alone) of every margin logit_y - logit_j of
+  x -> probe(mu(x)) is positive over the whole L-inf ball intersected with [0, 1]: no attack
+  can break it. `certified_accuracy[delta]` is a lower bound on the probe's true robust
+  accuracy, as `robust_accuracy[delta]` is an upper one; the gap between them is what the
+  evaluation leaves open. ``both`` runs paper and strong, ``all`` the three.
 
 Checks that the strong attack bites (`checks` in robustness.json, printed with every
 evaluation):
@@ -60,9 +66,13 @@ from raven.eval.autoattack import (
     autoattack,
     autoattack_available,
 )
+from raven.eval.certify import certify
 from raven.eval.probe import encode_mean, train_linear_probe
 
-PROTOCOLS = ("paper", "strong", "both")
+PROTOCOLS = ("paper", "strong", "both", "certified", "all")  # both: paper + strong; all: paper + strong + certified
+CERTIFY_METHODS = ("crown", "ibp")
+CERTIFY_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+CERTIFY_CHUNK = 250  # images per CROWN chunk: its (chunk, 250, 500) back-substitution tensors stay ~0.1-0.25 GB
 STRONG_ATTACKS = ("kl", "rkl", "w2", "mean", "ce")
 AUTOATTACK = "autoattack"
 FLAT_GREY_DELTA = 0.5
@@ -301,6 +311,47 @@ def strong_protocol(model: nn.Module, probe: nn.Module, x: torch.Tensor, y: torc
             log(f"  {line}")
     return {"robust_accuracy": robust, "robust_accuracy_by_attack": by_attack, "autoattack_survivors": survivors,
             "checks": checks, "seconds": seconds, "check_seconds": check_seconds}
+
+
+# ----------------------------------------------------------------------------- the certified bound
+
+
+def certify_bound_name(method: str, dtype: str) -> str:
+    """The name of a certified bound in robustness.json and the plots: "crown-fp32", "ibp-fp64", ..."""
+    return f"{method}-fp{dtype.removeprefix('float')}"
+
+
+def certified_protocol(model: nn.Module, probe: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                       deltas: tuple[float, ...], *, method: str = "crown", dtype: str = "float32",
+                       batch_size: int = CERTIFY_CHUNK, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Certified accuracy and the certified latent shift on (x, y) for every delta; plain data, safe to store as JSON.
+
+    Returns {"certified_accuracy": {delta_key: fraction of the images whose every margin is
+    provably positive over the ball}, "latent_shift_bound": {delta_key: {"mean", "median",
+    "q90", "max"} over the images of the certified upper bound on ||mu(x') - mu(x)||^2},
+    "certified_bound": e.g. "crown-fp32", "seconds": float}. median and q90 are quantiles
+    0.5 and 0.9 with linear interpolation. Images go in chunks of at most CERTIFY_CHUNK.
+    """
+    started = time.perf_counter()
+    classifier = ProbeOnMean(model.encoder, probe)
+    accuracy: dict[str, float] = {}
+    shift: dict[str, dict[str, float]] = {}
+    for delta in deltas:
+        key = delta_key(delta)
+        certified, bound = certify(classifier, x, y, delta, method=method, batch_size=min(batch_size, CERTIFY_CHUNK),
+                                   dtype=CERTIFY_DTYPES[dtype])
+        accuracy[key] = _fraction(certified)
+        bound = bound.double()
+        shift[key] = ({"mean": float(bound.mean()), "median": float(bound.quantile(0.5)),
+                       "q90": float(bound.quantile(0.9)), "max": float(bound.max())} if len(bound)
+                      else {name: math.nan for name in ("mean", "median", "q90", "max")})
+        if log:
+            log(f"  certified ({certify_bound_name(method, dtype)}) delta={key}: certified accuracy "
+                f"{accuracy[key]:.4f}, latent shift bound median {shift[key]['median']:.4g}")
+    if x.device.type == "cuda":
+        torch.cuda.synchronize(x.device)
+    return {"certified_accuracy": accuracy, "latent_shift_bound": shift,
+            "certified_bound": certify_bound_name(method, dtype), "seconds": time.perf_counter() - started}
 
 
 # ----------------------------------------------------------------------------- checks

@@ -2,8 +2,10 @@
 
 robustness.json holds the paper's protocol (`adversarial_accuracy`, per attack and
 delta, in the paper's reading, and `adversarial_robust_accuracy`, which counts an image
-only if the probe is also right on the clean image) and the strong one (`robust_accuracy`, `robust_accuracy_by_attack`, `checks`),
-side by side; delta keys are raven.eval.protocols.delta_key's decimals.
+only if the probe is also right on the clean image), the strong one (`robust_accuracy`,
+`robust_accuracy_by_attack`, `checks`) and the certified one (`certified_accuracy`,
+`certified_bound`, `latent_shift_bound`), side by side; delta keys are
+raven.eval.protocols.delta_key's decimals.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ class EvalResult:
     adversarial_accuracy: the paper's protocol ({} when not run), in the paper's reading (right
     after the attack); adversarial_robust_accuracy: the same attacks, an image counting only
     if the probe is right on the clean image too (AutoAttack's and RobustBench's reading;
-    {} when not run). robust_accuracy,
+    {} when not run). certified_accuracy, certified_bound, latent_shift_bound: the certified
+    protocol (None when not run). robust_accuracy,
     robust_accuracy_by_attack, autoattack_survivors, checks: the strong protocol (None
     when not run).
     """
@@ -53,6 +56,9 @@ class EvalResult:
     artifacts: list[Path] = field(default_factory=list)
     latent_pair_distance_sampled: dict[str, float] = field(default_factory=dict)
     adversarial_robust_accuracy: dict[str, dict[str, float]] = field(default_factory=dict)
+    certified_accuracy: dict[str, float] | None = None
+    certified_bound: str | None = None
+    latent_shift_bound: dict[str, dict[str, float]] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -66,6 +72,9 @@ class EvalResult:
             "robust_accuracy_by_attack": self.robust_accuracy_by_attack,
             "autoattack_survivors": self.autoattack_survivors,
             "checks": self.checks,
+            "certified_accuracy": self.certified_accuracy,
+            "certified_bound": self.certified_bound,
+            "latent_shift_bound": self.latent_shift_bound,
             "mse": self.mse,
             "fid": self.fid,
             "fid_note": self.fid_note,
@@ -80,7 +89,7 @@ class EvalResult:
         """One row per (protocol, attack, delta); the strong protocol's worst case is attack "all".
 
         protocol "paper" is the paper's reading, "paper-robust" the same attacks counting only the
-        images the probe also gets right clean.
+        images the probe also gets right clean; "certified" has the bound's name as its attack.
         """
         images = self.settings.get("test_images")
         strong_images = self.settings.get("strong_images") or images
@@ -98,11 +107,17 @@ class EvalResult:
                 for key, acc in by_delta.items():
                     rows.append({"protocol": "strong", "attack": kind, "delta": key, "accuracy": acc,
                                  "mean_dissimilarity": None, "images": strong_images})
+        if self.certified_accuracy is not None:
+            certified_images = (self.settings.get("certified") or {}).get("images", images)
+            for key, acc in self.certified_accuracy.items():
+                rows.append({"protocol": "certified", "attack": self.certified_bound, "delta": key, "accuracy": acc,
+                             "mean_dissimilarity": None, "images": certified_images})
         return rows
 
     def metrics(self) -> dict[str, float]:
         """Flat metrics for MLflow: adv_acc_{attack}_delta_{key}, adv_robust_acc_{attack}_delta_{key},
-        robust_acc_delta_{key}, clean_accuracy, ..."""
+        robust_acc_delta_{key}, certified_acc_delta_{key}, latent_shift_bound_{mean,median,q90,max}_delta_{key},
+        clean_accuracy, ..."""
         out = {"clean_accuracy": self.clean_accuracy, "mse_255": self.mse,
                "latent_pair_distance_mean": self.latent_pair_distance["mean"],
                "latent_pair_distance_std": self.latent_pair_distance["std"]}
@@ -117,6 +132,10 @@ class EvalResult:
                 out[f"adv_robust_acc_{kind}_delta_{key}"] = acc
         for key, acc in (self.robust_accuracy or {}).items():
             out[f"robust_acc_delta_{key}"] = acc
+        for key, acc in (self.certified_accuracy or {}).items():
+            out[f"certified_acc_delta_{key}"] = acc
+        for key, stats in (self.latent_shift_bound or {}).items():
+            out.update({f"latent_shift_bound_{name}_delta_{key}": value for name, value in stats.items()})
         if self.fid is not None:
             out["fid"] = self.fid
         if self.cluster_accuracy is not None:
@@ -125,7 +144,7 @@ class EvalResult:
 
     def curves(self) -> dict[str, dict[str, float]]:
         """Accuracy-vs-delta curves {metric name: {delta_key: value}}: adv_acc_{attack} and adv_robust_acc_{attack}
-        (paper, both readings), robust_acc (strong).
+        (paper, both readings), robust_acc (strong), certified_acc (certified).
 
         MLflow logs each at step round(1000 delta), so its chart is accuracy against delta.
         """
@@ -134,6 +153,8 @@ class EvalResult:
                     for kind, by_delta in self.adversarial_robust_accuracy.items()})
         if self.robust_accuracy is not None:
             out["robust_acc"] = dict(self.robust_accuracy)
+        if self.certified_accuracy is not None:
+            out["certified_acc"] = dict(self.certified_accuracy)
         return out
 
     def write(self, out_dir: str | os.PathLike) -> list[Path]:
@@ -158,13 +179,17 @@ class EvalResult:
 
 
 def format_summary(results: list[EvalResult]) -> str:
-    """A plain-text table: one block per model, rows = attacks (paper, each in both readings, then strong), columns
-    = deltas; then checks."""
+    """A plain-text table: one block per model, rows = attacks (paper, each in both readings, then strong, then
+    the certified bound), columns = deltas; then checks."""
     lines = []
     for result in results:
         extra = f", cluster acc {result.cluster_accuracy:.4f}" if result.cluster_accuracy is not None else ""
         fid_text = f"{result.fid:.3f}" if result.fid is not None else "n/a"
-        lines.append(f"{result.label}  ({result.settings.get('test_images')} test images; "
+        subset = (result.settings.get("strong_images") or (result.settings.get("certified") or {}).get("images")
+                  or result.settings.get("test_images"))
+        subset_text = (f", strong/certified on the first {subset}" if subset != result.settings.get("test_images")
+                       else "")
+        lines.append(f"{result.label}  ({result.settings.get('test_images')} test images{subset_text}; "
                      f"clean acc {result.clean_accuracy:.4f}, MSE(0-255) {result.mse:.1f}, FID {fid_text}, "
                      f"latent pair dist: means {result.latent_pair_distance['mean']:.4g} "
                      f"+- {result.latent_pair_distance['std']:.4g}, sampled z "
@@ -178,6 +203,8 @@ def format_summary(results: list[EvalResult]) -> str:
         if result.robust_accuracy is not None:
             rows.append(("STRONG (all)", result.robust_accuracy))
             rows += [(f"strong {kind}", curve) for kind, curve in (result.robust_accuracy_by_attack or {}).items()]
+        if result.certified_accuracy is not None:
+            rows.append((f"CERTIFIED ({result.certified_bound.split('-')[0]})", result.certified_accuracy))
         keys: list[str] = []
         for _, by_delta in rows:
             keys += [k for k in by_delta if k not in keys]

@@ -6,6 +6,9 @@ Figure 2 reads the paper's attacks in two ways: the paper's (the probe is right 
 metrics adv_acc_{attack}_delta_{delta}) and the robust one of AutoAttack and RobustBench (right on
 the clean image too, adv_robust_acc_{attack}_delta_{delta}). It draws the robust reading solid and
 the paper's dashed; runs logged before the robust reading existed show the paper's alone, solid.
+Where the runs logged the certified protocol (certified_acc_delta_{delta}), the strong protocol's
+panel holds a hatched band from the certified accuracy (lower edge) to the strong protocol's
+(upper edge), labelled with the bound: its width is what the evaluation leaves open.
 """
 
 from __future__ import annotations
@@ -44,8 +47,11 @@ ATTACK_LABELS = {"kl": "KL attack", "w2": "Wasserstein attack", "ce": "cross-ent
                  "rkl": "reverse-KL attack", "mean": "posterior-mean attack", "strong": "strong protocol (worst case)"}
 STRONG = "strong"
 TSNE_ARTIFACT = "robustness/tsne.png"
-# The robust reading of the paper's attacks (raven.eval.results.EvalResult.metrics).
+# The robust reading of the paper's attacks and the certified accuracy (raven.eval.results.EvalResult.metrics).
 ROBUST_COLUMN = re.compile(r"^metrics\.adv_robust_acc_([a-z0-9]+)_delta_([0-9.e-]+)$")
+CERTIFIED_COLUMN = re.compile(r"^metrics\.certified_acc_delta_([0-9.e-]+)$")
+CERTIFIED = "certified"
+CERTIFIED_BOUND_PARAM = "params.eval.certified.bound"  # raven.record.tracking.log_evaluation's settings
 
 
 class ReportError(RuntimeError):
@@ -61,19 +67,21 @@ def ordered(values: Any, order: tuple[str, ...]) -> list[str]:
 
 
 def robust_reading_summary(runs: pd.DataFrame) -> pd.DataFrame:
-    """The paper attacks' robust reading per (dataset, method, attack, delta): seeds, accuracy_mean, accuracy_std
-    (sample std over seeds), from the runs' adv_robust_acc_{attack}_delta_{delta} metrics; empty when none logged it.
+    """Figure 2's other curves per (dataset, method, attack, delta): seeds, accuracy_mean, accuracy_std (sample std
+    over seeds). The paper attacks' robust reading (adv_robust_acc_{attack}_delta_{delta}) under the attack's
+    name, the certified accuracy (certified_acc_delta_{delta}) as attack "certified"; empty when none logged them.
     """
     rows = []
     for column in runs.columns:
-        match = ROBUST_COLUMN.match(column)
-        if not match:
+        robust, certified = ROBUST_COLUMN.match(column), CERTIFIED_COLUMN.match(column)
+        if not (robust or certified):
             continue
+        attack, delta = (robust.group(1), robust.group(2)) if robust else (CERTIFIED, certified.group(1))
         values = pd.to_numeric(runs[column], errors="coerce")
         for (_, run), value in zip(runs.iterrows(), values):
             if np.isfinite(value):
-                rows.append({"dataset": run["dataset"], "method": run["method"], "attack": match.group(1),
-                             "delta": float(match.group(2)), "accuracy": float(value)})
+                rows.append({"dataset": run["dataset"], "method": run["method"], "attack": attack,
+                             "delta": float(delta), "accuracy": float(value)})
     columns = ["dataset", "method", "attack", "delta", "seeds", "accuracy_mean", "accuracy_std"]
     if not rows:
         return pd.DataFrame(columns=columns)
@@ -88,12 +96,18 @@ def plot_figure2(summary: pd.DataFrame, path: str | os.PathLike | None = None, t
 
     The strong protocol's worst case, where present, is the last column, beside the paper's attacks.
     `summary` holds the paper's reading; `runs` (the reproduction's runs, search_runs columns), where
-    they logged the robust reading, add it: solid with its band, the paper's reading dashed beside it.
+    they logged the robust reading, add it: solid with its band, the paper's reading dashed beside it;
+    where they logged the certified accuracy, the strong panel adds it dotted, and the band from it up
+    to the strong protocol's accuracy.
     """
-    robust = robust_reading_summary(pd.DataFrame() if runs is None else runs)
-    datasets = ordered(summary["dataset"], DATASETS)
+    runs = pd.DataFrame() if runs is None else runs
+    robust = robust_reading_summary(runs)
+    bound = (next(iter(runs[CERTIFIED_BOUND_PARAM].dropna()), CERTIFIED) if CERTIFIED_BOUND_PARAM in runs
+             else CERTIFIED)
+    datasets = ordered([*summary["dataset"], *robust["dataset"]], DATASETS)
     attacks = ordered(summary["attack"], ("kl", "w2", "ce", "rkl", "mean"))
-    attacks = [a for a in attacks if a != STRONG] + ([STRONG] if STRONG in attacks else [])
+    strong = STRONG in attacks or (robust["attack"] == CERTIFIED).any()
+    attacks = [a for a in attacks if a != STRONG] + ([STRONG] if strong else [])
     fig = Figure(figsize=(4.6 * len(attacks), 3.7 * len(datasets)), layout="constrained")
     axes = fig.subplots(len(datasets), len(attacks), squeeze=False)
     panel = iter("abcdefghijklmnop")
@@ -101,7 +115,7 @@ def plot_figure2(summary: pd.DataFrame, path: str | os.PathLike | None = None, t
         for ax, attack in zip(row, attacks):
             part = summary[(summary["dataset"] == dataset) & (summary["attack"] == attack)]
             robust_part = robust[(robust["dataset"] == dataset) & (robust["attack"] == attack)]
-            both_readings = False
+            both_readings, measured = False, not part.empty
             for method in ordered(part["method"], METHODS):
                 line = part[part["method"] == method].sort_values("delta")
                 color = METHOD_COLORS.get(method)
@@ -116,13 +130,19 @@ def plot_figure2(summary: pd.DataFrame, path: str | os.PathLike | None = None, t
                 mean, std = 100 * line["accuracy_mean"].to_numpy(), 100 * line["accuracy_std"].fillna(0).to_numpy()
                 ax.plot(line["delta"], mean, marker="o", markersize=3, color=color, label=label)
                 ax.fill_between(line["delta"], mean - std, mean + std, color=color, alpha=0.2, linewidth=0)
+            if attack == STRONG:
+                certified = robust[(robust["dataset"] == dataset) & (robust["attack"] == CERTIFIED)]
+                for method in ordered(certified["method"], METHODS):
+                    _draw_certified(ax, certified[certified["method"] == method].sort_values("delta"),
+                                    part[part["method"] == method].sort_values("delta"), method, bound)
+                measured = measured or not certified.empty
             ax.set_title(f"({next(panel)}) {DATASET_LABELS.get(dataset, dataset)}, {ATTACK_LABELS.get(attack, attack)}",
                          fontsize=10)
             ax.set_xlabel(r"attack budget $\delta$ ($L_\infty$)")
             ax.set_ylabel("accuracy (%)")
             ax.set_ylim(0, 100)
             ax.grid(alpha=0.3)
-            if part.empty:  # e.g. a dataset whose runs were not evaluated with the strong protocol
+            if not measured:  # e.g. a dataset whose runs were not evaluated with the strong protocol
                 ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes, color="gray")
             else:
                 handles, _ = ax.get_legend_handles_labels()
@@ -135,6 +155,20 @@ def plot_figure2(summary: pd.DataFrame, path: str | os.PathLike | None = None, t
     if path is not None:
         save_figure(fig, path)
     return fig
+
+
+def _draw_certified(ax: Axes, certified: pd.DataFrame, strong: pd.DataFrame, method: str, bound: str) -> None:
+    """A method's certified accuracy (mean over seeds) dotted, and the band from it up to its strong accuracy."""
+    color = METHOD_COLORS.get(method)
+    name = METHOD_LABELS.get(method, method)
+    lower = 100 * certified.set_index("delta")["accuracy_mean"]
+    ax.plot(lower.index, lower.to_numpy(), linestyle=":", marker="v", markersize=3, color=color,
+            label=f"{name}: certified ({bound})")
+    upper = 100 * strong.set_index("delta")["accuracy_mean"]
+    shared = sorted(set(lower.index) & set(upper.index))
+    if shared:
+        ax.fill_between(shared, lower[shared].to_numpy(), upper[shared].to_numpy(), color=color, alpha=0.15,
+                        hatch="//", linewidth=0, label=f"{name}: open between {bound} and strong")
 
 
 def plot_protocol_curves(points: pd.DataFrame, title: str | None = None) -> Figure:
