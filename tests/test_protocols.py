@@ -12,10 +12,13 @@ import torch.nn.functional as F
 from raven.config import ConfigError, TrainConfig
 from raven.eval.autoattack import COMPONENTS, ProbeOnMean, autoattack
 from raven.eval.probe import encode_mean, train_linear_probe
+from raven.eval.certify import certify
 from raven.eval.protocols import (
+    CertifiedObjectiveSettings,
     StrongConfig,
     StrongObjectiveSettings,
     bite_checks,
+    certified_validation_objective,
     format_checks,
     strong_protocol,
     strong_validation_objective,
@@ -149,8 +152,32 @@ def test_strong_objective_reads_the_validation_split_only(vae, mnist_small):
     chosen = ObjectiveSettings(protocol="strong", val_limit=100, probe_limit=2000, steps=10)
     assert validation_objective(vae, poisoned, chosen) == metrics
     assert set(metrics) == set(chosen.metrics())
-    with pytest.raises(ConfigError, match="--objective must be one of paper, strong"):
+    with pytest.raises(ConfigError, match="--objective must be one of paper, strong, certified"):
         ObjectiveSettings(protocol="autoattack")
+
+
+def test_certified_objective_is_certifys_own_mean_on_the_validation_images(vae, mnist_small):
+    poisoned = dataclasses.replace(mnist_small, test_x=torch.full_like(mnist_small.test_x, float("nan")))
+    chosen = ObjectiveSettings(protocol="certified", val_limit=100, probe_limit=2000)
+    metrics = validation_objective(vae, poisoned, chosen)
+    assert metrics == certified_validation_objective(vae, poisoned, CertifiedObjectiveSettings(val_limit=100,
+                                                                                                probe_limit=2000))
+    assert set(metrics) == set(chosen.metrics()) == {"val_certified_accuracy", "val_clean_accuracy",
+                                                     "val_certified_acc_delta_0.01", "val_certified_acc_delta_0.025"}
+    # Independently: the probe on the first 2,000 training images, certify() in float32 on the first 100
+    # validation images (never the test split, which is NaN here).
+    x, y = mnist_small.val_x[:100], mnist_small.val_y[:100]
+    probe, _ = train_linear_probe(encode_mean(vae, mnist_small.train_x[:2000]), mnist_small.train_y[:2000])
+    parts = []
+    for key, delta in (("0.01", 0.01), ("0.025", 0.025)):
+        certified, _ = certify(ProbeOnMean(vae.encoder, probe), x, y, delta, dtype=torch.float32)
+        assert metrics[f"val_certified_acc_delta_{key}"] == float(certified.double().mean())
+        parts.append(float(certified.double().mean()))
+    assert metrics["val_certified_accuracy"] == pytest.approx(sum(parts) / 2)
+    assert metrics["val_clean_accuracy"] == float((probe(encode_mean(vae, x)).argmax(1) == y).double().mean())
+    assert metrics["val_certified_acc_delta_0.01"] > 0  # the small budget certifies some images of this model
+    with pytest.raises(ConfigError, match="method must be one of crown, ibp"):
+        CertifiedObjectiveSettings(method="lp")
 
 
 def test_checks_fail_when_accuracy_rises_or_the_flat_grey_image_is_missed():

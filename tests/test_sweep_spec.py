@@ -81,6 +81,23 @@ def test_the_strong_objective_sets_its_metric_steps_and_protocol(tmp_path):
     assert parse("--eval-protocol", "strong", "--storage-path", str(tmp_path)).eval_config.protocol == "strong"
 
 
+def test_the_certified_objective_sets_its_metric_and_protocol(tmp_path):
+    certified = parse("--objective", "certified", "--objective-images", "300", "--storage-path", str(tmp_path))
+    assert certified.objectives == ("val_certified_accuracy:max",)
+    settings = certified.objective_settings
+    assert (settings.protocol, settings.val_limit, settings.certified_settings().deltas) == ("certified", 300,
+                                                                                             (0.01, 0.025))
+    assert settings.metrics() == ("val_certified_accuracy", "val_clean_accuracy", "val_certified_acc_delta_0.01",
+                                  "val_certified_acc_delta_0.025")
+    assert certified.eval_config.protocol == "all"  # the final evaluation adds the certified bound
+    both = parse("--objective", "certified", "--objectives", "val_certified_acc_delta_0.01:max,val_elbo:max",
+                 "--storage-path", str(tmp_path))
+    assert [str(o) for o in both.objective_list] == ["val_certified_acc_delta_0.01:max", "val_elbo:max"]
+    with pytest.raises(ConfigError, match="unknown metric 'val_strong_robust_accuracy'"):
+        parse("--objective", "certified", "--objectives", "val_strong_robust_accuracy:max",
+              "--storage-path", str(tmp_path))
+
+
 def test_passwords_stay_out_of_what_is_shown():
     assert hide_password("postgresql+psycopg2://mlflow:s3cret@db:5432/optuna") == \
         "postgresql+psycopg2://mlflow:***@db:5432/optuna"

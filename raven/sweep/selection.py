@@ -8,7 +8,11 @@
   only by the final evaluation. With `protocol="strong"` (`--objective strong`) it is
   raven.eval.protocols.strong_validation_objective instead: val_strong_robust_accuracy, APGD-CE on
   the probe end to end at delta in {0.025, 0.05, 0.1}, the objective that ranks models as the
-  strong protocol does (README: "What the strong protocol shows").
+  strong protocol does (README: "What the strong protocol shows"). With `protocol="certified"`
+  (`--objective certified`) it is raven.eval.protocols.certified_validation_objective:
+  val_certified_accuracy, the probe's CROWN-certified accuracy (float32) at delta in {0.01,
+  0.025}, the lower edge of robust accuracy, which no attack can lower (the deltas' choice:
+  CertifiedObjectiveSettings).
 * `Objective`: a metric the trial reports at its last epoch and a direction, written
   `val_robust_accuracy:max`. A sweep has one (Optuna's TPE on that value) or several
   (multi-objective TPE, and the configurations on the Pareto front are the candidates).
@@ -35,13 +39,21 @@ import pandas as pd
 from raven.config import ConfigError
 from raven.data import DataSplits
 from raven.eval.evaluate import EvalConfig, probe_and_attack
-from raven.eval.protocols import STRONG_OBJECTIVE, StrongObjectiveSettings, strong_validation_objective
+from raven.eval.protocols import (
+    CERTIFIED_OBJECTIVE,
+    STRONG_OBJECTIVE,
+    CertifiedObjectiveSettings,
+    StrongObjectiveSettings,
+    certified_validation_objective,
+    strong_validation_objective,
+)
 
 OBJECTIVE = "val_robust_accuracy"
-# The selection protocols: the paper's attacks on the encoder, or APGD-CE on the probe end to end.
-PROTOCOLS = ("paper", "strong")
-PROTOCOL_OBJECTIVE = {"paper": OBJECTIVE, "strong": STRONG_OBJECTIVE}
-PROTOCOL_STEPS = {"paper": 10, "strong": StrongObjectiveSettings.steps}
+# The selection protocols: the paper's attacks on the encoder, APGD-CE on the probe end to end, or the certified
+# bound (no attack, no steps: its entry in PROTOCOL_STEPS is the paper's, which only the sweep clock reads).
+PROTOCOLS = ("paper", "strong", "certified")
+PROTOCOL_OBJECTIVE = {"paper": OBJECTIVE, "strong": STRONG_OBJECTIVE, "certified": CERTIFIED_OBJECTIVE}
+PROTOCOL_STEPS = {"paper": 10, "strong": StrongObjectiveSettings.steps, "certified": 10}
 # Validation metrics of raven.train every epoch reports, besides the objective's own.
 TRAIN_METRICS = ("val_elbo", "val_loss", "val_mse_255")
 # Metrics of a model (one per seed of a trial), as opposed to the trial's own (epoch, timings).
@@ -82,8 +94,9 @@ class ObjectiveSettings:
     """The cheap validation-robustness objective (see the module docstring).
 
     protocol "paper": `attacks` x `deltas` PGD of `steps` steps on the encoder; "strong": APGD-CE
-    of `steps` iterations on the probe at StrongObjectiveSettings' deltas (`attacks` and
-    `deltas` are the paper protocol's only).
+    of `steps` iterations on the probe at StrongObjectiveSettings' deltas; "certified": CROWN's
+    certified accuracy at CertifiedObjectiveSettings' deltas (`attacks` and `deltas` are the
+    paper protocol's only, `steps` the paper's and the strong one's).
     """
 
     attacks: tuple[str, ...] = ("kl", "w2")
@@ -102,12 +115,17 @@ class ObjectiveSettings:
 
     @property
     def objective(self) -> str:
-        """The metric the objective averages into: val_robust_accuracy or val_strong_robust_accuracy."""
+        """The metric the objective averages into: val_robust_accuracy, val_strong_robust_accuracy or
+        val_certified_accuracy."""
         return PROTOCOL_OBJECTIVE[self.protocol]
 
     def strong_settings(self) -> StrongObjectiveSettings:
         return StrongObjectiveSettings(steps=self.steps, val_limit=self.val_limit, probe_limit=self.probe_limit,
                                        seed=self.seed, batch_size=self.batch_size)
+
+    def certified_settings(self) -> CertifiedObjectiveSettings:
+        return CertifiedObjectiveSettings(val_limit=self.val_limit, probe_limit=self.probe_limit,
+                                          batch_size=self.batch_size)
 
     def eval_config(self) -> EvalConfig:
         return EvalConfig(attacks=tuple(self.attacks), deltas=tuple(self.deltas), steps=self.steps,
@@ -122,6 +140,9 @@ class ObjectiveSettings:
         if self.protocol == "strong":
             keys = EvalConfig(deltas=self.strong_settings().deltas).to_dict()["deltas"]
             return (STRONG_OBJECTIVE, "val_clean_accuracy", *(f"val_strong_acc_delta_{key}" for key in keys))
+        if self.protocol == "certified":
+            keys = EvalConfig(deltas=self.certified_settings().deltas).to_dict()["deltas"]
+            return (CERTIFIED_OBJECTIVE, "val_clean_accuracy", *(f"val_certified_acc_delta_{key}" for key in keys))
         parts = tuple(f"val_adv_acc_{kind}_delta_{key}" for kind in self.attacks
                       for key in self.eval_config().to_dict()["deltas"])
         return (OBJECTIVE, "val_clean_accuracy", *parts)
@@ -135,10 +156,13 @@ def validation_objective(model, splits: DataSplits, settings: ObjectiveSettings)
 
     The probe is fitted on the first `probe_limit` training-split images, the attacks run on
     the first `val_limit` validation images; the test split is never read. Under the strong
-    protocol: raven.eval.protocols.strong_validation_objective.
+    protocol: raven.eval.protocols.strong_validation_objective; under the certified one,
+    raven.eval.protocols.certified_validation_objective.
     """
     if settings.protocol == "strong":
         return strong_validation_objective(model, splits, settings.strong_settings())
+    if settings.protocol == "certified":
+        return certified_validation_objective(model, splits, settings.certified_settings())
     out = probe_and_attack(model, splits.train_x, splits.train_y, splits.val_x, splits.val_y,
                            settings.eval_config())
     metrics = {"val_clean_accuracy": float(out["clean_accuracy"])}

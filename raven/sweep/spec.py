@@ -62,6 +62,9 @@ def flag(default: Any, help: str, group: str, *, smoke: Any = _SAME, low: float 
 
 CLUSTER, BUDGET, RESOURCES = "cluster and storage", "budget", "resources"
 SELECTION, EVALUATION = "selection objective (validation split)", "final evaluation (test split)"
+# The final evaluation measures what the search selected on: the strong protocol beside the paper's, and the
+# certified bound with both.
+EVAL_PROTOCOL_AFTER = {"paper": "paper", "strong": "both", "certified": "all"}
 
 
 @dataclass(frozen=True)
@@ -106,17 +109,20 @@ class SweepSpec:
     max_failures: int = flag(3, "restarts of a failed trial (a lost node, a crashed worker) from its last "
                              "checkpoint, on any node (default 3; 0: a failure ends the trial)", RESOURCES, low=0)
     objective: str = flag("paper", "the robustness objective on validation: 'paper' (val_robust_accuracy: the "
-                          "paper's KL and W2 PGD on the encoder) or 'strong' (val_strong_robust_accuracy: APGD-CE on "
+                          "paper's KL and W2 PGD on the encoder), 'strong' (val_strong_robust_accuracy: APGD-CE on "
                           "the probe end to end, delta in {0.025, 0.05, 0.1}, which ranks models as the strong "
-                          "protocol does); default paper", SELECTION, choices=PROTOCOLS)
+                          "protocol does) or 'certified' (val_certified_accuracy: the probe's CROWN-certified "
+                          "accuracy, delta in {0.01, 0.025}); default paper", SELECTION, choices=PROTOCOLS)
     objectives: tuple[str, ...] = flag((), "what the search optimises: METRIC:max|min, "
                                        "comma-separated; several make a multi-objective search whose Pareto front "
                                        "is evaluated (default val_robust_accuracy:max, or "
-                                       "val_strong_robust_accuracy:max with --objective strong)", SELECTION,
+                                       "val_strong_robust_accuracy:max with --objective strong, "
+                                       "val_certified_accuracy:max with --objective certified)", SELECTION,
                                        metavar="METRIC:MODE,...")
     objective_images: int = flag(1000, "validation images attacked (default 1000)", SELECTION, smoke=200, low=1)
     objective_steps: int | None = flag(None, f"PGD steps (default {PROTOCOL_STEPS['paper']}; APGD-CE iterations "
-                                       f"with --objective strong, default {PROTOCOL_STEPS['strong']})", SELECTION,
+                                       f"with --objective strong, default {PROTOCOL_STEPS['strong']}; unused by "
+                                       "--objective certified)", SELECTION,
                                        smoke=5, low=1)
     objective_probe_images: int = flag(10000, "training images for the probe (default 10000)", SELECTION,
                                        smoke=1000, low=1)
@@ -128,8 +134,9 @@ class SweepSpec:
     eval_steps: int = flag(50, "PGD steps (default 50)", EVALUATION, smoke=10, low=1)
     eval_deltas: tuple[float, ...] | None = flag(None, "attack budgets (default the paper's grid)", EVALUATION,
                                                  smoke=(0.0, 0.1, 0.2))
-    eval_protocol: str | None = flag(None, "the protocol of the final evaluation: paper, strong or both (raven "
-                                     "evaluate --protocol; default paper, both with --objective strong)", EVALUATION,
+    eval_protocol: str | None = flag(None, "the protocol of the final evaluation: paper, strong, both, certified "
+                                     "or all (raven evaluate --protocol; default paper, both with --objective "
+                                     "strong, all with --objective certified)", EVALUATION,
                                      choices=EVAL_PROTOCOLS)
     eval_probe_images: int | None = flag(None, "training images for the probe (default all)", EVALUATION,
                                          smoke=1000, low=1)
@@ -208,7 +215,7 @@ class SweepSpec:
                   "fid": self.fid, "tsne": self.tsne, "tsne_points": self.tsne_points, "seed": self.seed}
         if self.eval_deltas is not None:
             values["deltas"] = list(self.eval_deltas)
-        values["protocol"] = self.eval_protocol or ("both" if self.objective == "strong" else "paper")
+        values["protocol"] = self.eval_protocol or EVAL_PROTOCOL_AFTER.get(self.objective, "paper")
         return values
 
     @property
