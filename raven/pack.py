@@ -73,6 +73,8 @@ from raven.train import EpochReport, Member, TrainResult, resolve_device, train_
 # pack's tensor: beta and every method option declared per_member (sigma_aug, eta, ...).
 _PER_MEMBER_ROWS = {o.name: o.row or (lambda value, d: value) for o in options().values() if o.per_member} | {
     "beta": lambda value, d: value}
+# The per-member settings with one value per latent dimension (their row is a list): sigma_aug.
+_PER_DIMENSION = {o.name for o in options().values() if o.per_member and o.row}
 # TrainConfig fields that may differ between the members of one pack.
 PER_MEMBER_FIELDS = ("seed", *_PER_MEMBER_ROWS, "grad_clip_norm", "epochs", "patience")
 
@@ -203,9 +205,12 @@ class PackSettings(SimpleNamespace):
     """The settings a step reads (raven.train.StepSettings), for a pack: every TrainConfig field
     of the first member, with the per-member ones (beta and the methods' per-member options)
     that differ between members as tensors broadcasting over the pack: (K, 1) against per-pair
-    terms (K, batch), sigma_aug (K, 1, d) against (K, batch, d). A per-member value that all
-    members share stays the solo loop's own float (or tuple), so a pack of members that agree
-    computes exactly what each would alone."""
+    terms (K, batch), sigma_aug (K, 1, d) against (K, batch, d). A per-member scalar that all
+    members share stays the solo loop's own float, so a pack of members that agree computes
+    exactly what each would alone. A shared per-dimension setting (sigma_aug) becomes the (d,)
+    float32 tensor the solo step would make of it (raven.objectives.aug_variance), on the device
+    before any step: a CUDA graph cannot capture the step making it (a host-to-device copy),
+    while a float is a kernel argument the graph records."""
 
     @classmethod
     def of(cls, configs: list[TrainConfig], device: torch.device) -> "PackSettings":
@@ -216,6 +221,8 @@ class PackSettings(SimpleNamespace):
             if any(v != column[0] for v in column):
                 values[name] = torch.tensor([row(v, first.latent_dim) for v in column], dtype=torch.float32,
                                             device=device).unsqueeze(1)
+            elif name in _PER_DIMENSION:
+                values[name] = torch.tensor(row(column[0], first.latent_dim), dtype=torch.float32, device=device)
         return cls(**values)
 
 
