@@ -104,9 +104,9 @@ def _parent(client):
 def test_full_budget_is_the_paper_protocol_and_says_so():
     assert FULL_BUDGET.full and FULL_BUDGET.kind == "full"
     assert (FULL_BUDGET.seeds, FULL_BUDGET.steps, FULL_BUDGET.fid) == (5, 50, True)
-    # Both protocols at the strong protocol's own defaults (AutoAttack's standard budget).
+    # Every protocol, the strong one at its own defaults (AutoAttack's standard budget) on 1,000 images.
     strong = eval_config(Cell("mnist", "vae", 0), FULL_BUDGET)
-    assert strong.protocol == "both" and strong.strong == StrongConfig()
+    assert strong.protocol == "all" and strong.strong == StrongConfig() and strong.strong_limit == 1000
     assert FULL_BUDGET.datasets == DATASETS and FULL_BUDGET.methods == METHODS
     assert FULL_BUDGET.describe().startswith("full budget")
     assert len(FULL_BUDGET.cells()) == 2 * 5 * 5
@@ -116,7 +116,8 @@ def test_reduced_budget_names_every_reduction():
     text = SMOKE_BUDGET.describe()
     assert SMOKE_BUDGET.kind == "smoke" and not SMOKE_BUDGET.full
     for part in ("REDUCED", "--smoke", "2 epochs", "5,000 of 55,000 training images", "300 of 10,000 test images",
-                 "2 of 5 seeds", "10-step PGD", "no FID", "strong protocol at 5 steps x 1 restart(s)"):
+                 "2 of 5 seeds", "10-step PGD", "no FID", "strong protocol at 5 steps x 1 restart(s)",
+                 "strong protocol on 100 test images (full: 1,000)"):
         assert part in text, part
     partial = FULL_BUDGET.replace(seeds=3, methods=("vae", "raven"))
     assert partial.kind == "reduced"
@@ -130,6 +131,8 @@ def test_reduced_budget_names_every_reduction():
     ({"methods": ("vae", "vae")}, "methods must not repeat"),
     ({"eval_limit": -5}, "eval_limit must be an integer >= 1"),
     ({"protocol": "strongest"}, "protocol must be one of paper, strong, both"),
+    ({"strong_limit": 0}, "strong_limit must be an integer >= 1"),
+    ({"check_seeds": -1}, "check_seeds must be an integer >= 0"),
     ({"strong_steps": 0}, "strong_steps must be an integer >= 1"),
 ])
 def test_bad_budget_is_rejected_in_one_line(change, message):

@@ -133,3 +133,21 @@ def test_a_part_stopped_after_its_seeds_were_evaluated_does_not_evaluate_them_ag
         assert f"mnist-raven-s{seed}: its evaluation of this checkpoint is in" in again.stderr
     after = json.loads(path.read_text())
     assert [c["evaluation"] for c in after["cells"]] == [c["evaluation"] for c in before["cells"]]
+
+
+def test_the_report_brackets_robust_accuracy_between_certified_and_strong():
+    """bracket_table: certified (lower) and strong (upper) per delta, from the runs' metrics, and the gap."""
+    import pandas as pd
+
+    from raven.reproduce.report import bracket_markdown, bracket_table, curve_summary, robust_reading_summary
+
+    runs = pd.DataFrame([
+        {"dataset": "mnist", "method": "vae", "seed": s, "metrics.certified_acc_delta_0.01": c,
+         "metrics.robust_acc_delta_0.01": r} for s, c, r in ((0, 0.50, 0.60), (1, 0.54, 0.56))])
+    points = pd.DataFrame([{"dataset": "mnist", "method": "vae", "seed": s, "attack": "strong", "delta": 0.01,
+                            "accuracy": r} for s, r in ((0, 0.60), (1, 0.56))])
+    table = bracket_table(curve_summary(points), robust_reading_summary(runs))
+    row = table.iloc[0]
+    assert (row.certified_pct, row.strong_pct) == pytest.approx((52.0, 58.0))
+    assert row.gap_points == pytest.approx(6.0)
+    assert "[52.0, 58.0]" in bracket_markdown(table, "crown-fp32") and "**[" not in bracket_markdown(table, "x")

@@ -56,8 +56,8 @@ class Budget:
     55,000-image training split). eval_limit: test images attacked and measured (None:
     10,000). probe_limit: training images the linear probe is fitted on (None: all). seeds:
     0 .. seeds-1. steps: PGD steps per attack (paper: 50). fid: compute FID (Table 2).
-    protocol: the evaluation's protocol (raven evaluate --protocol; "both": the paper's and
-    the strong one side by side). strong_steps: the strong protocol's PGD steps and AutoAttack
+    protocol: the evaluation's protocol (raven evaluate --protocol; "all": the paper's, the
+    strong one and the certified bounds side by side). strong_steps: the strong protocol's PGD steps and AutoAttack
     iterations (100 by default, AutoAttack's standard); strong_restarts: its PGD restarts;
     square_queries: Square's queries (standard: 5,000). strong_limit: the strong protocol's
     images, the first N of the evaluated ones (None: all); check_seeds: the seeds whose
@@ -77,7 +77,8 @@ class Budget:
     methods: tuple[str, ...] = flag_field(PAPER_METHODS, f"comma-separated, any of {','.join(METHODS)} (full: the "
                                           "paper's five)")
     fid: bool = flag_field(True, "skip FID (the slowest metric on a CPU)")
-    protocol: str = flag_field("both", "evaluation protocol: paper, strong or both (raven evaluate --protocol)",
+    protocol: str = flag_field("all", "evaluation protocol: paper, strong, certified, both (paper and strong) or all "
+                               "(raven evaluate --protocol)",
                                choices=PROTOCOLS)
     strong_steps: int = flag_field(StrongConfig.steps, "strong protocol: PGD steps and AutoAttack iterations")
     strong_restarts: int = flag_field(StrongConfig.restarts, "strong protocol: PGD restarts")
@@ -88,8 +89,9 @@ class Budget:
     check_seeds: int = flag_field(1, "strong protocol: seeds 0..N-1 of each method run its convergence check "
                                   "(doubled steps and restarts, ~3x the protocol's cost); the others skip it")
     smoke: bool = flag_field(False, "the smoke budget (SMOKE_BUDGET): 2 seeds, 2 epochs on 5,000 training images, "
-                             "300 test images, 10-step PGD, probe on 5,000 images, no FID, the strong protocol at "
-                             "5 steps x 1 restart and 50 Square queries (both datasets, the paper's five methods)")
+                             "300 test images, 10-step PGD, probe on 5,000 images, no FID, the strong protocol and "
+                             "the certified bounds on 100 images, at 5 steps x 1 restart and 50 Square queries (both "
+                             "datasets, the paper's five methods)")
 
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOLS:
@@ -134,7 +136,7 @@ class Budget:
             return (f"full budget: up to {full.epochs} epochs with early stopping (patience {full.patience} on "
                     f"val_elbo), all {TRAIN_SPLIT_IMAGES:,} training images, {TEST_IMAGES:,} test images, probe on "
                     f"all training images, {full.seeds} seeds, {full.steps}-step PGD, FID, both datasets, all "
-                    f"methods; the paper's protocol and the strong one ({full.strong_steps}-step PGD x "
+                    f"methods; the paper's protocol, the certified bounds and the strong protocol ({full.strong_steps}-step PGD x "
                     f"{full.strong_restarts} restarts, AutoAttack's standard set, on the first {full.strong_limit:,} "
                     f"test images; its convergence check on {full.check_seeds} seed of each method)")
         changes = []
@@ -154,7 +156,7 @@ class Budget:
         if not self.fid:
             changes.append("no FID")
         if self.protocol != full.protocol:
-            changes.append(f"{self.protocol} protocol only (full: {full.protocol})")
+            changes.append(f"protocol {self.protocol} (full: {full.protocol})")
         if self.protocol != "paper":
             strong = (self.strong_steps, self.strong_restarts, self.square_queries)
             if strong != (full.strong_steps, full.strong_restarts, full.square_queries):
@@ -188,7 +190,7 @@ FULL_BUDGET = Budget()
 # Sized to finish in a few minutes on 2 CPU cores while still producing every table and
 # figure: both datasets, all five methods, 2 seeds (so a std over seeds exists) = 20 tasks.
 SMOKE_BUDGET = Budget(epochs=2, patience=None, limit=5000, eval_limit=300, probe_limit=5000, seeds=2, steps=10,
-                      fid=False, strong_steps=5, strong_restarts=1, square_queries=50, smoke=True)
+                      fid=False, strong_steps=5, strong_restarts=1, square_queries=50, strong_limit=100, smoke=True)
 
 
 @dataclass(frozen=True)

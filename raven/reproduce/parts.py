@@ -172,6 +172,8 @@ def read_parts(folders: list[str | os.PathLike]) -> list[tuple[Path, dict[str, A
 def parts_frames(folders: list[str | os.PathLike]) -> tuple[pd.Series, pd.DataFrame, list[dict[str, Any]]]:
     """(parent, runs, parts) in the columns raven.reproduce.report reads from MLflow: one row per finished seed,
     "metrics.*", "params.*" and "tags.raven.*" columns; parent holds the budget's and hyperparameters' params."""
+    from raven.record.tracking import flatten  # the record's own flattening (this reader serves the report)
+
     parts = read_parts(folders)
     first = parts[0][1]
     for path, data in parts[1:]:
@@ -197,6 +199,10 @@ def parts_frames(folders: list[str | os.PathLike]) -> tuple[pd.Series, pd.DataFr
                                    "part": str(path.parent)}
             row.update({f"metrics.{k}": v for k, v in cell["metrics"].items()})
             row.update({f"params.{k}": str(v) for k, v in cell["config"].items()})
+            # The evaluation's settings as its MLflow run holds them (the certified bound's name, ...).
+            settings = {k: v for k, v in (cell["evaluation"] or {}).get("settings", {}).items()
+                        if k not in ("train_config", "eval_config")}
+            row.update({f"params.{k}": v for k, v in flatten("eval", settings).items()})
             rows.append(row)
     parent: dict[str, Any] = {"run_id": f"parts:{','.join(str(f) for f in folders)}",
                               "status": f"{len(parts)} parts", **{f"params.{k}": v for k, v in merged.params().items()}}

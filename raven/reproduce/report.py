@@ -37,6 +37,7 @@ from raven.record.tracking import REPRODUCTION_ROLE as ROLE
 from raven.record.tracking import REPRODUCTION_RUN_ROLE as CHILD_ROLE
 from raven.reproduce.figures import (  # noqa: F401 - the notebooks read these through raven.reproduce.report
     ATTACK_LABELS,
+    CERTIFIED,
     METHOD_COLORS,
     METHOD_LABELS,
     STRONG,
@@ -49,6 +50,7 @@ from raven.reproduce.figures import (  # noqa: F401 - the notebooks read these t
     plot_figure2,
     plot_protocol_curves,
     plot_tsne_pairs,
+    robust_reading_summary,
     save_figure,
     tsne_of_pairs,
 )
@@ -255,6 +257,44 @@ def protocol_table(summary: pd.DataFrame, deltas: tuple[float, ...] = (0.05, 0.1
     return table.sort_values(["dataset", "method"], key=lambda c: c.map(order)).reset_index(drop=True)
 
 
+def bracket_table(summary: pd.DataFrame, robust: pd.DataFrame) -> pd.DataFrame:
+    """The probe's true robust accuracy bracketed: per (dataset, method, delta), the certified accuracy (a lower
+    bound), the strong protocol's (an upper bound) and the gap between them, in %, means over seeds; empty
+    without both."""
+    strong = summary[summary["attack"] == STRONG][["dataset", "method", "delta", "accuracy_mean"]]
+    certified = robust[robust["attack"] == CERTIFIED][["dataset", "method", "delta", "accuracy_mean"]]
+    if strong.empty or certified.empty:
+        return pd.DataFrame()
+    key = ["dataset", "method", "delta"]
+    table = certified.assign(delta=certified["delta"].round(6)).merge(
+        strong.assign(delta=strong["delta"].round(6)), on=key, suffixes=("_certified", "_strong"))
+    table = table.rename(columns={"accuracy_mean_certified": "certified_pct", "accuracy_mean_strong": "strong_pct"})
+    table[["certified_pct", "strong_pct"]] *= 100
+    table["gap_points"] = table["strong_pct"] - table["certified_pct"]
+    order = {name: i for i, name in enumerate(DATASETS + METHODS)}
+    return table.sort_values(key, key=lambda c: c.map(order) if c.name != "delta" else c).reset_index(drop=True)
+
+
+def bracket_markdown(table: pd.DataFrame, bound: str) -> str:
+    """[certified, strong] per (dataset, method) and delta; a gap under 5 points in bold."""
+    deltas = sorted(d for d in table["delta"].unique() if d > 0)
+    header = ["Dataset", "Method"] + [f"δ={d:g}" for d in deltas]
+    rows = []
+    for (dataset, method), group in table.groupby(["dataset", "method"], sort=False):
+        cells = []
+        for d in deltas:
+            row = group[group["delta"] == d]
+            if row.empty:
+                cells.append("—")
+                continue
+            r = row.iloc[0]
+            text = f"[{r.certified_pct:.1f}, {r.strong_pct:.1f}]"
+            cells.append(f"**{text}**" if r.gap_points < 5 else text)
+        rows.append([DATASET_LABELS.get(dataset, dataset), METHOD_LABELS.get(method, method)] + cells)
+    return (f"Robust accuracy (%) bracketed as [certified ({bound}), strong protocol], mean over seeds; in bold "
+            "where the two bounds are less than 5 points apart:\n\n" + markdown_table(header, rows))
+
+
 def protocol_markdown(table: pd.DataFrame) -> str:
     header = ["Dataset", "Method"] + [c for c in table.columns if c not in ("dataset", "method")]
     rows = [[DATASET_LABELS.get(r["dataset"], r["dataset"]), METHOD_LABELS.get(r["method"], r["method"])]
@@ -357,6 +397,9 @@ def write_report(out: str | os.PathLike = "report", tracking_uri: str | None = N
     t1.to_csv(out / "table1.csv", index=False)
     t2.to_csv(out / "table2.csv", index=False)
     summary.to_csv(out / "figure2.csv", index=False)
+    robust = robust_reading_summary(repro.runs)
+    if not robust.empty:
+        robust.to_csv(out / "figure2_robust.csv", index=False)
     plot_figure2(summary, out / "figure2.png", title=repro.budget, runs=repro.runs)
     if not parts:
         plot_figure1(repro, out / "figure1.png", data_dir=data_dir)
@@ -367,6 +410,20 @@ def write_report(out: str | os.PathLike = "report", tracking_uri: str | None = N
                    "attack, AutoAttack on the probe included. It bounds the probe's true robust accuracy from above "
                    "far more tightly than the paper's attacks on the encoder. Accuracy (%), mean over seeds:\n\n"
                    f"{protocol_markdown(comparison)}\n" if not comparison.empty else "")
+    brackets = bracket_table(summary, robust)
+    if not brackets.empty:
+        brackets.to_csv(out / "brackets.csv", index=False)
+    bound_column = "params.eval.certified.bound"
+    bound = next(iter(repro.runs[bound_column].dropna()), "certified") if bound_column in repro.runs else "certified"
+    bracket_note = ("\n### The true robust accuracy, bracketed\n\nThe strong protocol's accuracy bounds the probe's "
+                    "true robust accuracy from above; the certified accuracy (bound propagation through the encoder's "
+                    "mean head and the probe, `raven evaluate --protocol certified`) bounds it from below, on the same "
+                    "images. Figure 2 draws the band between them.\n\n" + bracket_markdown(brackets, bound) + "\n"
+                    if not brackets.empty else "")
+    robust_note = ("\nFigure 2 draws each attack of the paper in two readings: solid, the robust one (an image counts "
+                   "only if the probe is right on the clean image and after the attack, as AutoAttack and RobustBench "
+                   "count; `figure2_robust.csv`), and dashed, the paper's (right after the attack, whatever it was "
+                   "before; `figure2.csv`).\n" if (not robust.empty and (robust["attack"] != CERTIFIED).any()) else "")
     fid_note = ""
     if t2["fid_mean"].isna().all():
         fid_note = "\nFID was not computed in this reproduction (its budget has no FID), so its columns are empty.\n"
@@ -416,7 +473,7 @@ model's std over test images, averaged over seeds.
 
 Linear-probe accuracy on PGD-attacked test images (L∞ ball of radius δ), mean line and ± std band
 over seeds. The paper publishes this figure as a plot only; the points are in `figure2.csv`.
-{strong_note}
+{robust_note}{strong_note}{bracket_note}
 ![Figure 2](figure2.png)
 
 ## Figure 1: t-SNE of clean and noisy test encodings
@@ -433,7 +490,10 @@ keeps), the pack's training, and each evaluation stage summed over the seeds.
 ## Files
 
 `table1.csv`, `table2.csv` (the tables with the paper's numbers and differences), `figure2.csv`
-(Figure 2's points), `runs.csv` (every run's numbers and MLflow run id), `figure1.png`, `figure2.png`.
+(Figure 2's points, the paper's reading, and the strong protocol as attack `strong`), `figure2_robust.csv`
+(the robust reading, and the certified accuracy as attack `certified`), `brackets.csv` ([certified, strong]
+per δ), `runs.csv` (every run's numbers and run id), `figure1.png`, `figure2.png`; where a run lacks a
+protocol, its file is absent.
 """
     path = out / "report.md"
     path.write_text(text)
