@@ -258,7 +258,7 @@ def _inception_input(images: torch.Tensor) -> torch.Tensor:
 
 
 class InceptionFeatures:
-    """2048-d FID Inception pool features of (N, 784) images in [0, 1]; the network is shared per device and precision."""
+    """2048-d FID Inception pool features of (N, 784) images in [0, 1]; one network per device and precision."""
 
     def __init__(self, device: str | torch.device = "cpu", batch_size: int = 100, progress: bool = True,
                  precision: str = DEFAULT_PRECISION):
