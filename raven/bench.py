@@ -4,6 +4,7 @@
     python -m raven.bench attack [--images N] [--steps 50] [--batch-size B] [--device D] [--checkpoint DIR]
                                  [--no-strong]
     python -m raven.bench pack [--ks 1,5,25] [--steps N] [--method M] [--device D] [--no-estimate] [size flags]
+    python -m raven.bench precision [--stages train,fid] [--ks 5,25] [--steps N] [--fid-images N] [--device D]
 
 `train`: training images per second of this package's loop (in-memory tensors, one
 slice per batch) for the plain VAE and for paired RAVEN (two images per training
@@ -21,6 +22,12 @@ paper's delta grid with and without its checks (`--no-strong` skips both).
 (raven.pack) against the same K seeds trained one after another by the solo loop's step,
 same data, same number of steps, for each K; then the estimated device time of the full
 reproduction, built from measured pieces (see estimate_reproduction).
+
+`precision`: fp32 against bf16 in one process, with the ratio. Training pairs per second
+(images for vae and se) of the solo step and of packs of each K, in alternating rounds;
+then FID's Inception: images per second of the TorchScript network as shipped, of
+FastInception in fp32 and in bf16, and the FID each gives between test images and blurred
+copies of them, beside the fp32 FID it must stay within 0.5 of.
 """
 
 from __future__ import annotations
@@ -36,22 +43,26 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator
 
+import numpy as np
 import torch
 
 from raven.checkpoints import write_checkpoint
-from raven.config import METHODS, TrainConfig
+from raven.config import METHODS, PRECISIONS, TrainConfig
 from raven.cuda_graphs import graphs_wanted
 from raven.data import DataSplits, default_data_dir, load_splits
 from raven.eval.attacks import PAPER_STEP_DIVISOR
 from raven.eval.autoattack import ProbeOnMean
 from raven.eval.certify import certify
 from raven.eval.evaluate import PAPER_DELTAS, encode_mean, train_linear_probe, tsne_embedding
-from raven.eval.fid import InceptionFeatures, fid_available, frechet_distance
+from raven.eval.fid import InceptionFeatures, _inception_input, _load_network, fid_available, frechet_distance
 from raven.eval.pack_eval import attack_pack
 from raven.pack import PackedTrainer, stack_modules
 from raven.reproduce.grid import TEST_IMAGES, TRAIN_SPLIT_IMAGES, Budget
 from raven.step import build_model, make_optimizer, method_loss, train_step, training_noisy_copy, validation_metrics
 from raven.train import resolve_device
+
+
+PRECISION_STAGES = ("train", "fid")
 
 
 def _sync(device: torch.device) -> None:
@@ -441,6 +452,101 @@ def _pack_sizes(text: str) -> list[int]:
     return sizes
 
 
+def print_precision_table(title: str, rows: list[tuple[str, float, float]], unit: str) -> None:
+    """Rows of (configuration, fp32 value, bf16 value) with the ratio bf16 / fp32."""
+    width = max(len(name) for name, _, _ in rows)
+    print(f"\n{title}")
+    print(f"{'configuration':<{width}}  {'fp32 ' + unit:>16}  {'bf16 ' + unit:>16}  {'bf16/fp32':>9}")
+    for name, fp32, bf16 in rows:
+        print(f"{name:<{width}}  {fp32:>16,.0f}  {bf16:>16,.0f}  {bf16 / fp32:>8.2f}x")
+
+
+def _precision_train(args: argparse.Namespace, device: torch.device, train_x: torch.Tensor) -> None:
+    """Training pairs/s (images for vae and se) in fp32 and bf16: the solo step, then packs of each K."""
+    batch = args.batch_size
+
+    def configs(k: int, precision: str) -> list[TrainConfig]:
+        return [TrainConfig(method=args.method, batch_size=batch, precision=precision, seed=s) for s in range(k)]
+
+    graphs = graphs_wanted(device, None)
+    measure: dict[str, Callable[[str], float]] = {
+        "solo (raven.step.train_step)": lambda p: batch / _solo_step_seconds(configs(1, p), train_x, args.steps,
+                                                                             args.warmup)}
+    for k in args.ks:
+        measure[f"pack of {k}" + (", CUDA graphs" if graphs else "")] = (
+            lambda p, k=k: k * batch / _pack_step_seconds(configs(k, p), train_x, args.steps, args.warmup, graphs))
+    # Alternating rounds: a burst of load elsewhere hits both precisions alike; the median round is reported.
+    samples = {(name, p): [] for name in measure for p in PRECISIONS}
+    for _ in range(args.rounds):
+        for name, run in measure.items():
+            for p in PRECISIONS:
+                samples[name, p].append(run(p))
+    rows = [(name, statistics.median(samples[name, "fp32"]), statistics.median(samples[name, "bf16"]))
+            for name in measure]
+    print_precision_table(f"Training ({args.method}, batch {batch}) on {device} ({torch.get_num_threads()} threads, "
+                          f"median of {args.rounds} rounds of {args.steps} timed steps, torch {torch.__version__})",
+                          rows, "pairs/s")
+
+
+def _precision_fid(args: argparse.Namespace, device: torch.device, test_x: torch.Tensor) -> None:
+    """Inception images/s of the scripted network as shipped, FastInception fp32 and bf16, and the FID each gives
+    between test images and blurred copies of them (reconstruction-like)."""
+    ok, reason = fid_available()
+    if not ok:
+        print(f"\nFID not measured: {reason}")
+        return
+    images = test_x[:args.fid_images]
+    kernel = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0], device=device)
+    kernel = (kernel[:, None] * kernel[None, :] / 256).reshape(1, 1, 5, 5)
+    blurred = torch.nn.functional.conv2d(images.reshape(-1, 1, 28, 28), kernel, padding=2).reshape(-1, 784)
+    scripted = _load_network(device)
+
+    def scripted_features(x: torch.Tensor) -> np.ndarray:
+        with torch.inference_mode():
+            return torch.cat([scripted(_inception_input(b)).double().cpu()
+                              for b in x.split(args.fid_batch_size)]).numpy()
+
+    extractors = {"TorchScript network as shipped, fp32": scripted_features}
+    for precision in PRECISIONS:
+        extractors[f"FastInception, {precision}"] = InceptionFeatures(device, args.fid_batch_size, progress=False,
+                                                                      precision=precision)
+    rows = []
+    for name, extract in extractors.items():
+        extract(images[:2])  # load and warm the network
+        _sync(device)
+        started = time.perf_counter()
+        features = extract(torch.cat([images, blurred.clamp(0, 1)]))
+        _sync(device)
+        rate = 2 * len(images) / (time.perf_counter() - started)
+        rows.append((name, rate, frechet_distance(features[:len(images)], features[len(images):])))
+    base_rate, base_fid = rows[0][1], rows[1][2]
+    width = max(len(name) for name, _, _ in rows)
+    print(f"\nFID Inception on {device} ({torch.get_num_threads()} threads, {len(images)} test images and as many "
+          f"blurred copies, batch {args.fid_batch_size}, torch {torch.__version__}); the guard: |FID - fp32 FID| < 0.5")
+    print(f"{'configuration':<{width}}  {'images/s':>10}  {'vs shipped':>10}  {'FID':>9}  {'FID - fp32':>10}")
+    for name, rate, value in rows:
+        print(f"{name:<{width}}  {rate:>10,.1f}  {rate / base_rate:>9.2f}x  {value:>9.3f}  {value - base_fid:>+10.3f}")
+
+
+def bench_precision(args: argparse.Namespace) -> None:
+    device = resolve_device(args.device)
+    if device.type == "cpu":
+        torch.set_flush_denormal(True)
+    splits = load_splits("mnist", args.data_dir, device)
+    if "train" in args.stages:
+        _precision_train(args, device, splits.train_x)
+    if "fid" in args.stages:
+        _precision_fid(args, device, splits.test_x)
+
+
+def _stages(text: str) -> list[str]:
+    stages = [s.strip() for s in text.split(",")]
+    if not stages or any(s not in PRECISION_STAGES for s in stages):
+        raise argparse.ArgumentTypeError(f"expected comma-separated stages from {','.join(PRECISION_STAGES)}, "
+                                         f"got {text!r}")
+    return stages
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m raven.bench", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="bench", required=True)
@@ -484,6 +590,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--data-dir", default=None)
     p.set_defaults(run=bench_pack)
+    p = sub.add_parser("precision", help="fp32 against bf16: training (solo, packs), FID's Inception")
+    p.add_argument("--stages", type=_stages, default=list(PRECISION_STAGES),
+                   help=f"comma-separated, from {','.join(PRECISION_STAGES)} (default all)")
+    p.add_argument("--method", default="raven", choices=METHODS, help="training's method (default raven)")
+    p.add_argument("--ks", type=_pack_sizes, default=[5, 25], help="pack sizes (default 5,25)")
+    p.add_argument("--steps", type=int, default=30, help="timed training steps per round (default 30)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps first, CUDA graph capture included")
+    p.add_argument("--rounds", type=int, default=3, help="alternating rounds; the median is reported (default 3)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--fid-images", type=int, default=500, help="test images, and as many blurred copies (default 500)")
+    p.add_argument("--fid-batch-size", type=int, default=100, help="images per Inception batch (default 100)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--data-dir", default=None)
+    p.set_defaults(run=bench_precision)
     p = sub.add_parser("certify", help="certified bounds (IBP, CROWN) per second over the paper's delta grid")
     p.add_argument("--images", type=int, default=10000, help="test images (default all 10,000)")
     p.add_argument("--checkpoint", default=None, help="a trained model (default: a freshly initialised VAE)")

@@ -21,6 +21,8 @@ from raven.methods.smooth_encoder import DEFAULT_ETA, PAPER_ETA, PAPER_SE_ETA_GR
 from raven.options import ConfigError, at_least, flag_field, non_negative, positive
 
 METHODS = tuple(REGISTRY)
+# The precision of training's matrix products: float32, or bfloat16 with float32 weights, optimiser and objective.
+PRECISIONS = ("fp32", "bf16")
 # Methods whose objective sees a (clean, noisy) pair per image.
 PAIRED_METHODS = tuple(name for name, method in REGISTRY.items() if method.paired)
 
@@ -33,6 +35,9 @@ class _SharedFields:
     patience stops training once val_elbo has not improved for that many epochs
     (None trains all `epochs`); with it, the model kept is that of the best val_elbo
     epoch.
+    precision "bf16" runs the encoder's and decoder's matrix products in bfloat16 (torch.autocast)
+    while the weights (the master copy), the objective, the gradients and RAdam stay float32;
+    validation is always float32.
     grad_clip_norm caps the global gradient norm. RAdam takes plain momentum-SGD steps
     for its first few iterations (until its variance estimate is trusted), and with
     sigma_aug = 0.01 the initial KL gradient is ~1e4 times larger than the
@@ -54,6 +59,8 @@ class _SharedFields:
     seed: int = flag_field(0, "seed of the weights, the batch order and every draw")
     limit: int | None = flag_field(None, "train on the first N training images")
     validation_size: int = flag_field(5000, "training images held out for validation")
+    precision: str = flag_field("fp32", "matrix products of training: fp32, or bf16 (weights, objective and "
+                                        "optimiser stay float32)", choices=PRECISIONS)
 
 
 def _check(self: Any) -> None:
@@ -74,6 +81,8 @@ def _check(self: Any) -> None:
     if self.limit is not None:
         at_least("limit", self.limit, 1)
     at_least("validation_size", self.validation_size, 1)
+    if self.precision not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
     values = dataclasses.asdict(self)
     method = REGISTRY[self.method]
     for option in options().values():

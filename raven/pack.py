@@ -65,7 +65,7 @@ from raven.cuda_graphs import GraphedStep, graphs_wanted
 from raven.data import DataSplits
 from raven.methods import options
 from raven.models import RavenModel
-from raven.step import latent_noise, make_optimizer, make_partner, partner_noise, step_terms
+from raven.step import latent_noise, make_optimizer, make_partner, matmul_precision, partner_noise, step_terms
 from raven.train import EpochReport, Member, TrainResult, resolve_device, train_members
 
 
@@ -127,16 +127,26 @@ class _BatchedLinear(torch.autograd.Function):
     thread (grad (128, 784) times W (784, 500) at 2 threads): equal to float rounding. Running
     each member's own mm instead would be bitwise at any thread count but was 2-5x slower
     per product on 2 loaded cores.
+
+    Under an autocast (training precision "bf16", raven.step.matmul_precision) the products take
+    x, W and b in the autocast's dtype, forward and backward, as autocast does for nn.Linear;
+    autograd returns the gradients to W and b in their own float32.
     """
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        device = x.device.type
+        if torch.is_autocast_enabled(device):
+            dtype = torch.get_autocast_dtype(device)
+            x, weight, bias = x.to(dtype), weight.to(dtype), bias.to(dtype)
         ctx.save_for_backward(x, weight)
-        return torch.baddbmm(bias.unsqueeze(-2), x, weight.transpose(-1, -2))
+        with torch.autocast(device, enabled=False):
+            return torch.baddbmm(bias.unsqueeze(-2), x, weight.transpose(-1, -2))
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, weight = ctx.saved_tensors
+        grad = grad.to(weight.dtype)
         grad_x = torch.bmm(grad, weight) if ctx.needs_input_grad[0] else None
         grad_weight = torch.bmm(grad.transpose(-1, -2), x) if ctx.needs_input_grad[1] else None
         grad_bias = grad.sum(dim=-2) if ctx.needs_input_grad[2] else None
@@ -163,8 +173,8 @@ class PackedPReLU(nn.Module):
         self.weight = nn.Parameter(torch.stack([layer.weight.detach() for layer in layers]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # F.prelu's own rule (x if x > 0 else a x), with a per-member slope.
-        return torch.where(x > 0, x, self.weight.unsqueeze(-2) * x)
+        # F.prelu's own rule (x if x > 0 else a x), with a per-member slope; in x's dtype (bf16 under autocast).
+        return torch.where(x > 0, x, self.weight.unsqueeze(-2).to(x.dtype) * x)
 
 
 def stack_modules(modules: list[nn.Module]) -> nn.Module:
@@ -319,8 +329,10 @@ class PackedTrainer:
             draws.append(partner_noise(config, index.shape[1], generator, fixed is not None))
             eps.append(latent_noise(config, index.shape[1], generator))
         noise = {name: torch.stack([d[name] for d in draws]) for name in draws[0]}
-        partner = make_partner(self.model, self.settings, x, noise, fixed)
-        terms = step_terms(self.model, self.settings, x, partner, torch.stack(eps), len(self.train_x))
+        # A capture needs the weights cast afresh at each use (no autocast cache).
+        with matmul_precision(self.configs[0].precision, x.device, cache=False):
+            partner = make_partner(self.model, self.settings, x, noise, fixed)
+            terms = step_terms(self.model, self.settings, x, partner, torch.stack(eps), len(self.train_x))
         loss = terms["loss"]
         self.optimizer.zero_grad(set_to_none=True)
         # Members share no parameter, so each gets exactly the gradient of its own loss.

@@ -11,6 +11,11 @@ member's from that member's generator, stacks them, and runs the same make_partn
 step_terms on its K members at once. Within a step the draws come in one order (partner
 noise or PGD start, then reparameterisation), after the epoch's batch order (`epoch_order`),
 so a run's randomness is its generator's state, which the checkpoint keeps.
+
+Precision: with config.precision "bf16", `train_step` and the pack's step run under
+`matmul_precision`, an autocast to bfloat16; `step_terms` takes the encoder's and decoder's
+outputs back to float32 and computes the objective with autocast off, so only the network's
+matrix products are bf16. The weights, their gradients and RAdam stay float32.
 """
 
 from __future__ import annotations
@@ -27,6 +32,14 @@ from raven.models import RavenModel
 from raven.objectives import bernoulli_nll
 
 VALIDATION_BATCH = 1000
+
+
+def matmul_precision(precision: str, device: torch.device | str, cache: bool = True) -> torch.autocast:
+    """The step's matrix products in `precision`: an autocast to bfloat16 for "bf16", off for "fp32".
+
+    cache=False re-casts the weights at every use, as a CUDA graph capture requires."""
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16",
+                          cache_enabled=cache)
 
 
 def make_optimizer(params: Any, lr: float, capturable: bool = False) -> torch.optim.RAdam:
@@ -115,27 +128,37 @@ def step_terms(model: RavenModel, config: StepSettings, x: torch.Tensor, partner
     """
     method = METHODS[config.method]
     mu_pair = logvar_pair = z_pair = logits_pair = None
+
+    # Under matmul_precision("bf16") the networks' outputs are bfloat16: everything after them is float32.
+    def encode(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mu, logvar = model.encoder(images)
+        return mu.float(), logvar.float()
+
+    def decode(z: torch.Tensor) -> torch.Tensor:
+        return model.decoder(z).float()
+
     if partner is None:
-        mu, logvar = model.encoder(x)
+        mu, logvar = encode(x)
         z = reparameterize(mu, logvar, eps=eps)
-        logits = model.decoder(z)
+        logits = decode(z)
     else:
         # One pass over the stacked pair: twice the rows per matrix product, half the kernel launches.
-        mu_both, logvar_both = model.encoder(torch.cat([x, partner], dim=-2))
+        mu_both, logvar_both = encode(torch.cat([x, partner], dim=-2))
         mu, mu_pair = mu_both.chunk(2, dim=-2)
         logvar, logvar_pair = logvar_both.chunk(2, dim=-2)
         if method.paired:
             z_both = reparameterize(mu_both, logvar_both, eps=eps)
-            logits, logits_pair = model.decoder(z_both).chunk(2, dim=-2)
+            logits, logits_pair = decode(z_both).chunk(2, dim=-2)
             z, z_pair = z_both.chunk(2, dim=-2)
         else:
             z = reparameterize(mu, logvar, eps=eps)
-            logits = model.decoder(z)
+            logits = decode(z)
     batch = Batch(x=x, partner=partner, mu=mu, logvar=logvar, mu_pair=mu_pair, logvar_pair=logvar_pair, z=z,
                   z_pair=z_pair, logits=logits, logits_pair=logits_pair,
                   prior=model.prior if method.mixture_prior else None, settings=config,
                   n_data=x.shape[-2] if n_data is None else n_data)
-    return method.objective(batch)
+    with torch.autocast(x.device.type, enabled=False):
+        return method.objective(batch)
 
 
 def draw_partner(model: RavenModel, config: TrainConfig, x: torch.Tensor, generator: torch.Generator,
@@ -161,8 +184,10 @@ def method_loss(model: RavenModel, config: TrainConfig, x: torch.Tensor, generat
 def train_step(model: RavenModel, optimizer: torch.optim.Optimizer, config: TrainConfig, x: torch.Tensor,
                generator: torch.Generator, fixed_partner: torch.Tensor | None = None,
                n_data: int | None = None) -> Terms:
-    """One optimiser step of the solo loop on batch x: objective, backward, norm cap, RAdam."""
-    terms = method_loss(model, config, x, generator, fixed_partner, n_data)
+    """One optimiser step of the solo loop on batch x: objective (its products in config.precision), backward,
+    norm cap, RAdam."""
+    with matmul_precision(config.precision, x.device):
+        terms = method_loss(model, config, x, generator, fixed_partner, n_data)
     optimizer.zero_grad(set_to_none=True)
     terms["loss"].backward()
     if config.grad_clip_norm is not None:

@@ -1,0 +1,52 @@
+"""python -m raven.bench precision: fp32 against bf16 tables, each row's ratio that of its two printed values."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from raven.bench import main
+from raven.eval.fid import fid_available
+
+ROW = re.compile(r"^(?P<name>.+?)\s+(?P<fp32>[\d,.]+)\s+(?P<bf16>[\d,.]+)\s+(?P<ratio>[\d.]+)x$")
+
+
+def number(text: str) -> float:
+    return float(text.replace(",", ""))
+
+
+def test_precision_bench_prints_fp32_against_bf16_training(capsys, data_dir):
+    assert main(["precision", "--stages", "train", "--steps", "2", "--warmup", "1", "--rounds", "1",
+                 "--ks", "2,3", "--data-dir", str(data_dir)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("Training (raven, batch 128) on cpu") for line in lines)
+    rows = {m["name"]: m for m in map(ROW.match, lines) if m}
+    assert list(rows) == ["solo (raven.step.train_step)", "pack of 2", "pack of 3"]
+    for row in rows.values():
+        fp32, bf16 = number(row["fp32"]), number(row["bf16"])
+        # Printed rounded to whole pairs/s: the ratio agrees to that rounding.
+        assert fp32 > 0 and bf16 > 0
+        assert number(row["ratio"]) == pytest.approx(bf16 / fp32, abs=0.01 + (bf16 + fp32) / fp32 ** 2)
+
+
+@pytest.mark.skipif(not fid_available()[0], reason=fid_available()[1])
+def test_precision_bench_prints_fid_speed_and_the_guard(capsys, data_dir):
+    assert main(["precision", "--stages", "fid", "--fid-images", "3", "--data-dir", str(data_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "the guard: |FID - fp32 FID| < 0.5" in out
+    # name, images/s, ratio to the shipped network, FID, FID - fp32 FID
+    rows = [line.rsplit(maxsplit=4) for line in out.splitlines() if line.startswith(("TorchScript", "FastInception"))]
+    names = [row[0].strip() for row in rows]
+    assert names == ["TorchScript network as shipped, fp32", "FastInception, fp32", "FastInception, bf16"]
+    fids = [float(row[3]) for row in rows]
+    differences = [float(row[4]) for row in rows]
+    # The fast fp32 network computes the shipped network's FID; each difference is against the fast fp32 FID.
+    assert fids[0] == pytest.approx(fids[1], rel=1e-3)
+    assert differences == pytest.approx([f - fids[1] for f in fids], abs=2e-3)
+
+
+def test_precision_bench_rejects_an_unknown_stage(capsys):
+    with pytest.raises(SystemExit):
+        main(["precision", "--stages", "train,attacks"])
+    assert "expected comma-separated stages from train,fid, got 'train,attacks'" in capsys.readouterr().err
