@@ -31,6 +31,7 @@ import torch
 from raven.config import DATASETS, METHODS, ConfigError
 from raven.progress import duration
 from raven.record.provenance import git_version
+from raven.record.tracking import flatten
 from raven.reproduce.grid import Budget, CellResult, Hyperparameters, eval_config, group_cells, run_pack, train_config
 
 PART_NAME = "part.json"
@@ -172,8 +173,6 @@ def read_parts(folders: list[str | os.PathLike]) -> list[tuple[Path, dict[str, A
 def parts_frames(folders: list[str | os.PathLike]) -> tuple[pd.Series, pd.DataFrame, list[dict[str, Any]]]:
     """(parent, runs, parts) in the columns raven.reproduce.report reads from MLflow: one row per finished seed,
     "metrics.*", "params.*" and "tags.raven.*" columns; parent holds the budget's and hyperparameters' params."""
-    from raven.record.tracking import flatten  # the record's own flattening (this reader serves the report)
-
     parts = read_parts(folders)
     first = parts[0][1]
     for path, data in parts[1:]:

@@ -28,7 +28,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 
-from raven.config import DATASETS, METHODS
+from raven.config import DATASETS, METHODS, ConfigError
 from raven.eval.plots import DATASET_LABELS
 from raven.record.tracking import use_store
 from raven.record.tracking import COMPLETE_TAG
@@ -54,6 +54,7 @@ from raven.reproduce.figures import (  # noqa: F401 - the notebooks read these t
     save_figure,
     tsne_of_pairs,
 )
+from raven.reproduce.parts import parts_frames
 from raven.reproduce.paper import PAPER_TABLE1, PAPER_TABLE2, TABLE1_ERRATUM
 
 # Figure 2's curves: the paper protocol's adv_acc_{attack}_delta_{delta}, and the strong protocol's
@@ -130,9 +131,6 @@ def load_reproduction(tracking_uri: str | None = None, experiment: str = DEFAULT
 
 def load_parts(folders: list[str | os.PathLike]) -> Reproduction:
     """A reproduction run in parts (raven.reproduce.parts), merged from one or more folders, read like one from MLflow."""
-    from raven.config import ConfigError
-    from raven.reproduce.parts import parts_frames
-
     try:
         parent, runs, _ = parts_frames(list(folders))
     except ConfigError as exc:
