@@ -44,7 +44,8 @@ def two_folders(tmp_path_factory, data_dir):
 def test_each_part_is_written_with_every_seed_and_no_checkpoint(two_folders):
     base, first, _ = two_folders
     part = base / "a" / "mnist-vae"
-    assert sorted(p.name for p in part.iterdir()) == [PART_NAME]
+    assert sorted(p.name for p in part.iterdir()) == [PART_NAME, "seeds"]
+    assert sorted(p.name for p in (part / "seeds").iterdir()) == ["mnist-vae-s0.json", "mnist-vae-s1.json"]
     data = json.loads((part / PART_NAME).read_text())
     assert [c["name"] for c in data["cells"]] == ["mnist-vae-s0", "mnist-vae-s1"]
     for cell in data["cells"]:
@@ -130,9 +131,37 @@ def test_a_part_stopped_after_its_seeds_were_evaluated_does_not_evaluate_them_ag
                       data_dir)
     assert again.returncode == 0, again.stderr[-3000:]
     for seed in (0, 1):
-        assert f"mnist-raven-s{seed}: its evaluation of this checkpoint is in" in again.stderr
+        assert f"mnist-raven-s{seed}: its evaluation of these weights is in {base / 'work'}" in again.stderr
     after = json.loads(path.read_text())
     assert [c["evaluation"] for c in after["cells"]] == [c["evaluation"] for c in before["cells"]]
+
+
+def test_a_later_session_without_checkpoints_trains_again_and_takes_the_kept_evaluations(two_folders, data_dir):
+    """A session's end loses the work folder, not the committed seed records: the pack is trained again, its weights
+    match the kept digests, and the evaluations are taken from DIR/<part>/seeds, not redone; a changed record is not."""
+    base, _, _ = two_folders
+    path = base / "a" / "mnist-vae" / PART_NAME
+    before = json.loads(path.read_text())
+    path.unlink()
+    record = base / "a" / "mnist-vae" / "seeds" / "mnist-vae-s1.json"
+    changed = json.loads(record.read_text())
+    changed["weights"] = "0" * 64  # as if seed 1 had been evaluated on other weights
+    record.write_text(json.dumps(changed))
+    again = reproduce(["--methods", "vae", "--parts", str(base / "a"), "--work-dir", str(base / "fresh-work")], base,
+                      data_dir)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"mnist-vae-s0: its evaluation of these weights is in {base / 'a' / 'mnist-vae' / 'seeds'}" in again.stderr
+    assert "mnist-vae-s1: its evaluation of these weights" not in again.stderr  # evaluated again
+    after = json.loads(path.read_text())
+    def losses(part):  # the same training, epoch by epoch (its timings aside)
+        return [[{k: v for k, v in row.items() if k not in ("epoch_seconds", "images_per_second")}
+                 for row in c["history"]] for c in part["cells"]]
+
+    assert losses(after) == losses(before)
+    # Seed 0's evaluation taken whole; seed 1's measured again to the same numbers (its timings aside).
+    assert after["cells"][0]["evaluation"] == before["cells"][0]["evaluation"]
+    assert {**after["cells"][1]["evaluation"], "timings": None} == {**before["cells"][1]["evaluation"], "timings": None}
+    assert json.loads(record.read_text())["weights"] != "0" * 64  # the record rewritten from the new evaluation
 
 
 def test_the_report_brackets_robust_accuracy_between_certified_and_strong():

@@ -11,6 +11,7 @@ raven.eval.protocols.delta_key's decimals.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -84,6 +85,12 @@ class EvalResult:
             "settings": self.settings,
             "timings": self.timings,
         }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "EvalResult":
+        """The result that to_json wrote (its artifacts, files of the machine that wrote them, are not kept)."""
+        names = {f.name for f in dataclasses.fields(cls)} - {"artifacts"}
+        return cls(**{k: v for k, v in data.items() if k in names})
 
     def csv_rows(self) -> list[dict[str, Any]]:
         """One row per (protocol, attack, delta); the strong protocol's worst case is attack "all".

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
 import pickle
 import platform
@@ -301,22 +302,38 @@ def _weights_digest(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def _cached_evaluation(out: Path, evaluation: EvalConfig, model: torch.nn.Module) -> tuple[EvalResult, float] | None:
-    """(result, seconds) of an evaluation already made of these weights under `evaluation`, else None."""
+def _comparable(evaluation: EvalConfig) -> Any:
+    """The evaluation config as JSON gives it back, so a kept record compares equal to the live config."""
+    return json.loads(json.dumps(dataclasses.asdict(evaluation), default=str))
+
+
+def _cached_evaluation(out: Path, evaluation: EvalConfig, model: torch.nn.Module,
+                       kept: Path | None = None) -> tuple[EvalResult, float, Path] | None:
+    """(result, seconds, where) of an evaluation already made of these weights under `evaluation`, else None:
+    the pickle beside the checkpoint, else the committable record `kept` (run_pack's keep_dirs)."""
+    digest = _weights_digest(model)
     try:
         with open(out / "evaluation" / EVALUATION_CACHE, "rb") as f:
             saved = pickle.load(f)
-        if saved["config"] == evaluation and saved["weights"] == _weights_digest(model):
-            return saved["result"], saved["seconds"]
-    except Exception:  # noqa: BLE001 - absent, partly written or from another version: evaluate again
+        if saved["config"] == evaluation and saved["weights"] == digest:
+            return saved["result"], saved["seconds"], out / "evaluation"
+    except Exception:  # noqa: BLE001 - absent, partly written or from another version: try the record
+        pass
+    try:
+        saved = json.loads(kept.read_text()) if kept is not None else None
+        if saved and saved["eval_config"] == _comparable(evaluation) and saved["weights"] == digest:
+            return EvalResult.from_json(saved["result"]), saved["seconds"], kept
+    except (OSError, ValueError, KeyError, TypeError):  # absent or unreadable: evaluate again
         pass
     return None
 
 
 def _cache_evaluation(out: Path, evaluation: EvalConfig, model: torch.nn.Module, result: EvalResult,
-                      seconds: float) -> None:
+                      seconds: float, kept: Path | None = None, history: list[dict[str, Any]] | None = None) -> None:
     """Keep a seed's evaluation beside its checkpoint, so that a pack stopped before its last seed was
-    evaluated (a session's end, during hours of FID and strong attacks) does not evaluate it again."""
+    evaluated (a session's end, during hours of FID and strong attacks) does not evaluate it again; and,
+    with `kept`, as a small JSON record (numbers and the weights' digest) that can be committed, so that
+    a later session, whose retrained weights have the same digest, does not evaluate it again either."""
     path = out / "evaluation" / EVALUATION_CACHE
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -324,11 +341,18 @@ def _cache_evaluation(out: Path, evaluation: EvalConfig, model: torch.nn.Module,
         pickle.dump({"config": evaluation, "weights": _weights_digest(model), "result": result,
                      "seconds": seconds}, f)
     os.replace(tmp, path)
+    if kept is not None:
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        tmp = kept.with_name(kept.name + ".tmp")
+        tmp.write_text(json.dumps({"eval_config": _comparable(evaluation), "weights": _weights_digest(model),
+                                   "seconds": round(seconds, 1), "history": history, "result": result.to_json()},
+                                  indent=1, default=str))
+        os.replace(tmp, kept)
 
 
 def run_pack(cells: list[Cell], configs: list[TrainConfig], evaluations: list[EvalConfig], data_dir: str | None,
              out_dirs: list[str], threads: int = 1, device: str = "auto",
-             log: Callable[[str], None] | None = None) -> list[CellResult]:
+             log: Callable[[str], None] | None = None, keep_dirs: list[str] | None = None) -> list[CellResult]:
     """Train the cells of one (dataset, method) as one pack into their out_dirs (resuming checkpoints there),
     then evaluate each seed on the test set; one CellResult per cell, in order. The paper protocol's probe and
     attacks of the seeds run as one batched pass (pack_stages; each seed's numbers those of its solo
@@ -336,6 +360,9 @@ def run_pack(cells: list[Cell], configs: list[TrainConfig], evaluations: list[Ev
 
     Runs inside a Ray worker (or a local process). A seed that diverged comes back with `error` set;
     the others are trained and evaluated as usual. log: one line per epoch and per evaluation stage.
+    keep_dirs: where each seed's finished evaluation is also kept as <cell>.json, a committable record
+    that a later run (one that lost the checkpoints and trained again) reuses when its weights' digest
+    matches (training is deterministic on one machine and thread count), instead of evaluating again.
     """
     torch.set_num_threads(max(1, threads))
     device = resolve_device(device)
@@ -352,7 +379,8 @@ def run_pack(cells: list[Cell], configs: list[TrainConfig], evaluations: list[Ev
     started = time.perf_counter()
     trained = train_pack(configs, splits=splits, device=device, out_dirs=out_dirs, progress=False, log=log)
     train_seconds = time.perf_counter() - started
-    cached = {k: None if member.diverged else _cached_evaluation(Path(out_dir), evaluation, member.model)
+    kept = [None if keep_dirs is None else Path(keep_dirs[k]) / f"{cell.name}.json" for k, cell in enumerate(cells)]
+    cached = {k: None if member.diverged else _cached_evaluation(Path(out_dir), evaluation, member.model, kept[k])
               for k, (member, evaluation, out_dir) in enumerate(zip(trained, evaluations, out_dirs))}
     pending = [k for k, member in enumerate(trained) if cached[k] is None and not member.diverged]
     stages, stage_share = pack_stages([trained[k] for k in pending], [evaluations[k] for k in pending], splits)
@@ -365,15 +393,16 @@ def run_pack(cells: list[Cell], configs: list[TrainConfig], evaluations: list[Ev
         out = Path(out_dir)
         result.history = member.history
         if cached[k] is not None:  # evaluated before the pack was interrupted: not redone
-            result.evaluation, result.eval_seconds = cached[k]
+            result.evaluation, result.eval_seconds, where = cached[k]
             if log:
-                log(f"{result.cell.name}: its evaluation of this checkpoint is in {out / 'evaluation'}; not redone")
+                log(f"{result.cell.name}: its evaluation of these weights is in {where}; not redone")
         else:
             started = time.perf_counter()
             result.evaluation = evaluate_model(member.model, splits, evaluation, out_dir=out / "evaluation",
                                                label=result.cell.name, stage=stages.get(k), log=log)
             result.eval_seconds = time.perf_counter() - started + (stage_share if k in stages else 0.0)
-            _cache_evaluation(out, evaluation, member.model, result.evaluation, result.eval_seconds)
+            _cache_evaluation(out, evaluation, member.model, result.evaluation, result.eval_seconds, kept[k],
+                              member.history)
         for path in result.evaluation.artifacts:
             result.files[f"robustness/{Path(path).name}"] = Path(path).read_bytes()
         for name in (CHECKPOINT_NAME, METRICS_NAME):

@@ -6,7 +6,11 @@ evaluated), written when it finishes as DIR/<dataset>-<method>/part.json. A part
 numbers only (each seed's config, epoch history, record metrics and robustness.json),
 never checkpoints: those stay in the work folder, where an interrupted part resumes its
 training. A part whose part.json exists is done and never rerun, so a stopped run loses at
-most the part in progress and continues with the same command.
+most the part in progress and continues with the same command. Within a part, each seed's
+evaluation is kept as it finishes in DIR/<part>/seeds/<cell>.json (numbers and a digest of
+the weights), small enough to commit: a later session that has lost the work folder trains
+the pack again (deterministic on one machine and thread count) and, where the digest
+matches, takes the kept evaluation instead of spending the hours of FID and attacks again.
 
 `load_parts` reads parts from one or more folders (runs that ran on different machines or
 days) into the same Reproduction that raven.reproduce.report reads from MLflow, so
@@ -36,6 +40,7 @@ from raven.reproduce.grid import Budget, CellResult, Hyperparameters, eval_confi
 
 PART_NAME = "part.json"
 PART_FORMAT = 1
+SEEDS_DIR = "seeds"  # DIR/<part>/seeds/<cell>.json: each seed's evaluation as it finishes (run_pack's keep_dirs)
 # Params that say which parts a run chose: parts of one budget may come from runs that chose differently.
 SELECTION = ("budget", "budget.datasets", "budget.methods")
 
@@ -133,7 +138,8 @@ def run_parts(budget: Budget, hps: dict[str, Hyperparameters], root: str | os.Pa
         started, wall = time.time(), time.perf_counter()
         results = run_pack(group, [train_config(c, budget, hp) for c in group], [eval_config(c, budget) for c in group],
                            None if data_dir is None else str(data_dir), [str(work / c.name) for c in group],
-                           threads, device, log=lambda line, name=name: log(f"  {name} {line}"))
+                           threads, device, log=lambda line, name=name: log(f"  {name} {line}"),
+                           keep_dirs=[str(root / name / SEEDS_DIR)] * len(group))
         seconds = time.perf_counter() - wall
         _write_json(root / name / PART_NAME, part_record(results, budget, hp, started, seconds))
         walls.append(seconds)
