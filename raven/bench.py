@@ -4,7 +4,8 @@
     python -m raven.bench attack [--images N] [--steps 50] [--batch-size B] [--device D] [--checkpoint DIR]
                                  [--no-strong]
     python -m raven.bench pack [--ks 1,5,25] [--steps N] [--method M] [--device D] [--no-estimate] [size flags]
-    python -m raven.bench precision [--stages train,fid] [--ks 5,25] [--steps N] [--fid-images N] [--device D]
+    python -m raven.bench precision [--stages train,attack,fid] [--ks 5,25] [--steps N] [--images N]
+                                    [--checkpoint DIR] [--fid-images N] [--device D]
 
 `train`: training images per second of this package's loop (in-memory tensors, one
 slice per batch) for the plain VAE and for paired RAVEN (two images per training
@@ -25,7 +26,9 @@ reproduction, built from measured pieces (see estimate_reproduction).
 
 `precision`: fp32 against bf16 in one process, with the ratio. Training pairs per second
 (images for vae and se) of the solo step and of packs of each K, in alternating rounds;
-then FID's Inception: images per second of the TorchScript network as shipped, of
+then test images attacked per second by the paper's KL attack and by the strong protocol's
+per-iterate PGD (AutoAttack left out: it runs in fp32 either way), with the share of images
+each fools; then FID's Inception: images per second of the TorchScript network as shipped, of
 FastInception in fp32 and in bf16, and the FID each gives between test images and blurred
 copies of them, beside the fp32 FID it must stay within 0.5 of.
 """
@@ -46,23 +49,24 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from raven.checkpoints import write_checkpoint
+from raven.checkpoints import load_checkpoint, write_checkpoint
 from raven.config import METHODS, PRECISIONS, TrainConfig
 from raven.cuda_graphs import graphs_wanted
 from raven.data import DataSplits, default_data_dir, load_splits
-from raven.eval.attacks import PAPER_STEP_DIVISOR
+from raven.eval.attacks import PAPER_STEP_DIVISOR, attack
 from raven.eval.autoattack import ProbeOnMean
 from raven.eval.certify import certify
 from raven.eval.evaluate import PAPER_DELTAS, encode_mean, train_linear_probe, tsne_embedding
 from raven.eval.fid import InceptionFeatures, _inception_input, _load_network, fid_available, frechet_distance
 from raven.eval.pack_eval import attack_pack
+from raven.eval.protocols import StrongConfig, worst_case
 from raven.pack import PackedTrainer, stack_modules
 from raven.reproduce.grid import TEST_IMAGES, TRAIN_SPLIT_IMAGES, Budget
 from raven.step import build_model, make_optimizer, method_loss, train_step, training_noisy_copy, validation_metrics
 from raven.train import resolve_device
 
 
-PRECISION_STAGES = ("train", "fid")
+PRECISION_STAGES = ("train", "attack", "fid")
 
 
 def _sync(device: torch.device) -> None:
@@ -528,6 +532,46 @@ def _precision_fid(args: argparse.Namespace, device: torch.device, test_x: torch
         print(f"{name:<{width}}  {rate:>10,.1f}  {rate / base_rate:>9.2f}x  {value:>9.3f}  {value - base_fid:>+10.3f}")
 
 
+def _precision_attack(args: argparse.Namespace, device: torch.device, splits: DataSplits) -> None:
+    """Images/s of the paper's KL attack and of the strong protocol's per-iterate PGD in fp32 and bf16, and the
+    share of images each fools (the guard: bf16 fools no fewer than fp32, to within 0.5 points)."""
+    if args.checkpoint:
+        model = load_checkpoint(args.checkpoint, map_location=device)
+    else:
+        model = build_model(TrainConfig(method="vae")).to(device).eval()
+    probe, _ = train_linear_probe(encode_mean(model, splits.train_x[:10000]), splits.train_y[:10000])
+    x, y = splits.test_x[:args.images], splits.test_y[:args.images]
+    delta = 0.1
+
+    def paper(precision: str) -> torch.Tensor:
+        out = attack(model, x, delta, "kl", steps=args.attack_steps, batch_size=args.attack_batch_size, probe=probe,
+                     y=y, generator=torch.Generator(device=device).manual_seed(0), precision=precision)
+        return ~out.correct
+
+    def strong(precision: str) -> torch.Tensor:
+        config = StrongConfig(steps=args.attack_steps, autoattack=False, precision=precision)
+        overall, _, _ = worst_case(model, probe, x, y, delta, config, seed=0, batch_size=args.attack_batch_size)
+        return ~overall
+
+    measure = {f"paper KL attack, {args.attack_steps} steps": paper,
+               f"strong protocol's PGD ({','.join(StrongConfig().attacks)}, per iterate), {args.attack_steps} steps, "
+               "AutoAttack left out (fp32 either way)": strong}
+    rows, fooled = [], {}
+    for name, run in measure.items():
+        rates = {}
+        for precision in PRECISIONS:
+            run(precision) if args.warmup else None
+            seconds = _seconds(lambda p=precision: fooled.__setitem__((name, p), run(p)), device)
+            rates[precision] = len(x) / seconds
+        rows.append((name, rates["fp32"], rates["bf16"]))
+    print_precision_table(f"Attacks on {device} ({torch.get_num_threads()} threads, {len(x)} test images, delta "
+                          f"{delta}, chunks of {args.attack_batch_size}, torch {torch.__version__})", rows, "images/s")
+    for name, _, _ in rows:
+        share = {p: float(fooled[name, p].double().mean()) * 100 for p in PRECISIONS}
+        print(f"{name}: fooled fp32 {share['fp32']:.1f} %, bf16 {share['bf16']:.1f} % "
+              f"({share['bf16'] - share['fp32']:+.1f} points; the guard: no less than -0.5)")
+
+
 def bench_precision(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)
     if device.type == "cpu":
@@ -535,6 +579,8 @@ def bench_precision(args: argparse.Namespace) -> None:
     splits = load_splits("mnist", args.data_dir, device)
     if "train" in args.stages:
         _precision_train(args, device, splits.train_x)
+    if "attack" in args.stages:
+        _precision_attack(args, device, splits)
     if "fid" in args.stages:
         _precision_fid(args, device, splits.test_x)
 
@@ -590,7 +636,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--data-dir", default=None)
     p.set_defaults(run=bench_pack)
-    p = sub.add_parser("precision", help="fp32 against bf16: training (solo, packs), FID's Inception")
+    p = sub.add_parser("precision", help="fp32 against bf16: training (solo, packs), attacks, FID's Inception")
     p.add_argument("--stages", type=_stages, default=list(PRECISION_STAGES),
                    help=f"comma-separated, from {','.join(PRECISION_STAGES)} (default all)")
     p.add_argument("--method", default="raven", choices=METHODS, help="training's method (default raven)")
@@ -599,6 +645,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first, CUDA graph capture included")
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds; the median is reported (default 3)")
     p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--images", type=int, default=1000, help="test images attacked (default 1000)")
+    p.add_argument("--attack-steps", type=int, default=50, help="PGD steps (default 50)")
+    p.add_argument("--attack-batch-size", type=int, default=1000, help="images attacked at once (default 1000)")
+    p.add_argument("--no-warmup", dest="warmup", action="store_false", help="skip the attacks' untimed first pass")
+    p.add_argument("--checkpoint", default=None, help="the model attacked (default: a freshly initialised VAE)")
     p.add_argument("--fid-images", type=int, default=500, help="test images, and as many blurred copies (default 500)")
     p.add_argument("--fid-batch-size", type=int, default=100, help="images per Inception batch (default 100)")
     p.add_argument("--device", default="auto")

@@ -1,4 +1,5 @@
-"""Training precision: bf16 matrix products with float32 weights and optimiser reach what float32 training reaches."""
+"""Precision: bf16 training (float32 weights and optimiser) reaches what float32 training reaches, and bf16 attacks
+(float32 verdicts) fool as many images as float32 attacks."""
 
 from __future__ import annotations
 
@@ -10,9 +11,12 @@ import torch
 from raven.cli import main
 from raven.config import ConfigError, TrainConfig
 from raven.data import DataSplits
+from raven.eval.attacks import attack, dissimilarity, survives
+from raven.eval.evaluate import EvalConfig
 from raven.eval.probe import encode_mean, probe_accuracy, train_linear_probe
 from raven.pack import train_pack
 from raven.step import build_model, make_optimizer, train_step
+from raven.train import train
 
 SEEDS = (0, 1, 2)
 
@@ -74,3 +78,81 @@ def test_precision_is_checked_and_is_a_flag_of_raven_train(tmp_path, data_dir):
     assert main(["train", "--method", "vae", "--epochs", "1", "--limit", "200", "--validation-size", "100",
                  "--precision", "bf16", "--data-dir", str(data_dir), "--out", str(out)]) == 0
     assert torch.load(out / "checkpoint.pt", weights_only=False)["config"]["precision"] == "bf16"
+
+
+@pytest.fixture(scope="module")
+def attacked(small):
+    """A VAE trained for 2 epochs on 1,500 images, its probe, and 1,000 test images."""
+    model = train(TrainConfig(method="vae", epochs=2), splits=small, device="cpu", progress=False).model.eval()
+    probe, _ = train_linear_probe(encode_mean(model, small.train_x), small.train_y)
+    return model, probe, small.test_x, small.test_y
+
+
+def test_bf16_attacks_fool_no_fewer_images_than_fp32_within_half_a_point(attacked):
+    # The guard of EvalConfig.precision "bf16": the paper's KL attack and the strong protocol's per-iterate PGD.
+    model, probe, x, y = attacked
+    fooled = {}
+    for precision in ("fp32", "bf16"):
+        out = attack(model, x, 0.1, "kl", probe=probe, y=y, generator=torch.Generator().manual_seed(0),
+                     precision=precision)
+        alive = survives(model, probe, x, y, 0.05, "kl", steps=50, generator=torch.Generator().manual_seed(0),
+                         precision=precision)
+        fooled[precision] = (1 - out.correct.double().mean().item(), 1 - alive.double().mean().item())
+    (paper32, strong32), (paper16, strong16) = fooled["fp32"], fooled["bf16"]
+    assert 0.1 < paper32 < 0.9 and 0.1 < strong32 < 0.9, fooled  # both attacks bite, and not on every image
+    assert paper16 >= paper32 - 0.005 and strong16 >= strong32 - 0.005, fooled
+
+
+def test_bf16_attack_verdicts_are_float32_on_the_exact_image(attacked):
+    model, probe, x, y = attacked
+    x, y = x[:300], y[:300]
+    out = attack(model, x, 0.1, "w2", probe=probe, y=y, generator=torch.Generator().manual_seed(1), precision="bf16")
+    assert out.x_adv.dtype == torch.float32
+    assert (out.x_adv - x).abs().max() <= 0.1 + 1e-6 and out.x_adv.min() >= 0 and out.x_adv.max() <= 1
+    with torch.no_grad():
+        mu, logvar = model.encoder(x)
+        mu_adv, logvar_adv = model.encoder(out.x_adv)
+        assert torch.equal(out.correct, probe(mu_adv).argmax(dim=1) == y)
+        assert torch.equal(out.dissimilarity, dissimilarity("w2", mu, logvar, mu_adv, logvar_adv))
+
+
+def test_evaluation_precision_is_checked_and_reaches_the_strong_protocol():
+    assert EvalConfig(precision="bf16").strong.precision == "bf16"
+    assert EvalConfig().strong.precision == "fp32"
+    with pytest.raises(ConfigError, match="precision must be one of fp32, bf16, got 'half'"):
+        EvalConfig(precision="half")
+
+
+def test_precision_reaches_training_and_evaluation_from_the_reproduction_and_the_sweeps():
+    from raven.reproduce.grid import Budget, Cell, default_hyperparameters, eval_config, train_config
+    from raven.sweep.spec import SweepSpec
+    from raven.sweep.space import SearchSpace
+
+    cell, budget = Cell("mnist", "raven", 0), Budget(precision="bf16")
+    hp = default_hyperparameters("mnist", "test")
+    assert train_config(cell, budget, hp).precision == "bf16"
+    assert (eval_config(cell, budget).precision, eval_config(cell, budget).strong.precision) == ("bf16", "bf16")
+    assert "bf16 training and attacks (full: fp32)" in budget.describe()
+    assert train_config(cell, Budget(), hp).precision == eval_config(cell, Budget()).precision == "fp32"
+    spec = SweepSpec(kind="sigma_aug", method="raven", space=SearchSpace.log_uniform("sigma_aug", 1e-3, 1.0),
+                     precision="bf16")
+    assert spec.train_config(0.1).precision == "bf16" and spec.eval_config.precision == "bf16"
+    with pytest.raises(ConfigError, match="precision must be one of fp32, bf16"):
+        Budget(precision="fp16")
+
+
+def test_a_part_or_a_kept_evaluation_written_before_the_precision_field_still_matches():
+    """Parts and kept seed records of a run that started before a field existed compare at that field's default."""
+    import dataclasses
+    import json
+
+    from raven.reproduce.grid import FULL_BUDGET, _comparable, _with_defaults
+    from raven.reproduce.parts import same_budget
+
+    older = {k: v for k, v in FULL_BUDGET.params().items() if k != "budget.precision"}
+    assert same_budget(older, FULL_BUDGET.params())
+    assert not same_budget(older, dataclasses.replace(FULL_BUDGET, precision="bf16").params())
+    saved = json.loads(json.dumps(_comparable(EvalConfig(limit=100))))
+    del saved["precision"], saved["strong"]["precision"]
+    assert _with_defaults(saved, _comparable(EvalConfig())) == _comparable(EvalConfig(limit=100))
+    assert _with_defaults(saved, _comparable(EvalConfig())) != _comparable(EvalConfig(limit=100, precision="bf16"))

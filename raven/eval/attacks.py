@@ -39,6 +39,12 @@ is an adversarial example whatever its Delta.
 Images are attacked in chunks of `batch_size` rows at once, on the model's device, with
 the model's parameters frozen (requires_grad False) for the duration: gradients are
 taken with respect to the input alone.
+
+precision "bf16" runs the search in bfloat16: the objective PGD ascends (its forward and
+backward through the encoder and probe) under an autocast, so its values and gradient signs
+carry bf16 rounding. Every verdict stays float32 on the exact (float32) image: whether the
+probe is fooled, at the kept image (`attack`) or at every iterate (`survives`), and the
+Delta reported. bf16 can only steer the search, never decide an outcome.
 """
 
 from __future__ import annotations
@@ -51,6 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from raven.config import PRECISIONS
 from raven.gaussians import diag_gaussian_kl, diag_gaussian_w2_squared
 from raven.pgd import pgd_linf
 
@@ -128,8 +135,23 @@ def _objective(kind: str, encoder: nn.Module, probe: nn.Module | None, x: torch.
     return objective
 
 
+def in_precision(objective: Callable[[torch.Tensor], torch.Tensor], precision: str,
+                 device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`objective` computed under a bfloat16 autocast for precision "bf16" (values back in float32), else itself."""
+    if precision == "fp32":
+        return objective
+
+    def reduced(x_adv: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            return objective(x_adv).float()
+
+    return reduced
+
+
 def _check(kind: str, delta: float, steps: int, restarts: int, batch_size: int, needs_probe: bool,
-           probe: nn.Module | None, y: torch.Tensor | None) -> None:
+           probe: nn.Module | None, y: torch.Tensor | None, precision: str = "fp32") -> None:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if kind not in ATTACKS:
         raise ValueError(f"unknown attack {kind!r}; choose one of {', '.join(ATTACKS)}")
     if needs_probe and (probe is None or y is None):
@@ -165,15 +187,17 @@ def attack(
     batch_size: int = 1000,
     probe: nn.Module | None = None,
     y: torch.Tensor | None = None,
+    precision: str = "fp32",
 ) -> AttackOutput:
     """PGD in the L-inf ball of radius `delta` (intersected with [0, 1]) against `model`'s encoder.
 
     `model` is a RavenModel (its `.encoder` maps (N, 784) to (mu, logvar)); `x` (N, 784)
     in [0, 1]. With `probe` (a module on mu) and labels `y`, `correct` reports per image
     whether the probe survives every restart; kind "ce" needs both. delta = 0 returns x.
-    Everything runs on x's device; move the model there first.
+    Everything runs on x's device; move the model there first. precision: the search's
+    (module docstring); `correct` and `dissimilarity` are float32 either way.
     """
-    _check(kind, delta, steps, restarts, batch_size, kind == "ce", probe, y)
+    _check(kind, delta, steps, restarts, batch_size, kind == "ce", probe, y, precision)
     step = default_step_size(delta) if step_size is None else float(step_size)
     x = x.detach()
     outputs_x, outputs_value, outputs_correct = [], [], []
@@ -187,7 +211,7 @@ def attack(
             yb = y[start:start + batch_size] if y is not None else None
             with torch.no_grad():
                 mu, logvar = encoder(xb)
-            objective = _objective(kind, encoder, probe, xb, yb)
+            objective = in_precision(_objective(kind, encoder, probe, xb, yb), precision, xb.device)
             best_x = xb
             best_value = None
             correct = None
@@ -233,6 +257,7 @@ def survives(
     restarts: int = 1,
     generator: torch.Generator | None = None,
     batch_size: int = 1000,
+    precision: str = "fp32",
 ) -> torch.Tensor:
     """Per image, True when the probe is right at every iterate of every restart of PGD `kind` (strong protocol).
 
@@ -241,9 +266,9 @@ def survives(
     misclassified one is an adversarial example whatever its Delta. Work goes only where
     it can change the answer: every SEGMENT steps (one host sync) the rows already fooled
     leave the batch, each row's path staying what it would have been, and every restart
-    runs on the rows no earlier restart fooled.
+    runs on the rows no earlier restart fooled. precision: the search's; each iterate is judged in float32.
     """
-    _check(kind, delta, steps, restarts, batch_size, True, probe, y)
+    _check(kind, delta, steps, restarts, batch_size, True, probe, y, precision)
     step = default_step_size(delta) if step_size is None else float(step_size)
     x = x.detach()
     encoder = model.encoder
@@ -263,7 +288,7 @@ def survives(
                     def record(x_it: torch.Tensor) -> None:
                         wrong.logical_or_(probe(encoder(x_it)[0]).argmax(dim=1) != ys)
 
-                    objective = _objective(kind, encoder, probe, xs, ys)
+                    objective = in_precision(_objective(kind, encoder, probe, xs, ys), precision, xs.device)
                     x_adv = pgd_linf(objective, xs, delta, min(SEGMENT, steps - done), step, generator=generator,
                                      keep_best=False, on_iterate=record, start=x_adv)
                     alive[chunk] &= ~wrong

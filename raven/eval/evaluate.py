@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from raven.config import ConfigError
+from raven.config import PRECISIONS, ConfigError
 from raven.data import DataSplits, load_splits, noisy_copy
 from raven.eval.attacks import ATTACKS, PAPER_ATTACKS, PAPER_STEP_DIVISOR, PAPER_STEPS
 from raven.eval.metrics import (
@@ -89,6 +89,10 @@ class EvalConfig:
     Table 1 pairs and the t-SNE's noisy copies. batch_size: images per attack chunk.
     fid_images: FID on the first N evaluated test images (None: all of them); Inception
     features cost ~0.1-0.2 s per image on a small CPU, so FID dominates a CPU evaluation.
+    precision: the PGD attacks' search (paper and strong protocols; raven.eval.attacks), "fp32"
+    or "bf16"; whether an image is fooled is always decided in float32 on the exact image.
+    The strong protocol's own `strong.precision` follows it. FID stays float32 (bf16 moves it
+    by several points, raven.eval.fid).
     """
 
     attacks: tuple[str, ...] = flag_field(PAPER_ATTACKS, "paper protocol, comma-separated: kl, w2, ce, rkl, mean")
@@ -118,11 +122,16 @@ class EvalConfig:
                                      choices=CERTIFY_METHODS)
     certify_dtype: str = flag_field("float32", "certified protocol's arithmetic: float32 or float64",
                                     choices=tuple(CERTIFY_DTYPES))
+    precision: str = flag_field("fp32", "the PGD attacks' forward and backward: fp32 or bf16 (whether an image "
+                                        "is fooled is decided in fp32 either way)", choices=PRECISIONS)
 
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOLS:
             raise ConfigError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {self.protocol!r}")
-        object.__setattr__(self, "strong", StrongConfig.coerce(self.strong))
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        object.__setattr__(self, "strong", dataclasses.replace(StrongConfig.coerce(self.strong),
+                                                               precision=self.precision))
         if self.certify_method not in CERTIFY_METHODS:
             raise ConfigError(f"certify_method must be one of {', '.join(CERTIFY_METHODS)}, "
                               f"got {self.certify_method!r}")
@@ -265,7 +274,7 @@ def probe_and_attack(model: nn.Module, train_x: torch.Tensor, train_y: torch.Ten
             accuracy, strength, robust = paper_protocol(
                 model, probe, eval_x, eval_y, attacks=config.attacks, deltas=config.deltas, steps=config.steps,
                 step_size=config.step_size, restarts=config.restarts, random_start=config.random_start,
-                seed=config.seed, batch_size=config.batch_size, log=log)
+                seed=config.seed, batch_size=config.batch_size, precision=config.precision, log=log)
         if config.runs_strong:
             strong = strong_protocol(model, probe, eval_x[:strong_images], eval_y[:strong_images], config.deltas,
                                      config.strong, seed=config.seed, batch_size=config.batch_size, log=log)

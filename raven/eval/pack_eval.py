@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from raven.config import ConfigError
-from raven.eval.attacks import ascent_objective, dissimilarity
+from raven.eval.attacks import ascent_objective, dissimilarity, in_precision
 from raven.eval.evaluate import EvalConfig
 from raven.eval.probe import train_linear_probe
 from raven.eval.protocols import delta_key, stream
@@ -54,7 +54,7 @@ from raven.pgd import pgd_linf
 
 # EvalConfig fields the paper's probe and attacks read; the members of a pack must agree on them.
 PAPER_STAGE_FIELDS = ("attacks", "deltas", "steps", "step_size", "restarts", "random_start", "limit",
-                      "probe_limit", "batch_size")
+                      "probe_limit", "batch_size", "precision")
 ENCODE_CHUNK = 5000  # raven.eval.probe.encode_mean's chunk: the same products as the solo encodings
 
 
@@ -114,14 +114,16 @@ def _objective(kind: str, encoder: nn.Module, probe: nn.Module, x: torch.Tensor,
 
 def attack_pack(encoder: nn.Module, probe: nn.Module, x: torch.Tensor, y: torch.Tensor, delta: float, kind: str, *,
                 steps: int, step_size: float, restarts: int, random_start: bool,
-                generators: Sequence[torch.Generator], batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+                generators: Sequence[torch.Generator], batch_size: int,
+                precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
     """raven.eval.attacks.attack for K stacked encoders (and probes) at once: (correct, dissimilarity), each (K, N).
 
     encoder maps (K, n, 784) to (mu, logvar) of shape (K, n, d), probe (K, n, d) to logits;
     x (N, 784) and labels y (N,) are the same images for every member; generators[k] is
     member k's stream of random starts. correct[k]: member k's probe is right after every
     restart; dissimilarity[k]: its highest Delta over restarts (the probe's cross-entropy
-    for "ce"). Parameters must be frozen (requires_grad False) by the caller.
+    for "ce"). Parameters must be frozen (requires_grad False) by the caller. precision: the search's, as in
+    attack; correct and dissimilarity are float32.
     """
     size = len(generators)
     corrects, values = [], []
@@ -131,7 +133,7 @@ def attack_pack(encoder: nn.Module, probe: nn.Module, x: torch.Tensor, y: torch.
         yk = y[start:start + batch_size].expand(size, -1)
         with torch.no_grad():
             mu, logvar = encoder(xk)
-        objective = _objective(kind, encoder, probe, xk, yk)
+        objective = in_precision(_objective(kind, encoder, probe, xk, yk), precision, xb.device)
         best_value, correct = None, None
         for _ in range(restarts if delta > 0 else 1):
             # Each member's start from its own stream, drawn as its solo attack draws it.
@@ -204,7 +206,8 @@ def pack_probe_and_attack(models: Sequence[nn.Module], train_x: torch.Tensor, tr
             correct, value = attack_pack(
                 encoder, probe, eval_x, eval_y, delta, kind, steps=config.steps, step_size=config.step_size_for(delta),
                 restarts=config.restarts, random_start=config.random_start,
-                generators=[stream(device, c.seed, kind, key) for c in configs], batch_size=config.batch_size)
+                generators=[stream(device, c.seed, kind, key) for c in configs], batch_size=config.batch_size,
+                precision=config.precision)
             for k, result in enumerate(results):
                 # Row k alone, contiguous: the same reduction as the solo (N,) tensor's.
                 result["adversarial_accuracy"][kind][key] = float(correct[k].double().mean())

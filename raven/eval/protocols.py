@@ -56,7 +56,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from raven.config import ConfigError
+from raven.config import PRECISIONS, ConfigError
 from raven.eval.attacks import ATTACKS, PAPER_STEP_DIVISOR, attack, random_perturbation, survives
 from raven.eval.autoattack import (
     COMPONENTS,
@@ -112,7 +112,9 @@ class StrongConfig:
     reference's 100); square_queries: Square's budget (the reference's 5,000);
     autoattack_restarts: per AutoAttack part (the reference's 1). check_images: images of
     the flat-grey and convergence checks (the first N; None: all). convergence: rerun with
-    doubled steps and restarts (the check that costs most).
+    doubled steps and restarts (the check that costs most). precision: the PGD attacks'
+    search, "fp32" or "bf16" (raven.eval.attacks; every iterate is judged in float32);
+    AutoAttack, the reference implementation, runs in float32.
     """
 
     attacks: tuple[str, ...] = STRONG_ATTACKS
@@ -124,6 +126,7 @@ class StrongConfig:
     autoattack_restarts: int = 1
     check_images: int | None = 1000
     convergence: bool = True
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         attacks = (self.attacks,) if isinstance(self.attacks, str) else tuple(self.attacks)
@@ -139,6 +142,8 @@ class StrongConfig:
             positive_int(f"strong.{name}", getattr(self, name))
         if self.check_images is not None:
             positive_int("strong.check_images", self.check_images)
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"strong.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
 
     @classmethod
     def coerce(cls, value: "StrongConfig | dict[str, Any] | None") -> "StrongConfig":
@@ -172,7 +177,7 @@ class StrongConfig:
 
 def paper_protocol(model: nn.Module, probe: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
                    attacks: tuple[str, ...], deltas: tuple[float, ...], steps: int, step_size: float | None,
-                   restarts: int, random_start: bool, seed: int, batch_size: int,
+                   restarts: int, random_start: bool, seed: int, batch_size: int, precision: str = "fp32",
                    log: Callable[[str], None] | None = None) -> tuple[dict[str, dict[str, float]],
                                                                         dict[str, dict[str, float]],
                                                                         dict[str, dict[str, float]]]:
@@ -184,7 +189,7 @@ def paper_protocol(model: nn.Module, probe: nn.Module, x: torch.Tensor, y: torch
     prediction right). robust accuracy is AutoAttack's and RobustBench's reading: the probe
     is right on the clean image and after the attack; it is never above accuracy or the
     clean accuracy. step_size None is delta/25. Random starts come from a stream per (seed,
-    attack, delta).
+    attack, delta). precision: the attacks' search (raven.eval.attacks); verdicts are float32.
     """
     device = x.device
     with torch.no_grad():
@@ -199,7 +204,7 @@ def paper_protocol(model: nn.Module, probe: nn.Module, x: torch.Tensor, y: torch
             step = delta / PAPER_STEP_DIVISOR if step_size is None else step_size
             out = attack(model, x, delta, kind, steps=steps, step_size=step, restarts=restarts,
                          random_start=random_start, generator=stream(device, seed, kind, key),
-                         batch_size=batch_size, probe=probe, y=y)
+                         batch_size=batch_size, probe=probe, y=y, precision=precision)
             accuracy[kind][key] = float(out.correct.double().mean())
             robust[kind][key] = float((out.correct & clean).double().mean())
             strength[kind][key] = float(out.dissimilarity.double().mean())
@@ -235,7 +240,7 @@ def worst_case(model: nn.Module, probe: nn.Module, x: torch.Tensor, y: torch.Ten
         alone = correct.clone()
         if delta > 0 and len(rows):
             alone[rows] = survives(model, probe, x[rows], y[rows], delta, kind, steps=config.steps,
-                                   restarts=config.restarts, batch_size=batch_size,
+                                   restarts=config.restarts, batch_size=batch_size, precision=config.precision,
                                    generator=stream(device, seed, "strong", variant, kind, key))
         by_attack[kind] = alone
         overall &= alone

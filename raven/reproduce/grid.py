@@ -31,7 +31,8 @@ from typing import Any, Callable
 
 import torch
 
-from raven.config import DATASETS, DEFAULT_ETA, METHODS, PAPER_ETA, PAPER_SIGMA_AUG, ConfigError, TrainConfig
+from raven.config import (DATASETS, DEFAULT_ETA, METHODS, PAPER_ETA, PAPER_SIGMA_AUG, PRECISIONS, ConfigError,
+                          TrainConfig)
 from raven.data import DataSplits, load_splits
 from raven.methods import PAPER_METHODS
 from raven.eval.attacks import PAPER_STEPS
@@ -89,6 +90,8 @@ class Budget:
                                           off=("--strong-all-images", "the strong protocol on every evaluated image"))
     check_seeds: int = flag_field(1, "strong protocol: seeds 0..N-1 of each method run its convergence check "
                                   "(doubled steps and restarts, ~3x the protocol's cost); the others skip it")
+    precision: str = flag_field("fp32", "training's matrix products and the PGD attacks' search: fp32 or bf16 "
+                                        "(weights, optimiser, every verdict and FID stay fp32)", choices=PRECISIONS)
     smoke: bool = flag_field(False, "the smoke budget (SMOKE_BUDGET): 2 seeds, 2 epochs on 5,000 training images, "
                              "300 test images, 10-step PGD, probe on 5,000 images, no FID, the strong protocol and "
                              "the certified bounds on 100 images, at 5 steps x 1 restart and 50 Square queries (both "
@@ -97,6 +100,8 @@ class Budget:
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOLS:
             raise ConfigError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {self.protocol!r}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         for name in ("epochs", "seeds", "steps", "strong_steps", "strong_restarts", "square_queries"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -170,6 +175,8 @@ class Budget:
             if self.check_seeds != full.check_seeds:
                 changes.append(f"its convergence check on {self.check_seeds} seed(s) of each method (full: "
                                f"{full.check_seeds})")
+        if self.precision != full.precision:
+            changes.append(f"{self.precision} training and attacks (full: {full.precision})")
         if self.datasets != DATASETS:
             changes.append("datasets " + ", ".join(self.datasets))
         if self.methods != PAPER_METHODS:
@@ -237,7 +244,8 @@ def default_hyperparameters(dataset: str, why: str) -> Hyperparameters:
 def train_config(cell: Cell, budget: Budget, hp: Hyperparameters) -> TrainConfig:
     """The paper's setting for one cell (RAdam 1e-3, batch 128, d = 10, noise 0.05) under `budget`."""
     return TrainConfig(method=cell.method, dataset=cell.dataset, sigma_aug=hp.sigma_aug, eta=hp.eta,
-                       epochs=budget.epochs, patience=budget.patience, seed=cell.seed, limit=budget.limit)
+                       epochs=budget.epochs, patience=budget.patience, seed=cell.seed, limit=budget.limit,
+                       precision=budget.precision)
 
 
 def eval_config(cell: Cell, budget: Budget) -> EvalConfig:
@@ -246,7 +254,7 @@ def eval_config(cell: Cell, budget: Budget) -> EvalConfig:
                           convergence=cell.seed < budget.check_seeds)
     return EvalConfig(steps=budget.steps, limit=budget.eval_limit, probe_limit=budget.probe_limit, fid=budget.fid,
                       tsne=True, seed=cell.seed, protocol=budget.protocol, strong=strong,
-                      strong_limit=budget.strong_limit)
+                      strong_limit=budget.strong_limit, precision=budget.precision)
 
 
 # ----------------------------------------------------------------------------- the task
@@ -307,6 +315,14 @@ def _comparable(evaluation: EvalConfig) -> Any:
     return json.loads(json.dumps(dataclasses.asdict(evaluation), default=str))
 
 
+def _with_defaults(saved: Any, default: Any) -> Any:
+    """A kept record's config with the fields it lacks (added to EvalConfig since) at their defaults."""
+    if not isinstance(saved, dict) or not isinstance(default, dict):
+        return saved
+    return {k: _with_defaults(saved[k], default.get(k)) if k in saved else v for k, v in default.items()} | {
+        k: v for k, v in saved.items() if k not in default}
+
+
 def _cached_evaluation(out: Path, evaluation: EvalConfig, model: torch.nn.Module,
                        kept: Path | None = None) -> tuple[EvalResult, float, Path] | None:
     """(result, seconds, where) of an evaluation already made of these weights under `evaluation`, else None:
@@ -321,7 +337,8 @@ def _cached_evaluation(out: Path, evaluation: EvalConfig, model: torch.nn.Module
         pass
     try:
         saved = json.loads(kept.read_text()) if kept is not None else None
-        if saved and saved["eval_config"] == _comparable(evaluation) and saved["weights"] == digest:
+        held = _with_defaults(saved["eval_config"], _comparable(EvalConfig())) if saved else None
+        if held == _comparable(evaluation) and saved["weights"] == digest:
             return EvalResult.from_json(saved["result"]), saved["seconds"], kept
     except (OSError, ValueError, KeyError, TypeError):  # absent or unreadable: evaluate again
         pass

@@ -36,7 +36,7 @@ from raven.config import DATASETS, METHODS, ConfigError
 from raven.progress import duration
 from raven.record.provenance import git_version
 from raven.record.tracking import flatten
-from raven.reproduce.grid import Budget, CellResult, Hyperparameters, eval_config, group_cells, run_pack, train_config
+from raven.reproduce.grid import FULL_BUDGET, Budget, CellResult, Hyperparameters, eval_config, group_cells, run_pack, train_config
 
 PART_NAME = "part.json"
 PART_FORMAT = 1
@@ -88,9 +88,12 @@ def part_record(results: list[CellResult], budget: Budget, hp: Hyperparameters, 
 
 
 def same_budget(a: dict[str, str], b: dict[str, str]) -> bool:
-    """Whether two budgets' params (Budget.params) differ at most in which datasets and methods they ran."""
+    """Whether two budgets' params (Budget.params) differ at most in which datasets and methods they ran; a
+    field that one of them lacks (a part written before the field existed) counts at its default."""
+    defaults = FULL_BUDGET.params()
+
     def strip(params: dict[str, str]) -> dict[str, str]:
-        return {k: v for k, v in params.items() if k not in SELECTION}
+        return {k: v for k, v in {**defaults, **params}.items() if k not in SELECTION}
 
     return strip(a) == strip(b)
 

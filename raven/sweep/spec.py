@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from raven.config import DATASETS, ConfigError, TrainConfig
+from raven.config import DATASETS, PRECISIONS, ConfigError, TrainConfig
 from raven.eval.evaluate import EvalConfig
 from raven.eval.protocols import PROTOCOLS as EVAL_PROTOCOLS
 from raven.record.provenance import git_version
@@ -101,6 +101,8 @@ class SweepSpec:
     seed: int = flag(0, "base training seed and Optuna sampler seed (default 0)", BUDGET, low=0)
     asha: bool = flag(False, "ASHA early stopping on the objective (computed every epoch)", BUDGET)
     grace_period: int = flag(1, "ASHA: epochs before a trial can be stopped", BUDGET, low=1)
+    precision: str = flag("fp32", "training's matrix products and the final evaluation's PGD search: fp32 or bf16 "
+                          "(weights, optimiser and every verdict stay fp32; default fp32)", BUDGET, choices=PRECISIONS)
     smoke: bool = flag(False, SMOKE_HELP, BUDGET)
     max_concurrent: int | None = flag(None, "trials at once (default: as resources allow)", RESOURCES, smoke=2, low=1)
     cpus_per_trial: float = flag(1.0, "CPUs per trial (default 1)", RESOURCES, low=0)
@@ -216,6 +218,7 @@ class SweepSpec:
         if self.eval_deltas is not None:
             values["deltas"] = list(self.eval_deltas)
         values["protocol"] = self.eval_protocol or EVAL_PROTOCOL_AFTER.get(self.objective, "paper")
+        values["precision"] = self.precision
         return values
 
     @property
@@ -229,7 +232,7 @@ class SweepSpec:
     @property
     def train(self) -> dict[str, Any]:
         """The fixed TrainConfig fields of every trial."""
-        return {"epochs": self.epochs, "limit": self.limit, **self.train_extra}
+        return {"epochs": self.epochs, "limit": self.limit, "precision": self.precision, **self.train_extra}
 
     def train_config(self, value: float, repeat: int = 0) -> TrainConfig:
         """The TrainConfig of one seed of a trial: fixed settings, the searched value, seed = base seed + repeat."""
