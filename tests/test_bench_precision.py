@@ -30,6 +30,23 @@ def test_precision_bench_prints_fp32_against_bf16_training(capsys, data_dir):
         assert number(row["ratio"]) == pytest.approx(bf16 / fp32, abs=0.01 + (bf16 + fp32) / fp32 ** 2)
 
 
+def test_precision_bench_prints_the_attacks_speed_and_the_share_each_precision_fools(capsys, data_dir):
+    assert main(["precision", "--stages", "attack", "--images", "40", "--attack-steps", "3", "--no-warmup",
+                 "--data-dir", str(data_dir)]) == 0
+    out = capsys.readouterr().out
+    rows = {m["name"]: m for m in map(ROW.match, out.splitlines()) if m}
+    assert [name.split(",")[0] for name in rows] == ["paper KL attack", "strong protocol's PGD (kl"]
+    for row in rows.values():
+        fp32, bf16 = number(row["fp32"]), number(row["bf16"])
+        assert fp32 > 0 and bf16 > 0
+        assert number(row["ratio"]) == pytest.approx(bf16 / fp32, abs=0.01 + (bf16 + fp32) / fp32 ** 2)
+    guards = re.findall(r"fooled fp32 ([\d.]+) %, bf16 ([\d.]+) % \(([+-][\d.]+) points", out)
+    assert len(guards) == 2
+    for fp32, bf16, points in guards:  # each share is a count of the 40 images, and the difference is theirs
+        assert float(fp32) * 40 / 100 == pytest.approx(round(float(fp32) * 40 / 100), abs=0.05)
+        assert float(points) == pytest.approx(float(bf16) - float(fp32), abs=0.11)
+
+
 @pytest.mark.skipif(not fid_available()[0], reason=fid_available()[1])
 def test_precision_bench_prints_fid_speed_and_the_guard(capsys, data_dir):
     assert main(["precision", "--stages", "fid", "--fid-images", "3", "--data-dir", str(data_dir)]) == 0
@@ -49,4 +66,4 @@ def test_precision_bench_prints_fid_speed_and_the_guard(capsys, data_dir):
 def test_precision_bench_rejects_an_unknown_stage(capsys):
     with pytest.raises(SystemExit):
         main(["precision", "--stages", "train,attacks"])
-    assert "expected comma-separated stages from train,fid, got 'train,attacks'" in capsys.readouterr().err
+    assert "expected comma-separated stages from train,attack,fid, got 'train,attacks'" in capsys.readouterr().err
