@@ -560,7 +560,8 @@ def _precision_attack(args: argparse.Namespace, device: torch.device, splits: Da
     for name, run in measure.items():
         rates = {}
         for precision in PRECISIONS:
-            run(precision) if args.warmup else None
+            if args.warmup:  # one untimed pass first
+                run(precision)
             seconds = _seconds(lambda p=precision: fooled.__setitem__((name, p), run(p)), device)
             rates[precision] = len(x) / seconds
         rows.append((name, rates["fp32"], rates["bf16"]))
@@ -642,13 +643,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="raven", choices=METHODS, help="training's method (default raven)")
     p.add_argument("--ks", type=_pack_sizes, default=[5, 25], help="pack sizes (default 5,25)")
     p.add_argument("--steps", type=int, default=30, help="timed training steps per round (default 30)")
-    p.add_argument("--warmup", type=int, default=5, help="untimed steps first, CUDA graph capture included")
+    p.add_argument("--warmup", type=int, default=5,
+                   help="untimed steps first, CUDA graph capture included; 0 also skips the attacks' untimed pass")
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds; the median is reported (default 3)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--images", type=int, default=1000, help="test images attacked (default 1000)")
     p.add_argument("--attack-steps", type=int, default=50, help="PGD steps (default 50)")
     p.add_argument("--attack-batch-size", type=int, default=1000, help="images attacked at once (default 1000)")
-    p.add_argument("--no-warmup", dest="warmup", action="store_false", help="skip the attacks' untimed first pass")
     p.add_argument("--checkpoint", default=None, help="the model attacked (default: a freshly initialised VAE)")
     p.add_argument("--fid-images", type=int, default=500, help="test images, and as many blurred copies (default 500)")
     p.add_argument("--fid-batch-size", type=int, default=100, help="images per Inception batch (default 100)")

@@ -18,7 +18,7 @@ from raven.methods import options
 from raven.methods.base import PAIR_NOISE  # noqa: F401 - re-exported
 from raven.methods.raven import PAPER_SIGMA_AUG  # noqa: F401 - re-exported
 from raven.methods.smooth_encoder import DEFAULT_ETA, PAPER_ETA, PAPER_SE_ETA_GRID  # noqa: F401 - re-exported
-from raven.options import ConfigError, at_least, flag_field, non_negative, positive
+from raven.options import ConfigError, at_least, flag_field, non_negative, one_of, positive
 
 METHODS = tuple(REGISTRY)
 # The precision of training's matrix products: float32, or bfloat16 with float32 weights, optimiser and objective.
@@ -81,8 +81,7 @@ def _check(self: Any) -> None:
     if self.limit is not None:
         at_least("limit", self.limit, 1)
     at_least("validation_size", self.validation_size, 1)
-    if self.precision not in PRECISIONS:
-        raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+    one_of("precision", self.precision, PRECISIONS)
     values = dataclasses.asdict(self)
     method = REGISTRY[self.method]
     for option in options().values():

@@ -34,6 +34,12 @@ def non_negative(name: str, value: Any) -> float:
     return value
 
 
+def one_of(name: str, value: Any, choices: Any) -> Any:
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
 def at_least(name: str, value: Any, low: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")

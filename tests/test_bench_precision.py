@@ -31,7 +31,7 @@ def test_precision_bench_prints_fp32_against_bf16_training(capsys, data_dir):
 
 
 def test_precision_bench_prints_the_attacks_speed_and_the_share_each_precision_fools(capsys, data_dir):
-    assert main(["precision", "--stages", "attack", "--images", "40", "--attack-steps", "3", "--no-warmup",
+    assert main(["precision", "--stages", "attack", "--images", "40", "--attack-steps", "3", "--warmup", "0",
                  "--data-dir", str(data_dir)]) == 0
     out = capsys.readouterr().out
     rows = {m["name"]: m for m in map(ROW.match, out.splitlines()) if m}

@@ -58,6 +58,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from raven.config import PRECISIONS
+from raven.options import one_of
 from raven.gaussians import diag_gaussian_kl, diag_gaussian_w2_squared
 from raven.pgd import pgd_linf
 
@@ -150,8 +151,7 @@ def in_precision(objective: Callable[[torch.Tensor], torch.Tensor], precision: s
 
 def _check(kind: str, delta: float, steps: int, restarts: int, batch_size: int, needs_probe: bool,
            probe: nn.Module | None, y: torch.Tensor | None, precision: str = "fp32") -> None:
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    one_of("precision", precision, PRECISIONS)
     if kind not in ATTACKS:
         raise ValueError(f"unknown attack {kind!r}; choose one of {', '.join(ATTACKS)}")
     if needs_probe and (probe is None or y is None):

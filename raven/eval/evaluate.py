@@ -55,7 +55,7 @@ from raven.eval.protocols import (
     strong_protocol,
 )
 from raven.eval.results import EvalResult, format_summary  # noqa: F401  (format_summary: the CLI's and sweeps' summary)
-from raven.options import flag_field
+from raven.options import flag_field, one_of
 
 RECON_PNG = "reconstructions.png"
 TSNE_PNG = "tsne.png"
@@ -128,8 +128,7 @@ class EvalConfig:
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOLS:
             raise ConfigError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {self.protocol!r}")
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        one_of("precision", self.precision, PRECISIONS)
         object.__setattr__(self, "strong", dataclasses.replace(StrongConfig.coerce(self.strong),
                                                                precision=self.precision))
         if self.certify_method not in CERTIFY_METHODS:

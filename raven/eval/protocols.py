@@ -68,6 +68,7 @@ from raven.eval.autoattack import (
 )
 from raven.eval.certify import certify
 from raven.eval.probe import encode_mean, train_linear_probe
+from raven.options import one_of
 
 PROTOCOLS = ("paper", "strong", "both", "certified", "all")  # both: paper + strong; all: paper + strong + certified
 CERTIFY_METHODS = ("crown", "ibp")
@@ -142,8 +143,7 @@ class StrongConfig:
             positive_int(f"strong.{name}", getattr(self, name))
         if self.check_images is not None:
             positive_int("strong.check_images", self.check_images)
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"strong.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        one_of("strong.precision", self.precision, PRECISIONS)
 
     @classmethod
     def coerce(cls, value: "StrongConfig | dict[str, Any] | None") -> "StrongConfig":

@@ -39,7 +39,7 @@ from raven.eval.attacks import PAPER_STEPS
 from raven.eval.evaluate import TEST_IMAGES, TRAIN_SPLIT_IMAGES, EvalConfig, EvalResult, evaluate_model
 from raven.eval.pack_eval import pack_probe_and_attack
 from raven.eval.protocols import PROTOCOLS, StrongConfig
-from raven.options import flag_field
+from raven.options import flag_field, one_of
 from raven.pack import train_pack
 from raven.record.provenance import dataset_inputs
 from raven.train import CHECKPOINT_NAME, METRICS_NAME, TrainResult, resolve_device
@@ -100,8 +100,7 @@ class Budget:
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOLS:
             raise ConfigError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {self.protocol!r}")
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        one_of("precision", self.precision, PRECISIONS)
         for name in ("epochs", "seeds", "steps", "strong_steps", "strong_restarts", "square_queries"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -351,17 +350,18 @@ def _cache_evaluation(out: Path, evaluation: EvalConfig, model: torch.nn.Module,
     evaluated (a session's end, during hours of FID and strong attacks) does not evaluate it again; and,
     with `kept`, as a small JSON record (numbers and the weights' digest) that can be committed, so that
     a later session, whose retrained weights have the same digest, does not evaluate it again either."""
+    digest = _weights_digest(model)
     path = out / "evaluation" / EVALUATION_CACHE
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
-        pickle.dump({"config": evaluation, "weights": _weights_digest(model), "result": result,
+        pickle.dump({"config": evaluation, "weights": digest, "result": result,
                      "seconds": seconds}, f)
     os.replace(tmp, path)
     if kept is not None:
         kept.parent.mkdir(parents=True, exist_ok=True)
         tmp = kept.with_name(kept.name + ".tmp")
-        tmp.write_text(json.dumps({"eval_config": _comparable(evaluation), "weights": _weights_digest(model),
+        tmp.write_text(json.dumps({"eval_config": _comparable(evaluation), "weights": digest,
                                    "seconds": round(seconds, 1), "history": history, "result": result.to_json()},
                                   indent=1, default=str))
         os.replace(tmp, kept)

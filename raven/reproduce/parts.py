@@ -36,7 +36,8 @@ from raven.config import DATASETS, METHODS, ConfigError
 from raven.progress import duration
 from raven.record.provenance import git_version
 from raven.record.tracking import flatten
-from raven.reproduce.grid import FULL_BUDGET, Budget, CellResult, Hyperparameters, eval_config, group_cells, run_pack, train_config
+from raven.reproduce.grid import (FULL_BUDGET, Budget, CellResult, Hyperparameters, eval_config, group_cells, run_pack,
+                                  train_config)
 
 PART_NAME = "part.json"
 PART_FORMAT = 1
