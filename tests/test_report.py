@@ -148,3 +148,20 @@ def test_figure2_reads_the_strong_protocol_beside_the_paper(tmp_path):
     titles = [ax.get_title() for ax in figure.axes]
     assert len(titles) == 3 and titles[-1] == "(c) MNIST, strong protocol (worst case)"
     assert protocol_table(summary[summary["attack"] != "strong"]).empty
+
+
+def test_the_wall_time_table_counts_a_packs_batched_paper_attacks_once():
+    from raven.reproduce.report import spent_markdown
+
+    # Two seeds of one pack: the batched paper attacks took 600 s for both; each seed's seconds_attack adds its
+    # own strong protocol (and, on seed 0, the strong check). The stages must add up to the evaluation's wall time.
+    runs = pd.DataFrame({
+        "dataset": ["mnist", "mnist"], "method": ["vae", "vae"], "epochs_trained": [10, 12], "best_epoch": [5, 7],
+        "train_seconds": [300.0, 300.0], "paper_attack_seconds": [600.0 + 120 + 60, 600.0 + 180],
+        "strong_seconds": [120.0, 180.0], "strong_check_seconds": [60.0, float("nan")],
+        "certified_seconds": [30.0, 30.0], "fid_seconds": [240.0, 240.0],
+        "eval_seconds": [600.0 / 2 + 120 + 60 + 30 + 240, 600.0 / 2 + 180 + 30 + 240]})
+    row = spent_markdown(runs).splitlines()[2].split(" | ")
+    # Dataset, Method, Epochs, Train (pack), Paper PGD (pack), Strong, Strong check, Certified, FID, Evaluation
+    assert row[2:] == ["10 (5), 12 (7)", "5.0 min", "10.0 min", "5.0 min", "1.0 min", "1.0 min", "8.0 min",
+                       "25.0 min |"]  # 10 + 5 + 1 + 1 + 8: the stages add up to the evaluation

@@ -116,13 +116,25 @@ def test_reduced_budget_names_every_reduction():
     text = SMOKE_BUDGET.describe()
     assert SMOKE_BUDGET.kind == "smoke" and not SMOKE_BUDGET.full
     for part in ("REDUCED", "--smoke", "2 epochs", "5,000 of 55,000 training images", "300 of 10,000 test images",
-                 "2 of 5 seeds", "10-step PGD", "no FID", "strong protocol at 5 steps x 1 restart(s)",
+                 "2 of the paper's 5 seeds", "10-step PGD", "no FID", "strong protocol at 5 steps x 1 restart(s)",
                  "strong protocol on 100 test images (full: 1,000)"):
         assert part in text, part
     partial = FULL_BUDGET.replace(seeds=3, methods=("vae", "raven"))
     assert partial.kind == "reduced"
-    assert "3 of 5 seeds" in partial.describe() and "methods vae, raven" in partial.describe()
+    assert "3 of the paper's 5 seeds" in partial.describe() and "methods vae, raven" in partial.describe()
     assert partial.params()["budget"] == partial.describe() and partial.params()["budget.methods"] == "vae,raven"
+
+
+def test_fewer_seeds_or_cells_at_the_full_budget_per_model_are_not_called_reduced():
+    # Issue 19's run: 3 seeds, each model trained and evaluated at the full budget, parts of the grid.
+    for budget in (FULL_BUDGET.replace(seeds=3), FULL_BUDGET.replace(seeds=3, methods=("vae",))):
+        assert budget.per_model_full and not budget.full
+        assert budget.describe().startswith("full budget for each model; 3 of the paper's 5 seeds")
+        assert "REDUCED" not in budget.describe()
+    # Anything scaled down inside a model, or a single seed (no std over seeds), is reduced.
+    for budget in (FULL_BUDGET.replace(seeds=3, epochs=20), FULL_BUDGET.replace(strong_limit=100),
+                   FULL_BUDGET.replace(seeds=1), FULL_BUDGET.replace(precision="bf16"), SMOKE_BUDGET):
+        assert not budget.per_model_full and budget.describe().startswith("REDUCED")
 
 
 @pytest.mark.parametrize("change, message", [

@@ -128,6 +128,13 @@ class Budget:
         return dataclasses.replace(self, smoke=False) == FULL_BUDGET
 
     @property
+    def per_model_full(self) -> bool:
+        """True when every model it trains and evaluates gets the full budget: at most the number of seeds (2 or
+        more, so that a std over seeds exists) and which datasets and methods differ from the full reproduction."""
+        cells = dict(seeds=FULL_BUDGET.seeds, datasets=FULL_BUDGET.datasets, methods=FULL_BUDGET.methods)
+        return not self.smoke and self.seeds >= 2 and dataclasses.replace(self, **cells) == FULL_BUDGET
+
+    @property
     def kind(self) -> str:
         return "full" if self.full else ("smoke" if self.smoke else "reduced")
 
@@ -155,7 +162,7 @@ class Budget:
         if self.probe_limit is not None:
             changes.append(f"probe on {self.probe_limit:,} of {TRAIN_SPLIT_IMAGES:,} training images")
         if self.seeds != full.seeds:
-            changes.append(f"{self.seeds} of {PAPER_SEEDS} seeds")
+            changes.append(f"{self.seeds} of the paper's {PAPER_SEEDS} seeds")
         if self.steps != full.steps:
             changes.append(f"{self.steps}-step PGD (paper: {PAPER_STEPS})")
         if not self.fid:
@@ -180,6 +187,8 @@ class Budget:
             changes.append("datasets " + ", ".join(self.datasets))
         if self.methods != PAPER_METHODS:
             changes.append("methods " + ", ".join(self.methods))
+        if self.per_model_full:  # fewer seeds or cells, each model at the full budget: comparable, cell by cell
+            return "full budget for each model; " + "; ".join(changes)
         return f"REDUCED budget{' (--smoke)' if self.smoke else ''}: " + "; ".join(changes)
 
     def replace(self, **changes: Any) -> "Budget":
