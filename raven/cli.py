@@ -213,12 +213,42 @@ def run_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_sweep_report_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "sweep-report", help="what sweeps found (python sweeps/sigma_aug.py, ...), read from their MLflow record",
+        description="Read one or more sweeps of one parameter from MLflow (by default the latest sweep of each "
+                    "objective) and write report.md, the trial and evaluation tables as CSV, the landscape of each "
+                    "objective against the searched value and the Pareto front of clean against robust accuracy.")
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in this folder)")
+    p.add_argument("--experiment", default="raven-sigma-aug",
+                   help="MLflow experiment of the sweeps (default raven-sigma-aug; raven-se-eta, raven-tc-beta)")
+    p.add_argument("--sweep", nargs="+", default=None, metavar="NAME",
+                   help="the sweeps by name (default: the latest sweep of each objective on --dataset)")
+    p.add_argument("--dataset", default=None, help="the data set of the sweeps (default: the latest sweep's)")
+    p.add_argument("--out", type=Path, default=Path("sweep-report"), help="output folder (default sweep-report/)")
+    p.set_defaults(run=run_sweep_report)
+
+
+def run_sweep_report(args: argparse.Namespace) -> int:
+    from raven.reproduce.sweep_report import load_sweeps, write_sweep_report
+
+    sweeps = load_sweeps(args.tracking_uri, args.experiment, args.sweep, args.dataset)
+    path = write_sweep_report(args.out, sweeps)
+    for sweep in sweeps:
+        print(f"{sweep.name}: {len(sweep.trials)} trials, objective {sweep.objective}, best {sweep.param} = "
+              f"{sweep.best_value:.4g}, {len(sweep.evaluations)} test evaluation(s)")
+    print(f"wrote {path} and its tables and figures in {path.parent}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raven", description=__doc__.splitlines()[0])
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_train_parser(subparsers)
     add_evaluate_parser(subparsers)
     add_report_parser(subparsers)
+    add_sweep_report_parser(subparsers)
     return parser
 
 

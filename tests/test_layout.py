@@ -128,6 +128,7 @@ MLFLOW_READERS = {
     "raven.reproduce.report": "reads a reproduction's runs back for `raven report`",
     "raven.reproduce.figures": "downloads a reproduction's artifacts (checkpoints, t-SNE) to draw the figures",
     "raven.sweep.report": "reads a sweep's runs back for its summary",
+    "raven.reproduce.sweep_report": "reads sweeps' runs back for `raven sweep-report`",
 }
 
 
