@@ -367,6 +367,17 @@ def _load_statistics(path: Path, digest: str) -> GaussianStatistics | None:
         return None  # missing, truncated or foreign: recompute and overwrite
 
 
+def _reference_path(folder: Path, images: torch.Tensor, digest: str) -> Path:
+    return folder / f"inception-{len(images)}-{digest[:24]}.npz"
+
+
+def reference_cached(images: torch.Tensor, cache_dir: str | os.PathLike, precision: str = DEFAULT_PRECISION) -> bool:
+    """Whether `reference_statistics` would read `images`' statistics from cache_dir (no Inception pass)."""
+    digest = images_digest(images, precision)
+    path = _reference_path(Path(cache_dir), images, digest)
+    return path.is_file() and _load_statistics(path, digest) is not None
+
+
 def reference_statistics(images: torch.Tensor, extractor: "InceptionFeatures",
                          cache_dir: str | os.PathLike) -> tuple[GaussianStatistics, bool]:
     """The Gaussian statistics of `images`, from cache_dir when present; (statistics, True if read from cache).
@@ -376,7 +387,7 @@ def reference_statistics(images: torch.Tensor, extractor: "InceptionFeatures",
     """
     digest = images_digest(images, getattr(extractor, "precision", "fp32"))
     folder = Path(cache_dir)
-    path = folder / f"inception-{len(images)}-{digest[:24]}.npz"
+    path = _reference_path(folder, images, digest)
     cached = _load_statistics(path, digest) if path.is_file() else None
     if cached is not None:
         return cached, True

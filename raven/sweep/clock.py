@@ -11,8 +11,10 @@ at a time. So
 Before the first epoch the rates come from `calibrate`, on the driver: a few timed training
 steps of one model of the first configuration, one real objective computation, both times the
 seeds of a trial (a pack of N costs about N models on a CPU, README), and the evaluation scaled
-from the objective by its attack work (images x steps x attacks x budgets) plus t-SNE and FID
-at the rates below. Every measured epoch (Tune's time_this_iter_s), objective
+from the objective by its attack work (images x steps x attacks x budgets; the objective timed
+again with an evaluation task's threads, which a lone evaluation has more of) plus the strong
+protocol and t-SNE at the rates below, and FID at the rate of its Inception network timed here
+on one batch (one pass when the test images' statistics are cached, two otherwise). Every measured epoch (Tune's time_this_iter_s), objective
 (`objective_seconds`) and evaluation then replaces the calibrated figure with the running mean,
 so the estimate converges as the sweep runs. On a cluster with GPUs the calibration runs on the
 driver's CPU and overestimates until the first epochs arrive.
@@ -28,6 +30,7 @@ import torch
 
 from raven.data import DataSplits
 from raven.eval.evaluate import TEST_IMAGES
+from raven.eval.fid import InceptionFeatures, default_cache_dir, fid_available, reference_cached
 from raven.progress import duration
 from raven.step import build_model, make_optimizer, train_step, validation_metrics
 from raven.sweep.selection import validation_objective
@@ -35,12 +38,17 @@ from raven.sweep.spec import SweepSpec
 
 # Measured rates (reports/bench/README.md, cluster/README.md): Ray Tune's per-trial overhead (sweeps/ray_overhead.py,
 # local Ray on the 2-core development machine), sklearn's t-SNE (about 50 s for 1,000 clean + 1,000
-# noisy points on the CPU of the lent H100 machine) and FID's Inception features on the 2-core CPU
-# (10,000 images took over 35 minutes).
+# noisy points on the CPU of the lent H100 machine). FID's Inception is timed on this machine
+# (`fid_image_seconds`); FID_SECONDS_PER_IMAGE_CPU stands in only where the network is missing.
 RAY_TRIAL_OVERHEAD_S = 4.0
 TSNE_SECONDS_PER_POINT = 0.025
-FID_SECONDS_PER_IMAGE_CPU = 0.21
+FID_SECONDS_PER_IMAGE_CPU = 0.09  # FastInception, one thread of the 2-core machine (10,000 images in 14.4 min)
+# The strong protocol (per-iterate PGD, 5 attacks x 100 steps x 2 restarts, then AutoAttack on the images left)
+# per test image and budget, one thread of the 2-core machine: the converged MNIST VAEs of reports/cpu-converged
+# (1,000 images x 8 budgets in 260-370 s). Rough: AutoAttack's share grows with the images that survive PGD.
+STRONG_SECONDS_PER_IMAGE_DELTA_CPU = 0.04
 _CALIBRATION_STEPS = 6
+_FID_CALIBRATION_IMAGES = 50
 
 
 @dataclass(frozen=True)
@@ -52,6 +60,9 @@ class Rates:
     objective_s: float
     evaluation_s: float
     overhead_s: float = RAY_TRIAL_OVERHEAD_S
+    eval_speedup: float = 1.0  # a trial's objective time over an evaluation task's (more threads)
+    fid_image_s: float | None = None  # Inception seconds per image with the evaluation's threads (None: unknown)
+    fid_passes: int = 2  # the reconstructions, and the test images unless their statistics are cached
 
 
 def objective_epochs(spec: SweepSpec) -> int:
@@ -60,10 +71,31 @@ def objective_epochs(spec: SweepSpec) -> int:
     return sum(1 for epoch in range(1, spec.epochs + 1) if settings.due(epoch, spec.epochs))
 
 
-def calibrate(spec: SweepSpec, splits: DataSplits, eval_on_gpu: bool) -> Rates:
-    """Rates from a few seconds of real work on this process's CPU (see the module docstring)."""
+def fid_image_seconds(threads: int) -> float | None:
+    """Seconds per image of FID's Inception features on this CPU with `threads` threads, from one timed batch
+    after a warm-up one; None when the network is not installed."""
+    if not fid_available()[0]:
+        return None
+    previous = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads))
+    try:
+        extractor = InceptionFeatures("cpu", batch_size=_FID_CALIBRATION_IMAGES, progress=False)
+        images = torch.rand(2 * _FID_CALIBRATION_IMAGES, 784, generator=torch.Generator().manual_seed(0))
+        extractor(images[:_FID_CALIBRATION_IMAGES])  # loads the network and warms its kernels up
+        started = time.perf_counter()
+        extractor(images[_FID_CALIBRATION_IMAGES:])
+        return (time.perf_counter() - started) / _FID_CALIBRATION_IMAGES
+    finally:
+        torch.set_num_threads(previous)
+
+
+def calibrate(spec: SweepSpec, splits: DataSplits, eval_on_gpu: bool, eval_threads: int | None = None) -> Rates:
+    """Rates from a few seconds of real work on this process's CPU (see the module docstring): training and the
+    objective with a trial's threads, the objective again and FID's Inception with an evaluation task's."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, int(spec.cpus_per_trial)))
+    trial_threads = max(1, int(spec.cpus_per_trial))
+    eval_threads = max(1, eval_threads or trial_threads)
+    torch.set_num_threads(trial_threads)
     try:
         config = spec.train_config(spec.initial[0] if spec.initial else spec.space.middle)
         model = build_model(config)
@@ -84,22 +116,45 @@ def calibrate(spec: SweepSpec, splits: DataSplits, eval_on_gpu: bool) -> Rates:
         started = time.perf_counter()
         validation_objective(model, splits, spec.objective_settings)
         objective_s = time.perf_counter() - started
+        eval_objective_s = objective_s
+        if eval_threads != trial_threads:
+            torch.set_num_threads(eval_threads)
+            started = time.perf_counter()
+            validation_objective(model, splits, spec.objective_settings)
+            eval_objective_s = time.perf_counter() - started
     finally:
         torch.set_num_threads(threads)
-    return Rates(spec.seeds * epoch_s, spec.seeds * objective_s, evaluation_estimate(spec, objective_s, eval_on_gpu))
+    fid_s, passes = None, 2
+    evaluation = spec.eval_config
+    if evaluation.fid and not eval_on_gpu:
+        fid_s = fid_image_seconds(eval_threads)
+        images = splits.test_x[:evaluation.fid_images or evaluation.limit or len(splits.test_x)]
+        passes = 1 if fid_s is not None and reference_cached(images.cpu(), default_cache_dir()) else 2
+    rates = Rates(spec.seeds * epoch_s, spec.seeds * objective_s, 0.0,
+                  eval_speedup=objective_s / max(eval_objective_s, 1e-9), fid_image_s=fid_s, fid_passes=passes)
+    return replace(rates, evaluation_s=evaluation_estimate(spec, objective_s, eval_on_gpu, rates))
 
 
-def evaluation_estimate(spec: SweepSpec, objective_s: float, on_gpu: bool) -> float:
-    """One full evaluation (one model), scaled from one model's objective by the attack work, plus t-SNE and FID."""
+def evaluation_estimate(spec: SweepSpec, objective_s: float, on_gpu: bool, rates: Rates | None = None) -> float:
+    """One full evaluation (one model): the attacks scaled from one model's objective (`objective_s`, with a trial's
+    threads; `rates.eval_speedup` turns it into the evaluation task's) by the attack work, plus t-SNE and FID (at
+    `rates.fid_image_s` per image and pass, timed on this machine, else FID_SECONDS_PER_IMAGE_CPU)."""
     settings, evaluation = spec.objective_settings, spec.eval_config
+    rates = rates or Rates(0.0, 0.0, 0.0)
     objective_work = settings.val_limit * settings.steps * len(settings.attacks) * len(settings.deltas)
     images = evaluation.limit or TEST_IMAGES
     budgets = sum(1 for d in evaluation.deltas if d > 0)
-    seconds = objective_s * images * evaluation.steps * len(evaluation.attacks) * budgets / objective_work
+    seconds = 0.0
+    if evaluation.runs_paper:
+        seconds += (objective_s / rates.eval_speedup) * images * evaluation.steps * len(evaluation.attacks) \
+            * budgets / objective_work
+    if evaluation.runs_strong and not on_gpu:
+        seconds += STRONG_SECONDS_PER_IMAGE_DELTA_CPU * evaluation.strong_images(images) * budgets / rates.eval_speedup
     if evaluation.tsne:
         seconds += TSNE_SECONDS_PER_POINT * 2 * min(evaluation.tsne_points, images)
     if evaluation.fid and not on_gpu:
-        seconds += FID_SECONDS_PER_IMAGE_CPU * (evaluation.fid_images or images)
+        per_image = rates.fid_image_s if rates.fid_image_s is not None else FID_SECONDS_PER_IMAGE_CPU
+        seconds += per_image * rates.fid_passes * (evaluation.fid_images or images)
     return seconds
 
 

@@ -44,6 +44,18 @@ class ClusterInfo:
     cpus: float
     gpus: float
     nodes: int
+    node_cpus: float = 0.0  # the most CPUs of one live node (0: unknown): no task may ask for more
+
+    def eval_cpus(self, requested: float | None, per_trial: float, tasks: int) -> float:
+        """`requested`, else the CPUs that `tasks` evaluations running at once can each have: the cluster's
+        CPUs shared among them, within the largest node, never fewer than a trial's (`per_trial`). A lone
+        evaluation on a 2-core laptop gets both cores, not one of them."""
+        if requested is not None:
+            return float(requested)
+        share = math.floor(self.cpus / max(1, tasks))
+        if self.node_cpus > 0:
+            share = min(share, math.floor(self.node_cpus))
+        return float(max(per_trial, share))
 
     def gpus_per(self, requested: float | None, share: float) -> float:
         """`requested`, else `share` of a GPU when the cluster has GPUs, else 0."""
@@ -109,9 +121,10 @@ def connect(address: str | None, log: Callable[[str], None] | None = None) -> Cl
             raise ClusterError(f"Ray refused the connection: {str(exc).splitlines()[0]}") from None
         raise
     resources = ray.cluster_resources()
+    alive = [n for n in ray.nodes() if n.get("Alive")]
     return ClusterInfo(address=ray.get_runtime_context().gcs_address, cpus=float(resources.get("CPU", 0.0)),
-                       gpus=float(resources.get("GPU", 0.0)),
-                       nodes=len([n for n in ray.nodes() if n.get("Alive")]))
+                       gpus=float(resources.get("GPU", 0.0)), nodes=len(alive),
+                       node_cpus=max((float(n.get("Resources", {}).get("CPU", 0.0)) for n in alive), default=0.0))
 
 
 def node_name() -> str:

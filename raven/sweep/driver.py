@@ -180,8 +180,9 @@ def estimate(spec: SweepSpec, splits: DataSplits, cluster: ClusterInfo, log: Log
     """The rates calibrated on this machine and the time the sweep will take, printed (raven.sweep.clock)."""
     trial_gpus = cluster.gpus_per(spec.gpus_per_trial, TRIAL_GPU_SHARE)
     eval_gpus = cluster.gpus_per(spec.eval_gpus, EVAL_GPU_SHARE)
-    eval_cpus = spec.eval_cpus if spec.eval_cpus is not None else spec.cpus_per_trial
-    clock = SweepClock.for_spec(spec, calibrate(spec, splits, eval_on_gpu=eval_gpus > 0),
+    evaluations = spec.evaluate_top * spec.seeds
+    eval_cpus = cluster.eval_cpus(spec.eval_cpus, spec.cpus_per_trial, evaluations)
+    clock = SweepClock.for_spec(spec, calibrate(spec, splits, eval_on_gpu=eval_gpus > 0, eval_threads=int(eval_cpus)),
                                 cluster.slots(spec.cpus_per_trial, trial_gpus), cluster.slots(eval_cpus, eval_gpus))
     clock.epochs_done.update(epochs_in_storage(spec))  # a resumed sweep: the epochs its trials trained
     fid = ", FID on CPU" if spec.fid and eval_gpus == 0 else ""
@@ -264,7 +265,6 @@ def evaluate_best(spec: SweepSpec, record: Record, results, table, ranked, split
     chosen = table[table[spec.param].isin(values) & (table["status"] == "TERMINATED")]
     by_id = {Path(r.path).name.removeprefix("trial_"): r for r in results}
     gpus = cluster.gpus_per(spec.eval_gpus, EVAL_GPU_SHARE)
-    cpus = spec.eval_cpus if spec.eval_cpus is not None else spec.cpus_per_trial
     tracker = record.tracker
     done: list[dict[str, Any]] = []
     jobs: dict[tuple[str, int], tuple] = {}
@@ -286,14 +286,16 @@ def evaluate_best(spec: SweepSpec, record: Record, results, table, ranked, split
         with result.checkpoint.as_directory() as folder:
             checkpoint_bytes = (Path(folder) / member_dirname(seed) / CHECKPOINT_NAME).read_bytes()
         label = f"{spec.method} {trial_label(spec, result.config, trial_id, seed)}"
-        jobs[trial_id, seed] = (checkpoint_bytes, splits_ref, spec.evaluation, label, max(1, int(cpus)))
+        jobs[trial_id, seed] = (checkpoint_bytes, splits_ref, spec.evaluation, label)
         info[trial_id, seed] = {**item, "name": name, "config": result.config, "checkpoint_bytes": checkpoint_bytes}
+    cpus = cluster.eval_cpus(spec.eval_cpus, spec.cpus_per_trial, len(jobs))
+    jobs = {key: (*job, max(1, int(cpus))) for key, job in jobs.items()}  # its torch threads: the CPUs it holds
     evaluation = spec.eval_config
     # The evaluation scaled from the objective's cost as the trials measured it (raven.sweep.clock),
     # per model: a trial's objective_seconds covers all its seeds.
     measured = table["objective_seconds"].dropna()
     objective_s = float(measured.mean()) / spec.seeds if len(measured) else clock.rates.objective_s / spec.seeds
-    clock.rates = replace(clock.rates, evaluation_s=evaluation_estimate(spec, objective_s, gpus > 0))
+    clock.rates = replace(clock.rates, evaluation_s=evaluation_estimate(spec, objective_s, gpus > 0, clock.rates))
     clock.evaluation_stage(len(jobs))
     inputs = dataset_inputs(spec.dataset, data_dir, {
         "train": len(splits.train_x[:evaluation.probe_limit]), "test": len(splits.test_x[:evaluation.limit])})
@@ -323,7 +325,7 @@ def evaluate_best(spec: SweepSpec, record: Record, results, table, ranked, split
             "op": "evaluation", "trial_id": trial_id, "seed": seed, "folder": str(folder),
             "artifacts": list(payload["artifacts"]),
             "run_name": f"eval {trial_label(spec, job['config'], trial_id, seed)}",
-            "params": trial_params(spec, job["config"], trial_id, seed), "inputs": inputs,
+            "params": trial_params(spec, job["config"], seed), "inputs": inputs,
             "device": payload["device"], "node": payload["node"], "seconds": payload["seconds"]})
         run_id = tracker.evaluation_runs.get(key, "")
         done.append({"trial_id": trial_id, "value": job["value"], "seed": seed, "run_id": run_id,
@@ -342,7 +344,8 @@ def evaluate_best(spec: SweepSpec, record: Record, results, table, ranked, split
 # ----------------------------------------------------------------------------- 5. close the record
 
 
-def close_record(spec: SweepSpec, record: Record, table, ranked, evaluations: list[dict[str, Any]]) -> None:
+def close_record(spec: SweepSpec, record: Record, table, ranked, evaluations: list[dict[str, Any]],
+                 timing: dict[str, float] | None = None) -> None:
     """The sweep's files, then one queued write: them on the parent run, its summary metrics, the best model
     in the registry, the parent FINISHED (raven.sweep.record)."""
     out = spec.experiment_dir.resolve()
@@ -359,7 +362,8 @@ def close_record(spec: SweepSpec, record: Record, table, ranked, evaluations: li
     if evaluations:
         best = {"trial_id": evaluations[0]["trial_id"], "seed": evaluations[0]["seed"],
                 "name": tracking.registered_model_name(spec.dataset, spec.method)}
-    record.tracker.queue.submit({"op": "close", "metrics": sweep_report.summary_metrics(spec, table, ranked, evaluations),
+    metrics = {**sweep_report.summary_metrics(spec, table, ranked, evaluations), **(timing or {})}
+    record.tracker.queue.submit({"op": "close", "metrics": metrics,
                                  "artifacts": [str(p) for p in artifacts], "table": pareto, "best": best})
 
 
@@ -392,7 +396,12 @@ def run(spec: SweepSpec, address: str | None, data_dir: str | None, resume: bool
         log(f"Ray cluster {cluster.address}: {cluster.nodes} node(s), {cluster.cpus:g} CPUs, {cluster.gpus:g} GPUs")
         splits_ref = ray.put(splits)  # once; every trial and evaluation task reads this object
         clock = estimate(spec, splits, cluster, log)
+        # The first estimate beside the wall times, on the parent run: how far the clock was from the truth.
+        timing = {"estimate_seconds": clock.left(), "estimate_search_seconds": clock.search_left(),
+                  "estimate_evaluation_seconds": clock.evaluation_left()}
+        stage = time.perf_counter()
         results = search(spec, record, splits, splits_ref, cluster, clock, data_dir, resume, log)
+        timing["search_seconds"], stage = time.perf_counter() - stage, time.perf_counter()
         if results is None:
             tracker.queue.submit({"op": "parent", "status": "KILLED"})
             if deliver(spec, tracker, 0.0, command, log):
@@ -402,13 +411,14 @@ def run(spec: SweepSpec, address: str | None, data_dir: str | None, resume: bool
         try:
             evaluations = evaluate_best(spec, record, results, table, ranked, splits_ref, splits, cluster,
                                         clock, data_dir, log)
+            timing["evaluation_seconds"] = time.perf_counter() - stage
         except BaseException:
             interrupted = isinstance(sys.exc_info()[1], KeyboardInterrupt)
             tracker.queue.submit({"op": "parent", "status": "KILLED" if interrupted else "FAILED"})
             raise
     finally:
         ray.shutdown()
-    close_record(spec, record, table, ranked, evaluations)
+    close_record(spec, record, table, ranked, evaluations, timing)
     sweep_report.print_summary(spec, table, ranked, evaluations, tracker.experiment_id, record.parent_id,
                                time.perf_counter() - started)
     if ranked.empty:

@@ -140,10 +140,15 @@ class SweepSpec:
                                      "or all (raven evaluate --protocol; default paper, both with --objective "
                                      "strong, all with --objective certified)", EVALUATION,
                                      choices=EVAL_PROTOCOLS)
+    eval_strong_limit: int | None = flag(1000, "test images of the strong and certified protocols, the first N "
+                                         "of those evaluated (default 1000, as the reproduction: on a 2-core CPU "
+                                         "the strong protocol costs up to ~0.3 s per image and budget)", EVALUATION,
+                                         low=1)
     eval_probe_images: int | None = flag(None, "training images for the probe (default all)", EVALUATION,
                                          smoke=1000, low=1)
     eval_gpus: float | None = flag(None, "GPUs per evaluation task (default 1 if any)", EVALUATION, low=0)
-    eval_cpus: float | None = flag(None, "CPUs per evaluation task (default --cpus-per-trial)", EVALUATION, low=0)
+    eval_cpus: float | None = flag(None, "CPUs per evaluation task (default: the cluster's CPUs shared "
+                                   "among the evaluations, within one node, at least --cpus-per-trial)", EVALUATION, low=0)
     fid: bool = flag(True, "FID of the reconstructions", EVALUATION, smoke=False)
     tsne: bool = flag(True, "the t-SNE plot", EVALUATION)
     tsne_points: int = flag(1000, "test images in the t-SNE (default 1000)", EVALUATION, smoke=100, low=2)
@@ -213,7 +218,8 @@ class SweepSpec:
     @property
     def evaluation(self) -> dict[str, Any]:
         """The EvalConfig fields of the final evaluation (the smoke preset narrows the delta grid)."""
-        values = {"steps": self.eval_steps, "limit": self.eval_limit, "probe_limit": self.eval_probe_images,
+        values = {"steps": self.eval_steps, "limit": self.eval_limit, "strong_limit": self.eval_strong_limit,
+                  "probe_limit": self.eval_probe_images,
                   "fid": self.fid, "tsne": self.tsne, "tsne_points": self.tsne_points, "seed": self.seed}
         if self.eval_deltas is not None:
             values["deltas"] = list(self.eval_deltas)

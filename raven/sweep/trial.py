@@ -48,14 +48,14 @@ def trial_label(spec: SweepSpec, config: dict[str, Any], trial_id: str | None = 
     return f"{text} [{trial_id}]" if trial_id else text
 
 
-def trial_params(spec: SweepSpec, config: dict[str, Any], trial_id: str, seed: int | None = None) -> dict[str, Any]:
+def trial_params(spec: SweepSpec, config: dict[str, Any], seed: int | None = None) -> dict[str, Any]:
     """A run's params: the TrainConfig of the trial (its seed the list of its seeds when it has several)
-    or of one of its seeds (an evaluation run), and its Tune trial id."""
+    or of one of its seeds (an evaluation run). The Tune trial id is a tag (raven.trial_id) and in the run's
+    name, not a param: MLflow's compare view charts every param that differs between runs, and an id is no axis."""
     repeat = 0 if seed is None else spec.seed_list.index(seed)
     params = spec.train_config(config[spec.param], repeat).to_dict()
     if seed is None and spec.seeds > 1:
         params["seed"] = list(spec.seed_list)
-    params["trial_id"] = trial_id
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in params.items()}
 
 

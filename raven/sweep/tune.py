@@ -154,7 +154,7 @@ class MlflowCallback(tune.Callback):
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
         self._submit("trial start", {"op": "trial", "trial_id": trial.trial_id, "reopen": True,
-                                     "params": trial_params(self._sweep, trial.config, trial.trial_id),
+                                     "params": trial_params(self._sweep, trial.config),
                                      "run_name": trial_label(self._sweep, trial.config, trial.trial_id),
                                      "inputs": self.inputs})
 
