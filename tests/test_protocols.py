@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from raven.config import ConfigError, TrainConfig
 from raven.eval.autoattack import COMPONENTS, ProbeOnMean, autoattack
 from raven.eval.probe import encode_mean, train_linear_probe
+from raven.eval import protocols
 from raven.eval.certify import certify
 from raven.eval.protocols import (
     CertifiedObjectiveSettings,
@@ -19,6 +20,7 @@ from raven.eval.protocols import (
     StrongObjectiveSettings,
     bite_checks,
     certified_validation_objective,
+    flat_grey_survivors,
     format_checks,
     strong_protocol,
     strong_validation_objective,
@@ -109,6 +111,30 @@ def test_convergence_check_says_when_the_attack_has_not_converged(vae, probe, im
     assert max(convergence["steps_x2"]["0.1"], convergence["restarts_x2"]["0.1"]) == convergence["largest_drop"]
     (line,) = [line for line in format_checks(out["checks"]) if line.startswith("check convergence")]
     assert "has not converged" in line and "delta=0.1" in line
+
+
+def test_the_flat_grey_check_runs_autoattack_only_on_what_pgd_leaves_above_the_class_share(vae, probe, images,
+                                                                                          monkeypatch):
+    x, y = images
+    share = float(torch.bincount(y).max()) / len(y)
+    attacked = []
+    real = protocols.autoattack
+    monkeypatch.setattr(protocols, "autoattack",
+                        lambda *a, **k: attacked.append(int(k["correct"].sum())) or real(*a, **k))
+    survivors, attacks = flat_grey_survivors(vae, probe, x, y, SMALL, share, seed=0, batch_size=64)
+    assert attacks == "pgd" and attacked == [] and float(survivors.double().mean()) <= share
+    # Against a share of 0 (every image must fall), AutoAttack runs on what one weak PGD step leaves, and only there.
+    weak = dataclasses.replace(SMALL, attacks=("mean",), steps=1, restarts=1)
+    pgd_only, _, _ = protocols.worst_case(vae, probe, x, y, 0.5, dataclasses.replace(weak, autoattack=False), seed=0,
+                                          batch_size=64)
+    assert int(pgd_only.sum()) > 0
+    survivors, attacks = flat_grey_survivors(vae, probe, x, y, weak, 0.0, seed=0, batch_size=64)
+    assert attacks == "pgd+autoattack" and attacked == [int(pgd_only.sum())]
+    assert not torch.any(survivors & ~pgd_only)
+    checks = bite_checks(vae, probe, x, y, (0.0, 0.1), dataclasses.replace(SMALL, convergence=False),
+                         {"0": 0.9, "0.1": 0.5}, {}, {"0": 0.9, "0.1": 0.5}, {}, seed=0, batch_size=64)
+    assert checks["flat_grey"]["ok"] and checks["flat_grey"]["attacks"] == "pgd"
+    assert checks["flat_grey"]["images"] == SMALL.check_images and "by pgd;" in format_checks(checks)[1]
 
 
 def test_autoattack_parts_only_remove_survivors_inside_the_ball(vae, probe, images):

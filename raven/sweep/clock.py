@@ -48,6 +48,11 @@ FID_SECONDS_PER_IMAGE_CPU = 0.09  # FastInception, one thread of the 2-core mach
 # sweep's sigma_aug = 0.01 RAVEN (reports/sigma-aug-mnist), 260-370 s on the converged MNIST VAEs of
 # reports/cpu-converged. The robust model's rate: AutoAttack's share grows with the images that survive PGD.
 STRONG_SECONDS_PER_IMAGE_DELTA_CPU = 0.09
+# Its convergence check (raven.eval.protocols.bite_checks: every attack again with doubled steps, then doubled
+# restarts, on the images still standing) over the protocol itself, on the same images: 804 s / 260 s and
+# 1,383 s / 339 s on seed 0 of the converged MNIST VAE and VAE (noise) (reports/cpu-converged). Left out of the
+# first default sweep's estimate, it made the evaluation stage 3-4x longer than predicted.
+STRONG_CHECK_FACTOR = 3.6
 _CALIBRATION_STEPS = 6
 _FID_CALIBRATION_IMAGES = 50
 
@@ -138,7 +143,8 @@ def calibrate(spec: SweepSpec, splits: DataSplits, eval_on_gpu: bool, eval_threa
 
 def evaluation_estimate(spec: SweepSpec, objective_s: float, on_gpu: bool, rates: Rates | None = None) -> float:
     """One full evaluation (one model): the attacks scaled from one model's objective (`objective_s`, with a trial's
-    threads; `rates.eval_speedup` turns it into the evaluation task's) by the attack work, plus t-SNE and FID (at
+    threads; `rates.eval_speedup` turns it into the evaluation task's) by the attack work, the strong protocol and
+    its convergence check at the measured rates, plus t-SNE and FID (at
     `rates.fid_image_s` per image and pass, timed on this machine, else FID_SECONDS_PER_IMAGE_CPU)."""
     settings, evaluation = spec.objective_settings, spec.eval_config
     rates = rates or Rates(0.0, 0.0, 0.0)
@@ -150,7 +156,11 @@ def evaluation_estimate(spec: SweepSpec, objective_s: float, on_gpu: bool, rates
         seconds += (objective_s / rates.eval_speedup) * images * evaluation.steps * len(evaluation.attacks) \
             * budgets / objective_work
     if evaluation.runs_strong and not on_gpu:
-        seconds += STRONG_SECONDS_PER_IMAGE_DELTA_CPU * evaluation.strong_images(images) * budgets / rates.eval_speedup
+        strong_images = evaluation.strong_images(images)
+        protocol = STRONG_SECONDS_PER_IMAGE_DELTA_CPU * strong_images * budgets / rates.eval_speedup
+        checked = min(strong_images, evaluation.strong.check_images or strong_images)
+        seconds += protocol * (1 + (STRONG_CHECK_FACTOR * checked / strong_images if evaluation.strong.convergence
+                                    else 0.0))
     if evaluation.tsne:
         seconds += TSNE_SECONDS_PER_POINT * 2 * min(evaluation.tsne_points, images)
     if evaluation.fid and not on_gpu:

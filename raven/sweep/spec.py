@@ -142,7 +142,8 @@ class SweepSpec:
                                      choices=EVAL_PROTOCOLS)
     eval_strong_limit: int | None = flag(1000, "test images of the strong and certified protocols, the first N "
                                          "of those evaluated (default 1000, as the reproduction: on a 2-core CPU "
-                                         "the strong protocol costs ~0.1 s per image and budget)", EVALUATION,
+                                         "the strong protocol costs ~0.1 s per image and budget, its "
+                                         "convergence check 3-4 times that)", EVALUATION,
                                          low=1)
     eval_probe_images: int | None = flag(None, "training images for the probe (default all)", EVALUATION,
                                          smoke=1000, low=1)
