@@ -226,18 +226,30 @@ def add_sweep_report_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--sweep", nargs="+", default=None, metavar="NAME",
                    help="the sweeps by name (default: the latest sweep of each objective on --dataset)")
     p.add_argument("--dataset", default=None, help="the data set of the sweeps (default: the latest sweep's)")
+    p.add_argument("--from-report", nargs="+", default=[], metavar="DIR",
+                   help="also read the sweeps of earlier report folders (their sweeps.json, trials.csv and "
+                        "evaluations.csv) that the store lacks, e.g. a sweep whose store is on another machine")
     p.add_argument("--out", type=Path, default=Path("sweep-report"), help="output folder (default sweep-report/)")
     p.set_defaults(run=run_sweep_report)
 
 
 def run_sweep_report(args: argparse.Namespace) -> int:
-    from raven.reproduce.sweep_report import load_sweeps, write_sweep_report
+    from raven.reproduce.sweep_report import SweepReportError, load_report_sweeps, load_sweeps, merge_sweeps, \
+        write_sweep_report
 
-    sweeps = load_sweeps(args.tracking_uri, args.experiment, args.sweep, args.dataset)
+    earlier = [sweep for folder in args.from_report for sweep in load_report_sweeps(folder)]
+    try:
+        stored = load_sweeps(args.tracking_uri, args.experiment, args.sweep, args.dataset)
+    except SweepReportError:
+        if not earlier:
+            raise
+        stored = []  # the earlier reports alone
+    sweeps = merge_sweeps(stored, earlier)
     path = write_sweep_report(args.out, sweeps)
     for sweep in sweeps:
         print(f"{sweep.name}: {len(sweep.trials)} trials, objective {sweep.objective}, best {sweep.param} = "
-              f"{sweep.best_value:.4g}, {len(sweep.evaluations)} test evaluation(s)")
+              f"{sweep.best_value:.4g}, {len(sweep.evaluations)} test evaluation(s)"
+              + (f" (from the report {sweep.source})" if sweep.source else ""))
     print(f"wrote {path} and its tables and figures in {path.parent}")
     return 0
 

@@ -4,6 +4,7 @@ plots, MLflow logging, and `raven evaluate` end to end (both protocols) on a che
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 
@@ -444,6 +445,11 @@ def test_evaluate_flags_are_the_eval_config_fields():
         fid=False, tsne=False, seed=4, batch_size=8, fid_images=5, protocol="paper", strong_limit=7)
     assert config("--protocol", "all", "--certify-method", "ibp", "--certify-dtype", "float64") == EvalConfig(
         protocol="all", certify_method="ibp", certify_dtype="float64")
+    # --no-strong-check turns the strong protocol's convergence check off, and only it.
+    unchecked = config("--no-strong-check")
+    assert config().strong.convergence and not unchecked.strong.convergence
+    assert unchecked.strong == dataclasses.replace(config().strong, convergence=False)
+    assert not EvalConfig(strong={"convergence": False}).strong.convergence  # a caller's False stands
 
 
 def test_evaluate_help_shows_each_fields_default(capsys):

@@ -53,6 +53,7 @@ def sweep_store(tmp_path_factory, data_dir):
         proc = subprocess.run([sys.executable, str(REPO / "sweeps" / "se_eta.py"), "--smoke"], env=env, cwd=work,
                               capture_output=True, text=True, timeout=480, start_new_session=True)
         assert proc.returncode == 0, proc.stderr[-6000:]
+        (work / "sweep.out").write_text(proc.stdout)
     finally:
         shutil.rmtree(short, ignore_errors=True)
     from mlflow import MlflowClient
@@ -148,12 +149,16 @@ def test_runs_page_shows_the_sweep(ui, sweep_store):
 
 @pytest.mark.slow
 def test_compare_view_plots_eta_against_the_objective(ui, sweep_store):
-    _, experiment_id, runs = sweep_store
+    work, experiment_id, runs = sweep_store
     trials = runs["trial"]
-    ids = urllib.parse.quote(json.dumps([r.info.run_id for r in trials]))
-    experiments = urllib.parse.quote(json.dumps([experiment_id]))
-    text = rendered(f"{ui}/#/compare-runs?runs={ids}&experiments={experiments}",
-                    "Parallel Coordinates Plot", "Scatter Plot", *[r.info.run_name for r in trials])
+    # The sweep prints the link to this view: every trial run of the sweep, and nothing else.
+    (line,) = [line for line in (work / "sweep.out").read_text().splitlines() if line.startswith("Compare the trials")]
+    assert "eta on X, val_robust_accuracy on Y" in line
+    link = line[line.index("/#/compare-runs"):]
+    query = urllib.parse.parse_qs(urllib.parse.urlsplit(link.removeprefix("/#")).query)
+    assert sorted(json.loads(query["runs"][0])) == sorted(r.info.run_id for r in trials)
+    assert json.loads(query["experiments"][0]) == [experiment_id]
+    text = rendered(f"{ui}{link}", "Parallel Coordinates Plot", "Scatter Plot", *[r.info.run_name for r in trials])
     assert f"Comparing {len(trials)} Runs" in text
     assert "Parameters: eta" in text and "val_clean_accuracy" in text
     # The compare tables render only the rows in view, so the objective is read on a trial's own page.

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from test_reproduce import smoke_store  # noqa: F401  (the session's shared store)
 
-from raven.reproduce.sweep_report import SweepRun, load_sweeps, pareto_trials
+from raven.reproduce.sweep_report import SweepRun, load_report_sweeps, load_sweeps, pareto_trials
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -100,6 +100,30 @@ def test_a_later_raven_evaluate_of_a_sweep_checkpoint_joins_its_trial(store_copy
     assert row["clean_accuracy"] == evaluated["clean_accuracy"] and row["clean_accuracy"] > 0
     assert run.info.run_id in row["runs"].split(",") and "robust_acc_delta_0.1" not in joined
     assert len(joined) == len(sweep.evaluations)
+
+
+def test_a_report_folder_reads_back_as_the_sweeps_it_was_written_from(store_copy, tmp_path):
+    first = _run("--tracking-uri", store_copy, "--out", str(tmp_path / "first"))
+    assert first.returncode == 0, first.stderr[-3000:]
+    (stored,) = load_sweeps(store_copy, "raven-sigma-aug")
+    (back,) = load_report_sweeps(tmp_path / "first")
+    assert back.name == stored.name and back.best_value == stored.best_value and back.source == str(tmp_path / "first")
+    assert back.stage_seconds() == stored.stage_seconds()
+    pd.testing.assert_frame_equal(back.trials[["trial_id", "value", "objective", "val_clean_accuracy"]],
+                                  stored.trials[["trial_id", "value", "objective", "val_clean_accuracy"]])
+    # From that folder alone, with an empty store: the same trials, best and timing, labelled as read back.
+    again = _run("--tracking-uri", f"sqlite:///{tmp_path / 'empty.db'}", "--from-report", str(tmp_path / "first"),
+                 "--out", str(tmp_path / "again"))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (tmp_path / "again" / "trials.csv").read_text() == (tmp_path / "first" / "trials.csv").read_text()
+    old, new = ((tmp_path / d / "report.md").read_text().splitlines() for d in ("first", "again"))
+    assert [line for line in old if line.startswith(("- **", "| paper objective |"))] == \
+           [line for line in new if line.startswith(("- **", "| paper objective |"))]
+    assert f"read back from {tmp_path / 'first'}" in next(line for line in new if line.startswith("**Budget"))
+    evaluations = [pd.read_csv(tmp_path / d / "evaluations.csv") for d in ("first", "again")]
+    assert evaluations[0]["clean_accuracy"].tolist() == evaluations[1]["clean_accuracy"].tolist()
+    bad = _run("--from-report", str(tmp_path), "--out", str(tmp_path / "bad"))
+    assert bad.returncode == 2 and "is not a sweep report folder: sweeps.json" in bad.stderr, bad.stderr
 
 
 def test_the_pareto_front_is_the_brute_force_one():

@@ -89,6 +89,7 @@ class EvalConfig:
     Table 1 pairs and the t-SNE's noisy copies. batch_size: images per attack chunk.
     fid_images: FID on the first N evaluated test images (None: all of them); Inception
     features cost ~0.1-0.2 s per image on a small CPU, so FID dominates a CPU evaluation.
+    strong_check: False turns the strong protocol's convergence check off (`strong.convergence`).
     precision: the PGD attacks' search (paper and strong protocols; raven.eval.attacks), "fp32"
     or "bf16"; whether an image is fooled is always decided in float32 on the exact image.
     The strong protocol's own `strong.precision` follows it. FID stays float32 (bf16 moves it
@@ -109,6 +110,8 @@ class EvalConfig:
                                          "training split)")
     fid: bool = flag_field(True, "skip FID")
     tsne: bool = flag_field(True, "skip the t-SNE plot")
+    strong_check: bool = flag_field(True, "skip the strong protocol's convergence check (every attack again with "
+                                          "doubled steps, then restarts: 3-4 times the protocol's cost)")
     seed: int = flag_field(0, "seed of the random starts, the noisy copies and the t-SNE")
     batch_size: int = flag_field(1000, "images attacked at once")
     tsne_points: int = 1000
@@ -129,8 +132,9 @@ class EvalConfig:
         if self.protocol not in PROTOCOLS:
             raise ConfigError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {self.protocol!r}")
         one_of("precision", self.precision, PRECISIONS)
-        object.__setattr__(self, "strong", dataclasses.replace(StrongConfig.coerce(self.strong),
-                                                               precision=self.precision))
+        strong = StrongConfig.coerce(self.strong)
+        object.__setattr__(self, "strong", dataclasses.replace(strong, precision=self.precision,
+                                                               convergence=strong.convergence and self.strong_check))
         if self.certify_method not in CERTIFY_METHODS:
             raise ConfigError(f"certify_method must be one of {', '.join(CERTIFY_METHODS)}, "
                               f"got {self.certify_method!r}")

@@ -20,11 +20,17 @@ An evaluation made later with `raven evaluate CHECKPOINT --tracking-uri URI --ex
 checkpoint inside a sweep's Tune folder (`trial_ID/...` or `evaluations/ID/...`), counts as that
 trial's: so a protocol the sweep's own evaluation left out (the strong protocol after a
 paper-objective search) or the paper's value can be added, and it reads beside the rest.
+
+The report also writes `sweeps.json`, each sweep's parent record (its params, metrics and raven
+tags), so that a report folder can be read back as sweeps of its own (`--from-report DIR`,
+`load_report_sweeps`): a sweep whose MLflow store is gone, or lives on another machine, then reads
+beside the sweeps of the store at hand.
 """
 
 from __future__ import annotations
 
 import datetime
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +66,7 @@ OBJECTIVE_LABELS = {"val_robust_accuracy": "paper objective", "val_strong_robust
 # The trial a checkpoint belongs to, from its path inside the sweep's Tune folder.
 _TRIAL_IN_PATH = re.compile(r"(?:/trial_|/evaluations/)([0-9a-f]{5,})(?:/|$)")
 _SEED_IN_PATH = re.compile(r"/seed-(\d+)(?:/|$)")
+SWEEPS_FILE = "sweeps.json"
 _STAGES = (("search", "search_seconds", "estimate_search_seconds"),
            ("evaluation", "evaluation_seconds", "estimate_evaluation_seconds"))
 
@@ -75,6 +82,7 @@ class SweepRun:
     parent: pd.Series
     trials: pd.DataFrame  # one row per trial: trial_id, run_id, status, value, objective, val_*, epochs, start, end
     evaluations: pd.DataFrame  # one row per evaluated (trial, seed): trial_id, seed, value, runs, metrics
+    source: str = ""  # "" from the MLflow store at hand, else the report folder it was read back from
 
     @property
     def name(self) -> str:
@@ -214,6 +222,57 @@ def _evaluations(parent: pd.Series, children: pd.DataFrame, runs: pd.DataFrame, 
     return out.sort_values(["value", "seed"]).reset_index(drop=True)
 
 
+def parent_record(sweep: SweepRun) -> dict[str, object]:
+    """The parent run's params, metrics and raven tags, its status and clock, as plain JSON data (sweeps.json)."""
+    record = {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in sweep.parent.items()
+              if k.startswith(("params.", "metrics.", "tags.raven.")) and pd.notna(v)}
+    for key in ("run_id", "status"):
+        record[key] = str(sweep.parent.get(key, ""))
+    for key in ("start_time", "end_time"):
+        record[key] = sweep.parent[key].isoformat() if pd.notna(sweep.parent.get(key)) else None
+    record["source"] = sweep.source or "MLflow"
+    return record
+
+
+def load_report_sweeps(folder: str | Path) -> list[SweepRun]:
+    """The sweeps of an earlier report folder (its sweeps.json, trials.csv and evaluations.csv), as SweepRuns."""
+    folder = Path(folder)
+    missing = [n for n in (SWEEPS_FILE, "trials.csv", "evaluations.csv") if not (folder / n).is_file()]
+    if missing:
+        raise SweepReportError(f"{folder} is not a sweep report folder: {', '.join(missing)} missing "
+                               "(raven sweep-report --out writes them)")
+    records = json.loads((folder / SWEEPS_FILE).read_text())
+    trials = pd.read_csv(folder / "trials.csv", dtype={"trial_id": str, "seeds": str})
+    evaluations = pd.read_csv(folder / "evaluations.csv", dtype={"trial_id": str})
+    out = []
+    for record in records:
+        parent = pd.Series(record, dtype=object)
+        parent["start_time"], parent["end_time"] = (pd.to_datetime(record.get(c), utc=True) for c in
+                                                    ("start_time", "end_time"))
+        param, name = str(parent["params.search.param"]), str(parent[f"tags.{SWEEP_NAME}"])
+        mine = trials[trials["sweep"] == name].rename(columns={param: "value"}).drop(columns=["sweep",
+                                                                                             "objective_metric"])
+        mine["start"], mine["end"] = _time(mine, "start"), _time(mine, "end")
+        evaluated = evaluations[evaluations["sweep"] == name].rename(columns={param: "value"})
+        evaluated = evaluated.drop(columns=["sweep", "objective_metric"]).dropna(axis=1, how="all")
+        source = record.get("source") if record.get("source") not in (None, "MLflow") else str(folder)
+        out.append(SweepRun(parent, mine.reset_index(drop=True), evaluated.reset_index(drop=True), source))
+    return out
+
+
+def merge_sweeps(stored: list[SweepRun], earlier: list[SweepRun]) -> list[SweepRun]:
+    """The store's sweeps and those of earlier reports that the store lacks, oldest first; one parameter and data
+    set."""
+    names = {s.name for s in stored}
+    sweeps = sorted(stored + [s for s in earlier if s.name not in names], key=lambda s: s.parent["start_time"])
+    if not sweeps:
+        raise SweepReportError("no sweep to report on")
+    if len({(s.param, s.dataset) for s in sweeps}) > 1:
+        raise SweepReportError("the sweeps search different parameters or data sets: " + ", ".join(
+            f"{s.name} ({s.param} on {s.dataset})" for s in sweeps))
+    return sweeps
+
+
 # ----------------------------------------------------------------------------- tables and figures
 
 
@@ -339,6 +398,7 @@ def write_sweep_report(out: str | Path, sweeps: list[SweepRun]) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     trial_frame(sweeps).to_csv(out / "trials.csv", index=False)
+    (out / SWEEPS_FILE).write_text(json.dumps([parent_record(s) for s in sweeps], indent=1) + "\n")
     evaluation_frame(sweeps).to_csv(out / "evaluations.csv", index=False)
     plot_landscape(sweeps, out / "landscape.png")
     plot_pareto(sweeps, out / "pareto.png")
@@ -349,6 +409,7 @@ def write_sweep_report(out: str | Path, sweeps: list[SweepRun]) -> Path:
         f"{param} {s.parent.get('params.search.space.type')} in [{s.parent.get('params.search.space.low')}, "
         f"{s.parent.get('params.search.space.high')}], objective {s.objective} on the validation split, final "
         f"evaluation protocol {s.parent.get('params.evaluation.protocol')}, code {str(s.parent.get('params.code_version'))[:7]}"
+        + (f" (read back from {s.source})" if s.source else "")
         for s in sweeps)
     best = "\n".join(
         f"- **{s.label}** (`{s.objective}`): " + (
@@ -401,7 +462,8 @@ sweep recorded them). The first estimate is the one the sweep printed before its
     for sweep in sweeps:
         text += f"\n### {sweep.label} (`{sweep.name}`)\n\n{trials_markdown(sweep)}\n"
     text += ("\n## Files\n\n`trials.csv` (every trial of every sweep), `evaluations.csv` (every test metric of the "
-             "evaluated trials and the MLflow runs they come from), `landscape.png`, `pareto.png`.\n")
+             "evaluated trials and the MLflow runs they come from), `sweeps.json` (each sweep's parent record, so "
+             "that `raven sweep-report --from-report` reads this folder back), `landscape.png`, `pareto.png`.\n")
     path = out / "report.md"
     path.write_text(text)
     return path

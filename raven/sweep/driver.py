@@ -419,8 +419,9 @@ def run(spec: SweepSpec, address: str | None, data_dir: str | None, resume: bool
     finally:
         ray.shutdown()
     close_record(spec, record, table, ranked, evaluations, timing)
+    trial_runs = tracker.queue.read("listing the trial runs", tracker.trial_runs, {})
     sweep_report.print_summary(spec, table, ranked, evaluations, tracker.experiment_id, record.parent_id,
-                               time.perf_counter() - started)
+                               time.perf_counter() - started, sorted(trial_runs.values()))
     if ranked.empty:
         log("no trial finished with an objective value (see the errors above and in trials.csv)")
     if not deliver(spec, tracker, spec.tracking_wait, command, log):

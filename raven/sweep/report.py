@@ -9,7 +9,9 @@ with several objectives, the Pareto front).
 
 from __future__ import annotations
 
+import json
 import os
+import urllib.parse
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,8 +154,14 @@ def evaluation_outputs(spec: SweepSpec, evaluations: Sequence[dict[str, Any]], o
     return paths
 
 
+def compare_link(experiment_id: str, run_ids: Sequence[str]) -> str:
+    """The MLflow UI's compare view of these runs (its Scatter Plot puts a param against a metric), as a URL path."""
+    return (f"/#/compare-runs?runs={urllib.parse.quote(json.dumps(list(run_ids)))}"
+            f"&experiments={urllib.parse.quote(json.dumps([experiment_id]))}")
+
+
 def print_summary(spec: SweepSpec, table: pd.DataFrame, ranked: pd.DataFrame, evaluations: Sequence[dict[str, Any]],
-                  experiment_id: str, parent_id: str, seconds: float) -> None:
+                  experiment_id: str, parent_id: str, seconds: float, trial_run_ids: Sequence[str] = ()) -> None:
     objectives: Sequence[Objective] = spec.objective_list
     metrics = list(dict.fromkeys([o.metric for o in objectives] + ["val_clean_accuracy", "val_elbo"]))
     columns = ["number", "trial_id", "status", spec.param, "seed", "epochs", *metrics]
@@ -184,6 +192,9 @@ def print_summary(spec: SweepSpec, table: pd.DataFrame, ranked: pd.DataFrame, ev
     print(f"\nMLflow: {spec.tracking_uri}, experiment {spec.experiment!r} (UI: /#/experiments/{experiment_id}"
           f"?workflowType=machine_learning), parent run {parent_id}; Tune results: {spec.experiment_dir.resolve()}; "
           f"Optuna: optuna-dashboard {hide_password(spec.study_storage)}; {seconds:.0f}s")
+    if trial_run_ids:  # the comparison a user makes: the trials' objective against the searched value
+        print(f"Compare the trials (Scatter Plot: {spec.param} on X, {spec.objective_list[0].metric} on Y): "
+              f"{compare_link(experiment_id, trial_run_ids)}")
 
 
 # ----------------------------------------------------------------------------- a sweep read back from MLflow (results notebook)
