@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import math
+import threading
+import time
+
 import pytest
 import torch
 
@@ -67,3 +71,46 @@ def test_fid_is_timed_on_this_machine_and_a_cached_reference_is_one_pass_fewer(t
     _, from_cache = reference_statistics(images, InceptionFeatures("cpu", batch_size=12, progress=False), tmp_path)
     assert not from_cache and reference_cached(images, tmp_path)
     assert not reference_cached(images[:11], tmp_path) and not reference_cached(images.flip(0), tmp_path)
+
+
+def test_step_seconds_times_the_copies_at_once_each_on_its_own_model(monkeypatch):
+    """The concurrent timing runs its copies together (their timed steps overlap) on models of their own."""
+    from raven.sweep import clock
+
+    calls = []
+
+    def fake_step(model, optimizer, config, x, generator):
+        calls.append((threading.get_ident(), id(model), time.perf_counter()))
+        time.sleep(0.01)  # releases the GIL, as torch's kernels do
+
+    monkeypatch.setattr(clock, "train_step", fake_step)
+    config = _spec().train_config(0.01)
+    x = torch.zeros(4, 784)
+    seconds = clock.step_seconds(config, x, steps=5, copies=3)
+    assert 0.01 <= seconds < 0.05  # three copies at once, not one after another (0.03 s a step)
+    threads = {t for t, _, _ in calls}
+    assert len(threads) == 3 and len({m for _, m, _ in calls}) == 3 and len(calls) == 3 * (2 + 5)
+    by_thread = {t: [c for tt, _, c in calls if tt == t] for t in threads}
+    # The timed steps start after every copy's warm-up (the barrier): they overlap.
+    assert max(ts[2] for ts in by_thread.values()) < min(ts[-1] for ts in by_thread.values())
+
+
+def test_calibration_charges_the_slowdown_of_trials_that_share_a_node(monkeypatch, mnist_small):
+    from raven.sweep import clock
+
+    def fake_step_seconds(config, x, steps, copies=1):
+        return 0.010 * (1.5 if copies > 1 else 1.0)
+
+    monkeypatch.setattr(clock, "step_seconds", fake_step_seconds)
+    monkeypatch.setattr(clock, "validation_metrics", lambda *a, **k: None)
+    monkeypatch.setattr(clock, "validation_objective", lambda *a, **k: time.sleep(0.05))
+    spec = _spec(fid=False, tsne=False)
+    alone = clock.calibrate(spec, mnist_small, eval_on_gpu=False)
+    shared = clock.calibrate(spec, mnist_small, eval_on_gpu=False, concurrent=2)
+    steps = math.ceil(len(mnist_small.train_x) / spec.train_config(0.01).batch_size)
+    assert alone.contention == 1.0 and shared.contention == pytest.approx(1.5)
+    assert alone.epoch_s == pytest.approx(steps * 0.010, rel=0.01) and shared.epoch_s == pytest.approx(
+        steps * 0.015, rel=0.01)
+    assert shared.objective_s == pytest.approx(1.5 * 0.05, rel=0.5)
+    # The evaluation runs alone: its estimate does not carry the trials' contention.
+    assert shared.evaluation_s == pytest.approx(alone.evaluation_s, rel=0.5)

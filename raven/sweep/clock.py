@@ -10,7 +10,10 @@ at a time. So
 
 Before the first epoch the rates come from `calibrate`, on the driver: a few timed training
 steps of one model of the first configuration, one real objective computation, both times the
-seeds of a trial (a pack of N costs about N models on a CPU, README), and the evaluation scaled
+seeds of a trial (a pack of N costs about N models on a CPU, README) and times the slowdown of a
+training step when as many models train at once as trials share a node (timed with that many
+threads; the first default sweeps ran 1.1x and 1.45x slower per epoch than one model alone on the
+2-core VM, which the estimate missed), and the evaluation scaled
 from the objective by its attack work (images x steps x attacks x budgets; the objective timed
 again with an evaluation task's threads, which a lone evaluation has more of) plus the strong
 protocol and t-SNE at the rates below, and FID at the rate of its Inception network timed here
@@ -23,6 +26,7 @@ driver's CPU and overestimates until the first epochs arrive.
 from __future__ import annotations
 
 import math
+import threading
 import time
 from dataclasses import dataclass, field, replace
 
@@ -66,9 +70,10 @@ class Rates:
     objective_s: float
     evaluation_s: float
     overhead_s: float = RAY_TRIAL_OVERHEAD_S
-    eval_speedup: float = 1.0  # a trial's objective time over an evaluation task's (more threads)
+    eval_speedup: float = 1.0  # a trial's objective time alone over an evaluation task's (more threads)
     fid_image_s: float | None = None  # Inception seconds per image with the evaluation's threads (None: unknown)
     fid_passes: int = 2  # the reconstructions, and the test images unless their statistics are cached
+    contention: float = 1.0  # a training step with the node's trials running at once, over one alone
 
 
 def objective_epochs(spec: SweepSpec) -> int:
@@ -95,9 +100,42 @@ def fid_image_seconds(threads: int) -> float | None:
         torch.set_num_threads(previous)
 
 
-def calibrate(spec: SweepSpec, splits: DataSplits, eval_on_gpu: bool, eval_threads: int | None = None) -> Rates:
+def step_seconds(config, x: torch.Tensor, steps: int, copies: int = 1) -> float:
+    """Mean seconds per training step of one model of `config` on the batch `x` while `copies` models train at
+    once, each on its own thread (after two warm-up steps each): what one trial's step costs beside the others on
+    its node, whose products compete for the same caches and memory bandwidth."""
+    barrier = threading.Barrier(copies)
+    seconds = [math.nan] * copies
+
+    def train(index: int) -> None:
+        model = build_model(config)
+        optimizer = make_optimizer(model.parameters(), config.lr)
+        generator = torch.Generator().manual_seed(index)
+        for _ in range(2):  # allocators and kernels warm up
+            train_step(model, optimizer, config, x, generator)
+        barrier.wait()
+        started = time.perf_counter()
+        for _ in range(steps):
+            train_step(model, optimizer, config, x, generator)
+        seconds[index] = (time.perf_counter() - started) / steps
+
+    if copies == 1:
+        train(0)
+    else:
+        workers = [threading.Thread(target=train, args=(i,)) for i in range(copies)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+    return sum(seconds) / copies
+
+
+def calibrate(spec: SweepSpec, splits: DataSplits, eval_on_gpu: bool, eval_threads: int | None = None,
+              concurrent: int = 1) -> Rates:
     """Rates from a few seconds of real work on this process's CPU (see the module docstring): training and the
-    objective with a trial's threads, the objective again and FID's Inception with an evaluation task's."""
+    objective with a trial's threads, the objective again and FID's Inception with an evaluation task's.
+    `concurrent`: trials that share this node's CPUs at once; the training steps are timed with that many
+    running together, and the search's rates slowed by what that costs over one alone."""
     threads = torch.get_num_threads()
     trial_threads = max(1, int(spec.cpus_per_trial))
     eval_threads = max(1, eval_threads or trial_threads)
@@ -105,24 +143,20 @@ def calibrate(spec: SweepSpec, splits: DataSplits, eval_on_gpu: bool, eval_threa
     try:
         config = spec.train_config(spec.initial[0] if spec.initial else spec.space.middle)
         model = build_model(config)
-        optimizer = make_optimizer(model.parameters(), config.lr)
-        generator = torch.Generator().manual_seed(0)
         x = splits.train_x[:config.batch_size]
-        seconds = []
-        for step in range(2 + _CALIBRATION_STEPS):  # the first steps warm up allocators and kernels
-            started = time.perf_counter()
-            train_step(model, optimizer, config, x, generator)
-            seconds.append(time.perf_counter() - started)
+        alone = step_seconds(config, x, _CALIBRATION_STEPS)
+        # Trials on one node slow each other (2-core VMs here: 1.1x to 1.45x per epoch between two of them).
+        contention = step_seconds(config, x, _CALIBRATION_STEPS, concurrent) / alone if concurrent > 1 else 1.0
         train_images = min(len(splits.train_x), spec.limit or len(splits.train_x))
         steps_per_epoch = math.ceil(train_images / config.batch_size)
         started = time.perf_counter()
         validation_metrics(model, config, splits.val_x[:1000])
         validation_s = (time.perf_counter() - started) * len(splits.val_x) / 1000
-        epoch_s = steps_per_epoch * sum(seconds[2:]) / _CALIBRATION_STEPS + validation_s
+        epoch_s = (steps_per_epoch * alone + validation_s) * contention
         started = time.perf_counter()
         validation_objective(model, splits, spec.objective_settings)
-        objective_s = time.perf_counter() - started
-        eval_objective_s = objective_s
+        objective_alone = time.perf_counter() - started
+        eval_objective_s = objective_alone
         if eval_threads != trial_threads:
             torch.set_num_threads(eval_threads)
             started = time.perf_counter()
@@ -136,14 +170,17 @@ def calibrate(spec: SweepSpec, splits: DataSplits, eval_on_gpu: bool, eval_threa
         fid_s = fid_image_seconds(eval_threads)
         images = splits.test_x[:evaluation.fid_images or evaluation.limit or len(splits.test_x)]
         passes = 1 if fid_s is not None and reference_cached(images.cpu(), default_cache_dir()) else 2
+    objective_s = objective_alone * contention  # a trial's, beside the others
     rates = Rates(spec.seeds * epoch_s, spec.seeds * objective_s, 0.0,
-                  eval_speedup=objective_s / max(eval_objective_s, 1e-9), fid_image_s=fid_s, fid_passes=passes)
+                  eval_speedup=objective_alone / max(eval_objective_s, 1e-9), fid_image_s=fid_s,
+                  fid_passes=passes, contention=contention)
     return replace(rates, evaluation_s=evaluation_estimate(spec, objective_s, eval_on_gpu, rates))
 
 
 def evaluation_estimate(spec: SweepSpec, objective_s: float, on_gpu: bool, rates: Rates | None = None) -> float:
     """One full evaluation (one model): the attacks scaled from one model's objective (`objective_s`, with a trial's
-    threads; `rates.eval_speedup` turns it into the evaluation task's) by the attack work, the strong protocol and
+    threads beside the other trials; `rates.contention` and `rates.eval_speedup` turn it into the evaluation
+    task's, alone with its threads) by the attack work, the strong protocol and
     its convergence check at the measured rates, plus t-SNE and FID (at
     `rates.fid_image_s` per image and pass, timed on this machine, else FID_SECONDS_PER_IMAGE_CPU)."""
     settings, evaluation = spec.objective_settings, spec.eval_config
@@ -153,8 +190,8 @@ def evaluation_estimate(spec: SweepSpec, objective_s: float, on_gpu: bool, rates
     budgets = sum(1 for d in evaluation.deltas if d > 0)
     seconds = 0.0
     if evaluation.runs_paper:
-        seconds += (objective_s / rates.eval_speedup) * images * evaluation.steps * len(evaluation.attacks) \
-            * budgets / objective_work
+        seconds += (objective_s / rates.contention / rates.eval_speedup) * images * evaluation.steps \
+            * len(evaluation.attacks) * budgets / objective_work
     if evaluation.runs_strong and not on_gpu:
         strong_images = evaluation.strong_images(images)
         protocol = STRONG_SECONDS_PER_IMAGE_DELTA_CPU * strong_images * budgets / rates.eval_speedup

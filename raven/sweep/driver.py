@@ -33,6 +33,7 @@ whose kept writes include the record's close only replays them: the work was don
 from __future__ import annotations
 
 import argparse
+import math
 import shlex
 import shutil
 import sys
@@ -182,8 +183,12 @@ def estimate(spec: SweepSpec, splits: DataSplits, cluster: ClusterInfo, log: Log
     eval_gpus = cluster.gpus_per(spec.eval_gpus, EVAL_GPU_SHARE)
     evaluations = spec.evaluate_top * spec.seeds
     eval_cpus = cluster.eval_cpus(spec.eval_cpus, spec.cpus_per_trial, evaluations)
-    clock = SweepClock.for_spec(spec, calibrate(spec, splits, eval_on_gpu=eval_gpus > 0, eval_threads=int(eval_cpus)),
-                                cluster.slots(spec.cpus_per_trial, trial_gpus), cluster.slots(eval_cpus, eval_gpus))
+    slots = cluster.slots(spec.cpus_per_trial, trial_gpus)
+    # The trials that share the driver's node, as they will share every node: on CPU they slow each other.
+    per_node = math.floor(cluster.node_cpus / max(spec.cpus_per_trial, 1e-9)) if cluster.node_cpus else slots
+    concurrent = 1 if trial_gpus > 0 else max(1, min(slots, per_node, 8))
+    rates = calibrate(spec, splits, eval_on_gpu=eval_gpus > 0, eval_threads=int(eval_cpus), concurrent=concurrent)
+    clock = SweepClock.for_spec(spec, rates, slots, cluster.slots(eval_cpus, eval_gpus))
     clock.epochs_done.update(epochs_in_storage(spec))  # a resumed sweep: the epochs its trials trained
     fid = ", FID on CPU" if spec.fid and eval_gpus == 0 else ""
     evaluation = f"evaluation ~{duration(clock.evaluation_left())}{fid}" if spec.evaluate_top else "no final evaluation"
