@@ -302,6 +302,10 @@ def test_smoke_sweep_on_a_ray_head(ray_head, tmp_path):
     assert "Best configuration: raven sigma_aug=" in proc.stdout
     assert "Test-set evaluation of the best configuration" in proc.stdout
     assert re.search(r"estimated time: ~\d+ (s|min)", proc.stderr) and re.search(r"; ~\d+ (s|min) left", proc.stderr)
+    # The evaluation task's own stages reach the console (through Ray), so an hour-long evaluation shows progress.
+    assert re.search(r"raven sweep: \[raven sigma_aug=.+\] .*probe on \d+ training images", proc.stderr), \
+        proc.stderr[-3000:]
+    assert re.search(r"raven sweep: \[raven sigma_aug=.+\] +paper kl delta=", proc.stderr), proc.stderr[-3000:]
     print(f"sigma_aug --smoke on a Ray head: {seconds:.0f}s")
 
     _, parent, trials, _ = check_sweep_record(tmp_path / "mlflow.db", "raven-sigma-aug", 2, 1, "sigma_aug")

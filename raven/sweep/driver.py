@@ -233,6 +233,9 @@ def rank(spec: SweepSpec, record: Record, results, log: Log):
 # ----------------------------------------------------------------------------- 4. evaluate the best
 
 
+EVAL_HEARTBEAT_S = 300.0  # seconds between the evaluation stage's lines when no progress bar is shown
+
+
 def _evaluate_task(checkpoint_bytes: bytes, splits: DataSplits, evaluation: dict[str, Any], label: str,
                    threads: int) -> dict[str, Any]:
     """Body of the Ray task: the full evaluation of one checkpoint; its files come back as bytes."""
@@ -246,7 +249,10 @@ def _evaluate_task(checkpoint_bytes: bytes, splits: DataSplits, evaluation: dict
         if splits.device != device:
             splits = splits.to(device)
         out = Path(tmp) / "evaluation"
-        result = evaluate_model(model, splits, EvalConfig(**evaluation), out_dir=out, label=label)
+        # Its stages (probe, attacks per budget with the time left, FID) reach the driver's console through Ray.
+        result = evaluate_model(model, splits, EvalConfig(**evaluation), out_dir=out, label=label,
+                                log=lambda line: print(f"raven sweep: [{label}] {line.strip()}", file=sys.stderr,
+                                                       flush=True))
         paths = [*result.artifacts, plots.plot_accuracy_curves([(label, result.to_json())], out / CURVES_PNG,
                                                                title=f"{label}: test robustness")]
         artifacts = {p.name: p.read_bytes() for p in map(Path, paths) if p.is_file()}
@@ -309,8 +315,14 @@ def evaluate_best(spec: SweepSpec, record: Record, results, table, ranked, split
         say(f"raven sweep: evaluating {info[key]['name']} ({jobs[key][3]}) as a Ray task (cpus {cpus:g}, "
             f"gpus {gpus:g}); {clock.text()}", progress)
 
+    heartbeat = {"at": time.monotonic()}
+
     def tick() -> None:
         progress.set_postfix_str(clock.text())
+        # Without a terminal there is no bar: a line every few minutes says the stage is alive and what is left.
+        if progress.disable and time.monotonic() - heartbeat["at"] >= EVAL_HEARTBEAT_S:
+            heartbeat["at"] = time.monotonic()
+            say(f"raven sweep: evaluation: {clock.evaluations_done} of {len(jobs)} done; {clock.text()}")
 
     out_root = spec.experiment_dir.resolve() / "evaluations"
     for key, payload, error in run_tasks(_evaluate_task, jobs, cpus=cpus, gpus=gpus, tick=tick):
