@@ -12,8 +12,11 @@ Before the first epoch the rates come from `calibrate`, on the driver: a few tim
 steps of one model of the first configuration, one real objective computation, both times the
 seeds of a trial (a pack of N costs about N models on a CPU, README) and times the slowdown of a
 training step when as many models train at once as trials share a node (timed with that many
-threads; the first default sweeps ran 1.1x and 1.45x slower per epoch than one model alone on the
-2-core VM, which the estimate missed), and the evaluation scaled
+threads: 1.07x for two on the 2-core VM, where two `raven train` processes measure 1.08x). The
+default sweeps' trials still ran 1.12x (first run) and 1.5x (second run, another VM) slower per
+epoch than this calibration: a pack of one's loop with its per-epoch checkpoint costs 1.14x over
+`raven train`, and the rest is not yet found; the estimate is refined from the first measured
+epochs on (the second run's was within 10 % after its first two trials). The evaluation scaled
 from the objective by its attack work (images x steps x attacks x budgets; the objective timed
 again with an evaluation task's threads, which a lone evaluation has more of) plus the strong
 protocol and t-SNE at the rates below, and FID at the rate of its Inception network timed here
@@ -145,7 +148,7 @@ def calibrate(spec: SweepSpec, splits: DataSplits, eval_on_gpu: bool, eval_threa
         model = build_model(config)
         x = splits.train_x[:config.batch_size]
         alone = step_seconds(config, x, _CALIBRATION_STEPS)
-        # Trials on one node slow each other (2-core VMs here: 1.1x to 1.45x per epoch between two of them).
+        # Trials on one node slow each other through shared caches and memory (two on the 2-core VM: 1.07x).
         contention = step_seconds(config, x, _CALIBRATION_STEPS, concurrent) / alone if concurrent > 1 else 1.0
         train_images = min(len(splits.train_x), spec.limit or len(splits.train_x))
         steps_per_epoch = math.ceil(train_images / config.batch_size)
