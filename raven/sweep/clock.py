@@ -16,7 +16,7 @@ threads: 1.07x for two on the 2-core VM, where two `raven train` processes measu
 default sweeps' trials still ran 1.12x (first run) and 1.5x (second run, another VM) slower per
 epoch than this calibration: a pack of one's loop with its per-epoch checkpoint costs 1.14x over
 `raven train`, and the rest is not yet found; the estimate is refined from the first measured
-epochs on (the second run's was within 10 % after its first two trials). The evaluation scaled
+epochs on (the second run's was within 15 % after its first two trials). The evaluation scaled
 from the objective by its attack work (images x steps x attacks x budgets; the objective timed
 again with an evaluation task's threads, which a lone evaluation has more of) plus the strong
 protocol and t-SNE at the rates below, and FID at the rate of its Inception network timed here
