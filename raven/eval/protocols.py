@@ -406,12 +406,12 @@ def bite_checks(model: nn.Module, probe: nn.Module, x: torch.Tensor, y: torch.Te
 
     m = n if config.check_images is None else min(n, config.check_images)
     grey_key = delta_key(FLAT_GREY_DELTA)
-    if grey_key in robust:
-        grey_accuracy, grey_images, grey_labels, grey_attacks = robust[grey_key], n, y, "protocol"
-        share = float(torch.bincount(grey_labels).max()) / len(grey_labels)
+    on_grid = grey_key in robust
+    grey_images = n if on_grid else m
+    share = float(torch.bincount(y[:grey_images]).max()) / grey_images
+    if on_grid:
+        grey_accuracy, grey_attacks = robust[grey_key], "protocol"
     else:
-        grey_labels, grey_images = y[:m], m
-        share = float(torch.bincount(grey_labels).max()) / len(grey_labels)
         overall, grey_attacks = flat_grey_survivors(model, probe, x[:m], y[:m], config, share, seed=seed,
                                                     batch_size=batch_size)
         grey_accuracy = _fraction(overall)
