@@ -38,7 +38,7 @@ def test_paper_reference_numbers_are_the_published_tables():
 
 
 def test_report_writes_every_table_and_figure(report_dir):
-    for name in ("report.md", "table1.csv", "table2.csv", "figure2.csv", "runs.csv"):
+    for name in ("report.md", "table1.csv", "table2.csv", "figure2.csv", "runs.csv", "claims.csv"):
         assert (report_dir / name).stat().st_size > 100, name
     for name in ("figure1.png", "figure2.png"):
         data = (report_dir / name).read_bytes()
@@ -51,7 +51,7 @@ def test_report_starts_with_the_budget_and_holds_both_tables(report_dir):
     assert lines[2] == f"**Budget: {SMOKE_BUDGET.describe()}**"
     text = "\n".join(lines)
     assert "20 of 20 runs" in text and "not comparable with the paper's" in text
-    for heading in ("## Table 1", "## Table 2", "## Figure 2", "## Figure 1"):
+    for heading in ("## Table 1", "## Table 2", "## Figure 2", "## The paper's claims, tested", "## Figure 1"):
         assert heading in text
     assert "| MNIST | RAVEN | 2 | " in text and "| 92.49 ± 0.51 |" in text and "| 0.53 ± 0.36 |" in text
     assert "![Figure 2](figure2.png)" in text and "![Figure 1](figure1.png)" in text

@@ -58,6 +58,16 @@ from raven.reproduce.figures import (  # noqa: F401 - the notebooks read these t
 from raven.reproduce.grid import PAPER_METHODS, PAPER_SEEDS
 from raven.reproduce.parts import parts_frames
 from raven.reproduce.paper import PAPER_TABLE1, PAPER_TABLE2, TABLE1_ERRATUM
+from raven.reproduce.reading import (
+    BAND_LEGEND,
+    band_mark,
+    claim_comparisons,
+    claims_section,
+    markdown_table,
+    number,
+    plus_minus,
+    within_band,
+)
 
 # Figure 2's curves: the paper protocol's adv_acc_{attack}_delta_{delta}, and the strong protocol's
 # robust_acc_delta_{delta} as the attack "strong" (raven.eval.evaluate.EvalResult.metrics).
@@ -194,7 +204,11 @@ def table1(repro: Reproduction) -> pd.DataFrame:
 
 
 def table2(repro: Reproduction) -> pd.DataFrame:
-    """Clean probe accuracy (%), MSE (0-255) and FID, mean and std over seeds, next to the paper's Table 2."""
+    """Clean probe accuracy (%), MSE (0-255) and FID, mean and std over seeds, next to the paper's Table 2.
+
+    within_paper_2sd_*: 1 when the mean lies within the paper's mean ± 2 × its std over runs, 0 outside
+    (raven.reproduce.reading.within_band).
+    """
     runs = per_run_table(repro)
     runs["accuracy_pct"] = 100.0 * runs["clean_accuracy"]
     stats = {name: _seed_stats(runs, column) for name, column in
@@ -208,7 +222,8 @@ def table2(repro: Reproduction) -> pd.DataFrame:
             published = paper.get(key, (np.nan, np.nan))
             row.update({f"{name}_mean": ours["mean"], f"{name}_std": ours["std"],
                         f"paper_{name}_mean": published[0], f"paper_{name}_std": published[1],
-                        f"difference_{name}": ours["mean"] - published[0]})
+                        f"difference_{name}": ours["mean"] - published[0],
+                        f"within_paper_2sd_{name}": within_band(ours["mean"], *published)})
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -298,40 +313,22 @@ def bracket_markdown(table: pd.DataFrame, bound: str) -> str:
 def protocol_markdown(table: pd.DataFrame) -> str:
     header = ["Dataset", "Method"] + [c for c in table.columns if c not in ("dataset", "method")]
     rows = [[DATASET_LABELS.get(r["dataset"], r["dataset"]), METHOD_LABELS.get(r["method"], r["method"])]
-            + [_num(r[c], 1) for c in header[2:]] for _, r in table.iterrows()]
+            + [number(r[c], 1) for c in header[2:]] for _, r in table.iterrows()]
     return markdown_table(header, rows)
 
 
 # ----------------------------------------------------------------------------- Markdown
 
 
-def _pm(mean: float, std: float, digits: int, kind: str = "f") -> str:
-    if not np.isfinite(mean):
-        return "—"
-    return f"{mean:.{digits}{kind}} ± {std:.{digits}{kind}}" if np.isfinite(std) else f"{mean:.{digits}{kind}}"
-
-
-def _num(value: float, digits: int, signed: bool = False, kind: str = "f") -> str:
-    if not np.isfinite(value):
-        return "—"
-    return f"{value:+.{digits}{kind}}" if signed else f"{value:.{digits}{kind}}"
-
-
-def markdown_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def table1_markdown(t1: pd.DataFrame) -> str:
     header = ["Dataset", "Method", "Seeds", "Means ‖μ̃ − μ‖²", "per-image std", "Sampled ‖z̃ − z‖²", "per-image std",
               "Paper (mean ± per-image std)", "Diff. means", "Diff. sampled"]
     rows = [[DATASET_LABELS.get(r.dataset, r.dataset), METHOD_LABELS.get(r.method, r.method), str(r.seeds),
-             _pm(r.pair_distance_mean, r.pair_distance_mean_std_over_seeds, 3, "g"),
-             _num(r.pair_distance_per_image_std, 3, kind="g"),
-             _pm(r.sampled_pair_distance_mean, r.sampled_pair_distance_mean_std_over_seeds, 3, "g"),
-             _num(r.sampled_pair_distance_per_image_std, 3, kind="g"), _pm(r.paper_mean, r.paper_per_image_std, 2),
-             _num(r.difference_mean, 3, signed=True, kind="g"), _num(r.difference_sampled_mean, 3, signed=True, kind="g")]
+             plus_minus(r.pair_distance_mean, r.pair_distance_mean_std_over_seeds, 3, "g"),
+             number(r.pair_distance_per_image_std, 3, kind="g"),
+             plus_minus(r.sampled_pair_distance_mean, r.sampled_pair_distance_mean_std_over_seeds, 3, "g"),
+             number(r.sampled_pair_distance_per_image_std, 3, kind="g"), plus_minus(r.paper_mean, r.paper_per_image_std, 2),
+             number(r.difference_mean, 3, signed=True, kind="g"), number(r.difference_sampled_mean, 3, signed=True, kind="g")]
             for r in t1.itertuples()]
     return markdown_table(header, rows)
 
@@ -342,13 +339,13 @@ def table2_markdown(t2: pd.DataFrame) -> str:
     rows = []
     for r in t2.itertuples():
         rows.append([DATASET_LABELS.get(r.dataset, r.dataset), METHOD_LABELS.get(r.method, r.method), str(r.seeds),
-                     _pm(r.accuracy_pct_mean, r.accuracy_pct_std, 2),
-                     _pm(r.paper_accuracy_pct_mean, r.paper_accuracy_pct_std, 2),
-                     _num(r.difference_accuracy_pct, 2, signed=True),
-                     _pm(r.mse_255_mean, r.mse_255_std, 1), _pm(r.paper_mse_255_mean, r.paper_mse_255_std, 1),
-                     _num(r.difference_mse_255, 1, signed=True),
-                     _pm(r.fid_mean, r.fid_std, 3), _pm(r.paper_fid_mean, r.paper_fid_std, 3),
-                     _num(r.difference_fid, 3, signed=True)])
+                     plus_minus(r.accuracy_pct_mean, r.accuracy_pct_std, 2),
+                     plus_minus(r.paper_accuracy_pct_mean, r.paper_accuracy_pct_std, 2),
+                     number(r.difference_accuracy_pct, 2, signed=True) + band_mark(r.within_paper_2sd_accuracy_pct),
+                     plus_minus(r.mse_255_mean, r.mse_255_std, 1), plus_minus(r.paper_mse_255_mean, r.paper_mse_255_std, 1),
+                     number(r.difference_mse_255, 1, signed=True) + band_mark(r.within_paper_2sd_mse_255),
+                     plus_minus(r.fid_mean, r.fid_std, 3), plus_minus(r.paper_fid_mean, r.paper_fid_std, 3),
+                     number(r.difference_fid, 3, signed=True) + band_mark(r.within_paper_2sd_fid)])
     return markdown_table(header, rows)
 
 
@@ -442,6 +439,8 @@ def write_report(out: str | os.PathLike = "report", tracking_uri: str | None = N
         reduced = ("\nThis reproduction ran on a reduced budget: its numbers show that the pipeline works end to end "
                    "and are not comparable with the paper's; the differences below are not evidence for or against "
                    "it.\n")
+    comparisons = claim_comparisons(repro.runs)
+    comparisons.to_csv(out / "claims.csv", index=False)
     hps = "\n".join(f"- {DATASET_LABELS.get(d, d)}: {text}" for d, text in repro.hyperparameters().items())
     status = repro.parent.get("status")
     cells = repro.runs[["dataset", "method"]].drop_duplicates().shape[0]
@@ -483,12 +482,16 @@ model's std over test images, averaged over seeds.
 {fid_note}
 {table2_markdown(t2)}
 
+{BAND_LEGEND}
+
 ## Figure 2: adversarial accuracy against the attack budget δ
 
 Linear-probe accuracy on PGD-attacked test images (L∞ ball of radius δ), mean line and ± std band
 over seeds. The paper publishes this figure as a plot only; the points are in `figure2.csv`.
 {robust_note}{strong_note}{bracket_note}
 ![Figure 2](figure2.png)
+
+{claims_section(comparisons)}
 
 ## Figure 1: t-SNE of clean and noisy test encodings
 
@@ -505,7 +508,8 @@ wall time, t-SNE and the probe aside.
 
 ## Files
 
-`table1.csv`, `table2.csv` (the tables with the paper's numbers and differences), `figure2.csv`
+`table1.csv`, `table2.csv` (the tables with the paper's numbers, differences and ±2σ marks), `claims.csv`
+(every comparison the claims make: means, difference, Welch's p, verdict), `figure2.csv`
 (Figure 2's points, the paper's reading, and the strong protocol as attack `strong`), `figure2_robust.csv`
 (the robust reading, and the certified accuracy as attack `certified`), `brackets.csv` ([certified, strong]
 per δ), `runs.csv` (every run's numbers and run id), `figure1.png`, `figure2.png`; where a run lacks a

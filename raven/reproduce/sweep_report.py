@@ -54,7 +54,7 @@ from raven.record.tracking import (  # noqa: E402
     TRIAL_ID,
     use_store,
 )
-from raven.reproduce.report import markdown_table  # noqa: E402
+from raven.reproduce.reading import markdown_table  # noqa: E402
 from raven.sweep.selection import pareto_mask  # noqa: E402
 
 # Which test numbers the report shows: the paper protocol's robust reading (mean over its attacks) and
