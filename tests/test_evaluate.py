@@ -16,7 +16,14 @@ from raven.cli import main
 from raven.config import ConfigError, TrainConfig
 from raven.data import noisy_copy
 from raven.eval import plots
-from raven.eval.evaluate import EvalConfig, delta_key, evaluate_model, format_summary, probe_and_attack
+from raven.eval.evaluate import (
+    EvalConfig,
+    delta_key,
+    evaluate_model,
+    format_summary,
+    probe_and_attack,
+    protocol_scope,
+)
 from raven.eval.metrics import (
     cluster_accuracy,
     latent_pair_distance,
@@ -458,3 +465,15 @@ def test_evaluate_help_shows_each_fields_default(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "(default both)" in text and "random restarts per image (default 1)" in text
     assert "images attacked at once (default 1000)" in text and "--no-fid" in text
+
+
+@pytest.mark.parametrize("protocol, limit, scope", [
+    ("paper", 1000, "paper protocol on 10000 test images"),
+    ("strong", 1000, "strong protocol on the first 1000 of 10000 test images, clean accuracy, MSE and FID on all 10000"),
+    ("all", 1000, "paper protocol on 10000 test images, strong and certified protocols on the first 1000 of 10000 "
+                  "test images"),
+    ("certified", None, "certified protocol on 10000 test images, clean accuracy, MSE and FID on all 10000"),
+])
+def test_the_first_log_line_says_which_protocol_reads_which_images(protocol, limit, scope):
+    # Once read "strong protocol on 10000 test images (strong/certified on the first 1000)" with no paper protocol.
+    assert protocol_scope(EvalConfig(protocol=protocol, strong_limit=limit), 10000) == scope

@@ -4,6 +4,7 @@ delta = 0.5, beyond random noise; its checks can fail; the reference AutoAttack 
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ from raven.eval.protocols import (
     StrongObjectiveSettings,
     bite_checks,
     certified_validation_objective,
+    check_digest,
     flat_grey_survivors,
     format_checks,
     strong_protocol,
@@ -52,7 +54,9 @@ def images(mnist_small):
 @pytest.fixture(scope="module")
 def strong(vae, probe, images):
     x, y = images
-    return strong_protocol(vae, probe, x, y, DELTAS, SMALL, seed=0, batch_size=64)
+    lines: list[str] = []
+    out = strong_protocol(vae, probe, x, y, DELTAS, SMALL, seed=0, batch_size=64, log=lines.append)
+    return {**out, "log": lines}
 
 
 def plain_pgd_on_the_probe(model, probe, x, y, delta, steps=40, seed=0):
@@ -92,6 +96,22 @@ def test_strong_accuracy_is_monotone_in_delta_and_at_chance_at_one_half(strong, 
     assert checks["flat_grey"]["largest_class_share"] == pytest.approx(largest_share)
     assert set(strong["robust_accuracy_by_attack"]) == {"kl", "rkl", "w2", "mean", "ce", "autoattack"}
     assert list(strong["autoattack_survivors"]["0.03"]) == list(COMPONENTS)
+
+
+def test_the_log_bounds_the_time_left_by_the_last_delta_and_gives_the_checks_in_one_line(strong):
+    lines = strong["log"]
+    budgets = [line for line in lines if line.startswith("  strong delta=")]
+    assert len(budgets) == len(DELTAS)
+    elapsed = [float(re.search(r"\[(\d+) s", line).group(1)) for line in budgets]
+    for i, line in enumerate(budgets[1:-1], start=1):  # every nonzero delta but the last says what is left
+        left = sum(1 for d in DELTAS[i + 1:] if d > 0)
+        said = float(re.search(r"at most about (\d+) s left before the checks", line).group(1))
+        assert said == pytest.approx((elapsed[i] - elapsed[i - 1]) * left, abs=left + 1)  # seconds print rounded
+    assert "left" not in budgets[0] and "left" not in budgets[-1]
+    assert lines[-1].startswith(f"  {check_digest(strong['checks'])} [")
+    assert check_digest(strong["checks"]) == ("checks: monotone ok, flat grey ok, noise ok, convergence "
+                                              + ("ok" if strong["checks"]["convergence"]["ok"] else "FAILED"))
+    assert not any(line.lstrip().startswith("check ") for line in lines)  # the full lines are the summary's
 
 
 def test_random_signs_of_the_same_budget_hurt_less(strong):

@@ -225,6 +225,19 @@ class EvalConfig:
 # ----------------------------------------------------------------------------- probe + attacks
 
 
+def protocol_scope(config: EvalConfig, images: int) -> str:
+    """Which protocol reads which test images, for the first line of an evaluation's log."""
+    subset = config.strong_images(images)
+    later = [name for name, runs in (("strong", config.runs_strong), ("certified", config.runs_certified)) if runs]
+    parts = [f"paper protocol on {images} test images"] if config.runs_paper else []
+    if later:
+        where = f"on the first {subset} of {images} test images" if subset < images else f"on {images} test images"
+        parts.append(f"{' and '.join(later)} protocol{'s' if len(later) > 1 else ''} {where}")
+    if not config.runs_paper:
+        parts.append(f"clean accuracy, MSE and FID on all {images}")
+    return ", ".join(parts)
+
+
 def probe_and_attack(model: nn.Module, train_x: torch.Tensor, train_y: torch.Tensor, eval_x: torch.Tensor,
                      eval_y: torch.Tensor, config: EvalConfig,
                      log: Callable[[str], None] | None = None, stage: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -366,11 +379,8 @@ def evaluate_model(model: nn.Module, splits: DataSplits, config: EvalConfig, out
     timings: dict[str, float] = {}
     try:
         if log:
-            strong_note = (f" (strong/certified on the first {config.strong_images(len(test_x))})"
-                           if (config.runs_strong or config.runs_certified)
-                           and config.strong_images(len(test_x)) < len(test_x) else "")
-            log(f"{label}: probe on {probe_images} training images, {config.protocol} protocol on {len(test_x)} "
-                f"test images{strong_note}, device {device}")
+            log(f"{label}: probe on {probe_images} training images, {protocol_scope(config, len(test_x))}, "
+                f"device {device}")
         pa = probe_and_attack(model, splits.train_x, splits.train_y, test_x, test_y, config.replace(limit=None), log=log,
                               stage=stage)
         timings["attack_seconds"] = pa["attack_seconds"]
