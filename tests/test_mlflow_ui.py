@@ -153,7 +153,7 @@ def test_compare_view_plots_eta_against_the_objective(ui, sweep_store):
     trials = runs["trial"]
     # The sweep prints the link to this view: every trial run of the sweep, and nothing else.
     (line,) = [line for line in (work / "sweep.out").read_text().splitlines() if line.startswith("Compare the trials")]
-    assert "eta on X, val_robust_accuracy on Y" in line
+    assert "log10_eta on X, val_robust_accuracy on Y" in line  # the smoke sweep's eta is log-uniform
     link = line[line.index("/#/compare-runs"):]
     query = urllib.parse.parse_qs(urllib.parse.urlsplit(link.removeprefix("/#")).query)
     assert sorted(json.loads(query["runs"][0])) == sorted(r.info.run_id for r in trials)

@@ -91,6 +91,11 @@ def check_sweep_record(db: Path, experiment: str, n_trials: int, epochs: int, pa
         assert run.data.tags["raven.parent_sweep"] == parent.data.tags["raven.sweep_name"]
         assert run.info.status == "FINISHED"
         assert param in run.data.params and "seed" in run.data.params
+        if "search.space.low" in parent.data.params:  # log-uniform: the log axis MLflow's linear charts lack
+            assert float(run.data.params[f"log10_{param}"]) == pytest.approx(
+                math.log10(float(run.data.params[param])), abs=1e-6)
+        else:
+            assert f"log10_{param}" not in run.data.params
         assert run.data.tags.get("raven.checkpoint")
         steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "epoch"))
         assert steps == list(range(1, epochs + 1)), (run.info.run_name, steps)
@@ -110,6 +115,8 @@ def check_sweep_record(db: Path, experiment: str, n_trials: int, epochs: int, pa
     assert trial_run.data.tags["raven.evaluation_run_id"] == ev.info.run_id
     assert ev.data.tags["raven.trial_run_id"] == trial_run.info.run_id
     metrics = ev.data.metrics
+    # The run spans the evaluation itself (it once read 0.8 s: the time its record took to write).
+    assert (ev.info.end_time - ev.info.start_time) / 1000 == pytest.approx(metrics["eval_seconds"], abs=0.002)
     for name in ("clean_accuracy", "mse_255", "latent_pair_distance_mean", "adv_acc_kl_delta_0.1",
                  "adv_acc_w2_delta_0.2", "adv_acc_kl_delta_0", "adv_acc_w2_delta_0.1"):
         assert name in metrics and math.isfinite(metrics[name]), name

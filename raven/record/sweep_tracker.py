@@ -249,9 +249,10 @@ class SweepTracker:
         return run_id, self.client.get_run(run_id).info.status
 
     def new_evaluation_run(self, trial_id: str, run_name: str, params: Mapping[str, Any],
-                           seed: int | None = None) -> str:
+                           seed: int | None = None, start_time: int | None = None) -> str:
         """A fresh evaluation run for the trial (its seed `seed`); an unfinished earlier one (interrupted)
-        is deleted first. The trial run's raven.evaluation_run_id lists its evaluation runs in seed order."""
+        is deleted first. The trial run's raven.evaluation_run_id lists its evaluation runs in seed order.
+        start_time: the run's start in epoch milliseconds (default now)."""
         old, status = self.evaluation_run(trial_id, seed)
         if old is not None:
             if status == "FINISHED":
@@ -260,7 +261,8 @@ class SweepTracker:
         trial_run = self.trial_run(trial_id)
         tags = {ROLE: EVALUATION_ROLE, TRIAL_ID: trial_id, PARENT_SWEEP: self.sweep_name, PARENT_RUN_ID: self.parent_id,
                 TRIAL_RUN_ID: trial_run, **({SEED: str(seed)} if seed is not None else {})}
-        run_id = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags).info.run_id
+        run_id = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags,
+                                        start_time=start_time).info.run_id
         log_params(self.client, run_id, params)
         runs = sorted(self._children(EVALUATION_ROLE, trial_id), key=lambda r: int(r.data.tags.get(SEED, -1)))
         self.client.set_tag(trial_run, EVALUATION_RUN_ID, ",".join(r.info.run_id for r in runs))

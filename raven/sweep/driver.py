@@ -241,7 +241,7 @@ def _evaluate_task(checkpoint_bytes: bytes, splits: DataSplits, evaluation: dict
     """Body of the Ray task: the full evaluation of one checkpoint; its files come back as bytes."""
     torch.set_num_threads(max(1, threads))
     device = resolve_device("auto")
-    started = time.perf_counter()
+    started, began_at = time.perf_counter(), time.time()  # began_at: the MLflow run's start time
     with tempfile.TemporaryDirectory(prefix="raven-eval-") as tmp:
         file = Path(tmp) / CHECKPOINT_NAME
         file.write_bytes(checkpoint_bytes)
@@ -258,7 +258,7 @@ def _evaluate_task(checkpoint_bytes: bytes, splits: DataSplits, evaluation: dict
         artifacts = {p.name: p.read_bytes() for p in map(Path, paths) if p.is_file()}
     result.artifacts = []
     return {"result": result, "artifacts": artifacts, "device": str(device), "node": node_name(),
-            "seconds": time.perf_counter() - started}
+            "seconds": time.perf_counter() - started, "began_at": began_at}
 
 
 def evaluate_best(spec: SweepSpec, record: Record, results, table, ranked, splits_ref, splits: DataSplits,
@@ -343,7 +343,8 @@ def evaluate_best(spec: SweepSpec, record: Record, results, table, ranked, split
             "artifacts": list(payload["artifacts"]),
             "run_name": f"eval {trial_label(spec, job['config'], trial_id, seed)}",
             "params": trial_params(spec, job["config"], seed), "inputs": inputs,
-            "device": payload["device"], "node": payload["node"], "seconds": payload["seconds"]})
+            "device": payload["device"], "node": payload["node"], "seconds": payload["seconds"],
+            "began_at": payload["began_at"]})
         run_id = tracker.evaluation_runs.get(key, "")
         done.append({"trial_id": trial_id, "value": job["value"], "seed": seed, "run_id": run_id,
                      "metrics": result.metrics(), "result": result, "reused": False})

@@ -6,8 +6,9 @@ checkpoints, the evaluation folders. What it would write waits in the tracker's 
 `--resume` replays it. An op is JSON that names files, never objects:
 
     forget      {known}: delete the runs of trials the restored Tune state does not know (--resume)
-    evaluation  {trial_id, seed, folder, artifacts, run_name, params, inputs, device, node, seconds}:
-                one seed's evaluation run, from its folder (robustness.json, its files, checkpoint.pt)
+    evaluation  {trial_id, seed, folder, artifacts, run_name, params, inputs, device, node, seconds, began_at}:
+                one seed's evaluation run, from its folder (robustness.json, its files, checkpoint.pt);
+                the run starts at began_at (epoch seconds) and lasts `seconds`, whenever it is written
     parent      {status}: the parent run ended early (KILLED, FAILED)
     close       {metrics, artifacts, table, best}: the parent's results, the best evaluated model
                 registered, the parent FINISHED; the last write of a sweep whose work is done
@@ -105,7 +106,9 @@ class SweepRecord(SweepTracker):
         old, status = self.evaluation_run(trial_id, seed)
         if status == "FINISHED":  # an earlier try ended before it recorded the model: written afresh
             self.client.delete_run(old)
-        run_id = self.new_evaluation_run(trial_id, op["run_name"], op["params"], seed=seed)
+        began = op.get("began_at")  # absent from ops queued before it existed: the run then spans its writing
+        run_id = self.new_evaluation_run(trial_id, op["run_name"], op["params"], seed=seed,
+                                         start_time=None if began is None else int(1000 * began))
         log_evaluation(self.client, run_id, load_result(folder, op["artifacts"]))
         log_inputs(self.client, run_id, op["inputs"])
         checkpoint = folder / CHECKPOINT_NAME
@@ -114,6 +117,8 @@ class SweepRecord(SweepTracker):
         self.set_tags(run_id, {EVAL_DEVICE: op["device"], EVAL_NODE: op["node"], CHECKPOINT: str(checkpoint),
                                TRIAL_RUN_ID: self.trial_run(trial_id)})
         log_metrics(self.client, run_id, {"eval_seconds": op["seconds"]})
+        if began is not None:  # log_model ended the run now; its duration is the evaluation's, not the write's
+            self.client.set_terminated(run_id, "FINISHED", end_time=int(1000 * (began + op["seconds"])))
         self.set_tags(run_id, {MODEL_URI: model.model_uri})  # last: with it the evaluation counts as recorded
         self.evaluation_runs[trial_id, seed] = run_id
 

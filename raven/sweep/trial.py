@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 import sys
 import tempfile
@@ -51,11 +52,15 @@ def trial_label(spec: SweepSpec, config: dict[str, Any], trial_id: str | None = 
 def trial_params(spec: SweepSpec, config: dict[str, Any], seed: int | None = None) -> dict[str, Any]:
     """A run's params: the TrainConfig of the trial (its seed the list of its seeds when it has several)
     or of one of its seeds (an evaluation run). The Tune trial id is a tag (raven.trial_id) and in the run's
-    name, not a param: MLflow's compare view charts every param that differs between runs, and an id is no axis."""
+    name, not a param: MLflow's compare view charts every param that differs between runs, and an id is no axis.
+    A log-uniform search adds log10_PARAM: MLflow's charts have linear axes only, and on them the small values
+    of a range spanning decades crowd into one corner."""
     repeat = 0 if seed is None else spec.seed_list.index(seed)
     params = spec.train_config(config[spec.param], repeat).to_dict()
     if seed is None and spec.seeds > 1:
         params["seed"] = list(spec.seed_list)
+    if not spec.space.values:
+        params[f"log10_{spec.param}"] = round(math.log10(float(config[spec.param])), 6)
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in params.items()}
 
 
