@@ -302,7 +302,7 @@ def strong_protocol(model: nn.Module, probe: nn.Module, x: torch.Tensor, y: torc
             elapsed = time.perf_counter() - started
             left = sum(1 for d in deltas[done + 1:] if d > 0)
             # A larger delta leaves fewer images standing, and the attacks spend their steps on those: the last
-            # delta's cost has bounded each later one's in practice (the mean over earlier ones overstated it ~3x).
+            # delta's cost has bounded each later one's in practice, so this is an upper bound, not a forecast.
             estimate = (f", at most about {(elapsed - previous) * left:.0f} s left before the checks"
                         if left and delta > 0 else "")
             previous = elapsed
