@@ -47,10 +47,17 @@ ATTACK_LABELS = {"kl": "KL attack", "w2": "Wasserstein attack", "ce": "cross-ent
                  "rkl": "reverse-KL attack", "mean": "posterior-mean attack", "strong": "strong protocol (worst case)"}
 STRONG = "strong"
 TSNE_ARTIFACT = "robustness/tsne.png"
-# The robust reading of the paper's attacks and the certified accuracy (raven.eval.results.EvalResult.metrics).
-ROBUST_COLUMN = re.compile(r"^metrics\.adv_robust_acc_([a-z0-9]+)_delta_([0-9.e-]+)$")
-CERTIFIED_COLUMN = re.compile(r"^metrics\.certified_acc_delta_([0-9.e-]+)$")
 CERTIFIED = "certified"
+PAPER_READING, ROBUST_READING = "paper", "robust"
+# Every accuracy curve a run logs (raven.eval.results.EvalResult.metrics), by reading: the paper's attacks as the
+# paper reads them (adv_acc_*) and robustly (adv_robust_acc_*), the strong protocol (robust_acc_*) and the
+# certified bound (certified_acc_*). A pattern with two groups names its attack; one with a delta only is its own.
+ACCURACY_COLUMNS = (
+    (PAPER_READING, re.compile(r"^metrics\.adv_acc_([a-z0-9]+)_delta_([0-9.e-]+)$")),
+    (ROBUST_READING, re.compile(r"^metrics\.adv_robust_acc_([a-z0-9]+)_delta_([0-9.e-]+)$")),
+    (STRONG, re.compile(r"^metrics\.robust_acc_delta_([0-9.e-]+)$")),
+    (CERTIFIED, re.compile(r"^metrics\.certified_acc_delta_([0-9.e-]+)$")),
+)
 CERTIFIED_BOUND_PARAM = "params.eval.certified.bound"  # raven.record.tracking.log_evaluation's settings
 
 
@@ -66,26 +73,50 @@ def ordered(values: Any, order: tuple[str, ...]) -> list[str]:
     return [v for v in order if v in present] + [v for v in present if v not in order]
 
 
+def accuracy_column(column: str) -> tuple[str, str, float] | None:
+    """(reading, attack, delta) of a run column that holds a point of an accuracy curve; None for any other column.
+
+    The strong protocol's and the certified bound's attack is the reading itself ("strong", "certified").
+    """
+    for reading, pattern in ACCURACY_COLUMNS:
+        if match := pattern.match(column):
+            attack = match.group(1) if pattern.groups == 2 else reading
+            return reading, attack, float(match.group(pattern.groups))
+    return None
+
+
+def accuracy_points(runs: pd.DataFrame) -> pd.DataFrame:
+    """Every accuracy point the runs logged, in long form: dataset, method, seed, reading, attack, delta, accuracy.
+
+    `runs` has search_runs metric columns and dataset, method (and seed, NaN where absent); non-finite values
+    are left out. Readings: "paper", "robust", "strong", "certified" (ACCURACY_COLUMNS).
+    """
+    columns = ["dataset", "method", "seed", "reading", "attack", "delta", "accuracy"]
+    rows = []
+    for column in runs.columns:
+        found = accuracy_column(str(column))
+        if found is None:
+            continue
+        reading, attack, delta = found
+        values = pd.to_numeric(runs[column], errors="coerce")
+        for (_, run), value in zip(runs.iterrows(), values):
+            if np.isfinite(value):
+                rows.append({"dataset": run["dataset"], "method": run["method"], "seed": run.get("seed", np.nan),
+                             "reading": reading, "attack": attack, "delta": delta, "accuracy": float(value)})
+    return pd.DataFrame(rows, columns=columns)
+
+
 def robust_reading_summary(runs: pd.DataFrame) -> pd.DataFrame:
     """Figure 2's other curves per (dataset, method, attack, delta): seeds, accuracy_mean, accuracy_std (sample std
     over seeds). The paper attacks' robust reading (adv_robust_acc_{attack}_delta_{delta}) under the attack's
     name, the certified accuracy (certified_acc_delta_{delta}) as attack "certified"; empty when none logged them.
     """
-    rows = []
-    for column in runs.columns:
-        robust, certified = ROBUST_COLUMN.match(column), CERTIFIED_COLUMN.match(column)
-        if not (robust or certified):
-            continue
-        attack, delta = (robust.group(1), robust.group(2)) if robust else (CERTIFIED, certified.group(1))
-        values = pd.to_numeric(runs[column], errors="coerce")
-        for (_, run), value in zip(runs.iterrows(), values):
-            if np.isfinite(value):
-                rows.append({"dataset": run["dataset"], "method": run["method"], "attack": attack,
-                             "delta": float(delta), "accuracy": float(value)})
+    points = accuracy_points(runs)
+    points = points[points["reading"].isin([ROBUST_READING, CERTIFIED])]
     columns = ["dataset", "method", "attack", "delta", "seeds", "accuracy_mean", "accuracy_std"]
-    if not rows:
+    if points.empty:
         return pd.DataFrame(columns=columns)
-    grouped = pd.DataFrame(rows).groupby(["dataset", "method", "attack", "delta"], sort=False)["accuracy"]
+    grouped = points.groupby(["dataset", "method", "attack", "delta"], sort=False)["accuracy"]
     out = grouped.agg(seeds="count", accuracy_mean="mean", accuracy_std=lambda s: s.std(ddof=1)).reset_index()
     return out[columns]
 

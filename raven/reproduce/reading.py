@@ -17,7 +17,6 @@ Two questions `raven report` answers cell by cell:
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,7 +24,7 @@ import pandas as pd
 from scipy import stats
 
 from raven.eval.plots import DATASET_LABELS
-from raven.reproduce.figures import CERTIFIED_COLUMN, METHOD_LABELS, ROBUST_COLUMN, STRONG
+from raven.reproduce.figures import CERTIFIED, METHOD_LABELS, PAPER_READING, ROBUST_READING, STRONG, accuracy_points
 
 ALPHA = 0.05  # Welch's two-sided test; 3 seeds per method make it ask for about 3 standard errors
 BAND_SIGMAS = 2.0  # "within the paper's ±2σ"
@@ -33,14 +32,14 @@ SEVERE_DELTAS = (0.05, 0.1, 0.2)  # Figure 2's caption: RAVEN ahead "under sever
 HOLDS, AGAINST, NOT_SEPARATED, UNTESTED = "holds", "against", "not separated", "untested"
 SYMBOLS = {HOLDS: "✓", AGAINST: "✗", NOT_SEPARATED: "·", UNTESTED: "—"}
 
-_PAPER_COLUMN = re.compile(r"^metrics\.adv_acc_([a-z0-9]+)_delta_([0-9.e-]+)$")
-_STRONG_COLUMN = re.compile(r"^metrics\.robust_acc_delta_([0-9.e-]+)$")
 # Per-run metric -> (measure name, scale to the report's unit).
 _SCALARS = {"metrics.clean_accuracy": ("clean accuracy (%)", 100.0), "metrics.mse_255": ("MSE", 1.0),
             "metrics.fid": ("FID", 1.0), "metrics.latent_pair_distance_sampled_mean": ("sampled ‖z̃ − z‖²", 1.0)}
 # Robustness measures in the order the claims table lists them.
 ROBUSTNESS_MEASURES = ("kl, paper's reading", "w2, paper's reading", "kl, robust reading", "w2, robust reading",
                        "strong protocol (upper bound)", "certified (lower bound)")
+_CURVE_MEASURES = {PAPER_READING: "{attack}, paper's reading", ROBUST_READING: "{attack}, robust reading",
+                   STRONG: "strong protocol (upper bound)", CERTIFIED: "certified (lower bound)"}
 
 
 @dataclass(frozen=True)
@@ -82,26 +81,19 @@ def measurements(runs: pd.DataFrame) -> pd.DataFrame:
     """
     rows = []
     for _, run in runs.iterrows():
-        key = {"dataset": run["dataset"], "method": run["method"], "seed": int(run["seed"])}
-
-        def add(measure: str, delta: float, value: object, scale: float = 100.0) -> None:
-            number = pd.to_numeric(value, errors="coerce")
+        for column, (measure, scale) in _SCALARS.items():
+            number = pd.to_numeric(run.get(column), errors="coerce")
             if pd.notna(number) and np.isfinite(number):
-                rows.append({**key, "measure": measure, "delta": delta, "value": float(number) * scale})
-
-        for column, value in run.items():
-            column = str(column)
-            if column in _SCALARS:
-                add(_SCALARS[column][0], np.nan, value, _SCALARS[column][1])
-            elif match := _PAPER_COLUMN.match(column):
-                add(f"{match.group(1)}, paper's reading", float(match.group(2)), value)
-            elif match := ROBUST_COLUMN.match(column):
-                add(f"{match.group(1)}, robust reading", float(match.group(2)), value)
-            elif match := _STRONG_COLUMN.match(column):
-                add(f"{STRONG} protocol (upper bound)", float(match.group(1)), value)
-            elif match := CERTIFIED_COLUMN.match(column):
-                add("certified (lower bound)", float(match.group(1)), value)
-    return pd.DataFrame(rows, columns=["dataset", "method", "seed", "measure", "delta", "value"])
+                rows.append({"dataset": run["dataset"], "method": run["method"], "seed": int(run["seed"]),
+                             "measure": measure, "delta": np.nan, "value": float(number) * scale})
+    points = accuracy_points(runs)
+    curves = pd.DataFrame({"dataset": points["dataset"], "method": points["method"],
+                           "seed": points["seed"].astype(int),
+                           "measure": [_CURVE_MEASURES[reading].format(attack=attack)
+                                       for reading, attack in zip(points["reading"], points["attack"])],
+                           "delta": points["delta"], "value": points["accuracy"] * 100.0})
+    columns = ["dataset", "method", "seed", "measure", "delta", "value"]
+    return pd.concat([pd.DataFrame(rows, columns=columns), curves[columns]], ignore_index=True)
 
 
 def compare(a: np.ndarray, b: np.ndarray, direction: str) -> tuple[str, float]:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,8 +40,10 @@ from raven.reproduce.figures import (  # noqa: F401 - the notebooks read these t
     CERTIFIED,
     METHOD_COLORS,
     METHOD_LABELS,
+    PAPER_READING,
     STRONG,
     ReportError,
+    accuracy_points,
     download_artifact,
     latent_pairs,
     load_run_model,
@@ -68,12 +69,6 @@ from raven.reproduce.reading import (
     plus_minus,
     within_band,
 )
-
-# Figure 2's curves: the paper protocol's adv_acc_{attack}_delta_{delta}, and the strong protocol's
-# robust_acc_delta_{delta} as the attack "strong" (raven.eval.evaluate.EvalResult.metrics).
-_CURVE_COLUMN = re.compile(r"^metrics\.adv_acc_([a-z0-9]+)_delta_([0-9.e-]+)$")
-_STRONG_COLUMN = re.compile(r"^metrics\.robust_acc_delta_([0-9.e-]+)$")
-
 
 # ----------------------------------------------------------------------------- reading MLflow
 
@@ -231,22 +226,14 @@ def table2(repro: Reproduction) -> pd.DataFrame:
 def curves(repro: Reproduction) -> pd.DataFrame:
     """Long table of adversarial accuracy: dataset, method, seed, attack, delta, accuracy (one row per point).
 
-    The strong protocol's robust accuracy, where the runs logged it, is the attack "strong".
+    The paper's reading of its attacks, and the strong protocol's robust accuracy, where the runs logged it,
+    as the attack "strong".
     """
-    rows = []
-    for column in repro.runs.columns:
-        match, strong = _CURVE_COLUMN.match(column), _STRONG_COLUMN.match(column)
-        if not (match or strong):
-            continue
-        attack, delta = (match.group(1), match.group(2)) if match else (STRONG, strong.group(1))
-        values = pd.to_numeric(repro.runs[column], errors="coerce")
-        for (_, run), value in zip(repro.runs.iterrows(), values):
-            if np.isfinite(value):
-                rows.append({"dataset": run["dataset"], "method": run["method"], "seed": run["seed"],
-                             "attack": attack, "delta": float(delta), "accuracy": float(value)})
-    if not rows:
+    points = accuracy_points(repro.runs)
+    points = points[points["reading"].isin([PAPER_READING, STRONG])].drop(columns="reading")
+    if points.empty:
         raise ReportError(f"reproduction {repro.run_id} logged no adversarial accuracy (metrics adv_acc_*_delta_*)")
-    return pd.DataFrame(rows).sort_values(["dataset", "method", "attack", "delta", "seed"]).reset_index(drop=True)
+    return points.sort_values(["dataset", "method", "attack", "delta", "seed"]).reset_index(drop=True)
 
 
 def curve_summary(points: pd.DataFrame) -> pd.DataFrame:
