@@ -36,6 +36,7 @@ def test_a_range_owns_its_log_uniform_domain_middle_and_initial_points():
     assert space.initial == (1.0, 4.0)  # the values outside [1, 16] are left out, the order kept
     assert space.points_to_evaluate() == [{"tc_beta": 1.0}, {"tc_beta": 4.0}]
     assert 16.0 in space and 16.1 not in space and str(space) == "log-uniform in [1, 16]"
+    assert space.is_log_uniform  # its runs log log10_tc_beta beside tc_beta
 
 
 def test_a_grid_owns_its_categorical_domain_and_middle():
@@ -44,6 +45,7 @@ def test_a_grid_owns_its_categorical_domain_and_middle():
     assert isinstance(domain, Categorical) and domain.categories == [50.0, 100.0, 250.0]
     assert space.middle == 100.0 and space.initial == (100.0,) and space.paper == 500.0
     assert SearchSpace.grid("eta", [1, 2]).points_to_evaluate() is None
+    assert not space.is_log_uniform
 
 
 @pytest.mark.parametrize("build, message", [

@@ -193,7 +193,7 @@ def print_summary(spec: SweepSpec, table: pd.DataFrame, ranked: pd.DataFrame, ev
           f"?workflowType=machine_learning), parent run {parent_id}; Tune results: {spec.experiment_dir.resolve()}; "
           f"Optuna: optuna-dashboard {hide_password(spec.study_storage)}; {seconds:.0f}s")
     if trial_run_ids:  # the comparison a user makes: the trials' objective against the searched value
-        axis = spec.param if spec.space.values else f"log10_{spec.param}"  # a log-uniform search: its log param
+        axis = f"log10_{spec.param}" if spec.space.is_log_uniform else spec.param
         print(f"Compare the trials (Scatter Plot: {axis} on X, {spec.objective_list[0].metric} on Y): "
               f"{compare_link(experiment_id, trial_run_ids)}")
 

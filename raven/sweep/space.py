@@ -77,6 +77,11 @@ class SearchSpace:
             object.__setattr__(self, "high", float(self.high))
         object.__setattr__(self, "initial", tuple(float(v) for v in self.initial if float(v) in self))
 
+    @property
+    def is_log_uniform(self) -> bool:
+        """A range searched log-uniformly (not a grid): its runs also log log10 of the value, an axis for MLflow."""
+        return not self.values
+
     def __contains__(self, value: float) -> bool:
         return value in self.values if self.values else self.low <= value <= self.high
 

@@ -59,7 +59,7 @@ def trial_params(spec: SweepSpec, config: dict[str, Any], seed: int | None = Non
     params = spec.train_config(config[spec.param], repeat).to_dict()
     if seed is None and spec.seeds > 1:
         params["seed"] = list(spec.seed_list)
-    if not spec.space.values:
+    if spec.space.is_log_uniform:
         params[f"log10_{spec.param}"] = round(math.log10(float(config[spec.param])), 6)
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in params.items()}
 
