@@ -16,6 +16,7 @@ t-SNE.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import time
@@ -54,7 +55,7 @@ from raven.eval.protocols import (
     stream,
     strong_protocol,
 )
-from raven.eval.results import EvalResult, format_summary  # noqa: F401  (format_summary: the CLI's and sweeps' summary)
+from raven.eval.results import EvalResult, KeptStages, format_summary  # noqa: F401  (format_summary: the CLI's and sweeps' summary)
 from raven.options import flag_field, one_of
 
 RECON_PNG = "reconstructions.png"
@@ -238,15 +239,56 @@ def protocol_scope(config: EvalConfig, images: int) -> str:
     return ", ".join(parts)
 
 
+# The keys of the probe-and-paper-protocol stage that the rest of an evaluation reads (pack_probe_and_attack's dict).
+_PAPER_STAGE_KEYS = ("clean_accuracy", "probe", "adversarial_accuracy", "adversarial_robust_accuracy",
+                     "attack_dissimilarity", "attack_seconds")
+
+
+def paper_stage_json(stage: dict[str, Any]) -> dict[str, Any]:
+    """The probe-and-paper-protocol stage as JSON for KeptStages: its numbers and the probe's weights."""
+    layer = stage["probe_layer"]
+    return {**{k: stage[k] for k in _PAPER_STAGE_KEYS},
+            "probe_layer": {"weight": layer.weight.detach().cpu().tolist(), "bias": layer.bias.detach().cpu().tolist()}}
+
+
+def paper_stage_from_json(data: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """paper_stage_json's inverse: the same numbers and the same probe (fp32 goes through JSON's doubles exactly)."""
+    weight = torch.tensor(data["probe_layer"]["weight"], dtype=torch.float32)
+    layer = nn.utils.skip_init(nn.Linear, weight.shape[1], weight.shape[0])  # no draw from the global generator
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+        layer.bias.copy_(torch.tensor(data["probe_layer"]["bias"], dtype=torch.float32))
+    return {**{k: data[k] for k in _PAPER_STAGE_KEYS}, "probe_layer": layer.to(device).requires_grad_(False).eval()}
+
+
+def _kept_stage(kept: KeptStages | None, name: str, log: Callable[[str], None] | None,
+                compute: Callable[[], Any]) -> Any:
+    """Stage `name` as `kept` holds it, else compute() (through JSON, so a resumed evaluation reads the same
+    values as an uninterrupted one) kept there as soon as it finishes."""
+    held = kept.get(name) if kept is not None else None
+    if held is not None:
+        if log:
+            log(f"  {name} stage kept in {kept.path} (measured on these weights under this config); not run again")
+        return held
+    started = time.perf_counter()
+    value = json.loads(json.dumps(compute(), default=float))  # numpy and 0-d tensor numbers as floats
+    if kept is not None:
+        kept.keep(name, value, time.perf_counter() - started)
+    return value
+
+
 def probe_and_attack(model: nn.Module, train_x: torch.Tensor, train_y: torch.Tensor, eval_x: torch.Tensor,
                      eval_y: torch.Tensor, config: EvalConfig,
-                     log: Callable[[str], None] | None = None, stage: dict[str, Any] | None = None) -> dict[str, Any]:
+                     log: Callable[[str], None] | None = None, stage: dict[str, Any] | None = None,
+                     kept: KeptStages | None = None) -> dict[str, Any]:
     """Fit the probe on (train_x, train_y), then attack (eval_x, eval_y) under config.protocol.
 
     stage: this model's probe and paper-protocol results, already computed with the rest of
     its pack (its entry of raven.eval.pack_eval.pack_probe_and_attack, the same numbers): the probe
     is not fitted again, the paper's attacks do not run again, and the strong protocol, when
-    config asks for it, attacks stage's probe.
+    config asks for it, attacks stage's probe. kept: the stages of this evaluation already
+    finished by an earlier, stopped run ("paper": the probe and paper protocol, "strong",
+    "certified"), reused, and the ones run here kept there as each finishes.
 
     config.probe_limit / config.limit cut train_x / eval_x to their first rows; the strong
     and certified protocols read the first config.strong_limit of those. Everything runs on the model's
@@ -272,35 +314,45 @@ def probe_and_attack(model: nn.Module, train_x: torch.Tensor, train_y: torch.Ten
     was_training = model.training
     model.eval()
     try:
+        if stage is None and kept is not None and kept.get("paper") is not None:
+            stage = paper_stage_from_json(kept.get("paper"), device)
+            if log:
+                log(f"  probe and paper protocol kept in {kept.path}; not run again")
         if stage is None:
+            fitted = time.perf_counter()
             probe, probe_info = train_linear_probe(encode_mean(model, train_x), train_y)
             clean = probe_accuracy(probe, model, eval_x, eval_y)
-        else:
-            probe, probe_info, clean = stage["probe_layer"], stage["probe"], stage["clean_accuracy"]
-        accuracy: dict[str, dict[str, float]] = {}
-        strength: dict[str, dict[str, float]] = {}
-        robust: dict[str, dict[str, float]] = {}
+            started = time.perf_counter()
+            accuracy: dict[str, dict[str, float]] = {}
+            strength: dict[str, dict[str, float]] = {}
+            robust: dict[str, dict[str, float]] = {}
+            if config.runs_paper:
+                accuracy, strength, robust = paper_protocol(
+                    model, probe, eval_x, eval_y, attacks=config.attacks, deltas=config.deltas, steps=config.steps,
+                    step_size=config.step_size, restarts=config.restarts, random_start=config.random_start,
+                    seed=config.seed, batch_size=config.batch_size, precision=config.precision, log=log)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            stage = {"clean_accuracy": clean, "probe": probe_info, "adversarial_accuracy": accuracy,
+                     "adversarial_robust_accuracy": robust, "attack_dissimilarity": strength,
+                     "attack_seconds": time.perf_counter() - started, "probe_layer": probe}
+            if kept is not None:
+                kept.keep("paper", paper_stage_json(stage), time.perf_counter() - fitted)
+        probe, probe_info, clean = stage["probe_layer"], stage["probe"], stage["clean_accuracy"]
+        accuracy, strength = stage["adversarial_accuracy"], stage["attack_dissimilarity"]
+        robust = stage["adversarial_robust_accuracy"]
         strong = certified = None
         strong_images = config.strong_images(len(eval_x))
-        started = time.perf_counter()
-        if config.runs_paper and stage is not None:
-            accuracy, strength = stage["adversarial_accuracy"], stage["attack_dissimilarity"]
-            robust = stage["adversarial_robust_accuracy"]
-        elif config.runs_paper:
-            accuracy, strength, robust = paper_protocol(
-                model, probe, eval_x, eval_y, attacks=config.attacks, deltas=config.deltas, steps=config.steps,
-                step_size=config.step_size, restarts=config.restarts, random_start=config.random_start,
-                seed=config.seed, batch_size=config.batch_size, precision=config.precision, log=log)
         if config.runs_strong:
-            strong = strong_protocol(model, probe, eval_x[:strong_images], eval_y[:strong_images], config.deltas,
-                                     config.strong, seed=config.seed, batch_size=config.batch_size, log=log)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        seconds = time.perf_counter() - started + (stage["attack_seconds"] if stage is not None else 0.0)
+            strong = _kept_stage(kept, "strong", log, lambda: strong_protocol(
+                model, probe, eval_x[:strong_images], eval_y[:strong_images], config.deltas, config.strong,
+                seed=config.seed, batch_size=config.batch_size, log=log))
+        # The paper's attacks and the strong protocol (its check included), as each was measured.
+        seconds = stage["attack_seconds"] + (strong["seconds"] + strong["check_seconds"] if strong else 0.0)
         if config.runs_certified:
-            certified = certified_protocol(model, probe, eval_x[:strong_images], eval_y[:strong_images],
-                                           config.deltas, method=config.certify_method, dtype=config.certify_dtype,
-                                           batch_size=config.batch_size, log=log)
+            certified = _kept_stage(kept, "certified", log, lambda: certified_protocol(
+                model, probe, eval_x[:strong_images], eval_y[:strong_images], config.deltas,
+                method=config.certify_method, dtype=config.certify_dtype, batch_size=config.batch_size, log=log))
     finally:
         model.train(was_training)
     return {"clean_accuracy": clean, "adversarial_accuracy": accuracy, "adversarial_robust_accuracy": robust,
@@ -357,12 +409,15 @@ def _strong_settings(config: EvalConfig) -> dict[str, Any]:
 
 def evaluate_model(model: nn.Module, splits: DataSplits, config: EvalConfig, out_dir: str | os.PathLike | None = None,
                    label: str | None = None, log: Callable[[str], None] | None = None,
-                   extra_settings: dict[str, Any] | None = None, stage: dict[str, Any] | None = None) -> EvalResult:
+                   extra_settings: dict[str, Any] | None = None, stage: dict[str, Any] | None = None,
+                   kept: KeptStages | None = None) -> EvalResult:
     """Every metric of the paper for `model` on `splits`; with out_dir, robustness.json/csv and plots there.
 
     The probe is fitted on splits.train_x (first config.probe_limit rows); attacks and
     metrics use the first config.limit test images. All on the model's device. stage: the
-    probe and paper-protocol results of its pack's evaluation (see probe_and_attack).
+    probe and paper-protocol results of its pack's evaluation (see probe_and_attack). kept:
+    where the finished stages (probe and paper protocol, strong, certified, FID) are kept as
+    each finishes, and taken from when an earlier run of this evaluation was stopped.
     """
     started = time.perf_counter()
     device = next(model.parameters()).device
@@ -382,7 +437,7 @@ def evaluate_model(model: nn.Module, splits: DataSplits, config: EvalConfig, out
             log(f"{label}: probe on {probe_images} training images, {protocol_scope(config, len(test_x))}, "
                 f"device {device}")
         pa = probe_and_attack(model, splits.train_x, splits.train_y, test_x, test_y, config.replace(limit=None), log=log,
-                              stage=stage)
+                              stage=stage, kept=kept)
         timings["attack_seconds"] = pa["attack_seconds"]
         strong = pa["strong"]
         if strong is not None:
@@ -393,7 +448,11 @@ def evaluate_model(model: nn.Module, splits: DataSplits, config: EvalConfig, out
 
         recon = reconstruct(model, test_x)
         mse = reconstruction_mse_255(test_x, recon)
-        fid_value, fid_note = _reconstruction_fid(test_x, recon, config, device, log, timings)
+        fid_stage = _kept_stage(kept, "fid", log, lambda: dict(zip(("value", "note"), _reconstruction_fid(
+            test_x, recon, config, device, log, timings)), seconds=timings.get("fid_seconds")))
+        fid_value, fid_note = fid_stage["value"], fid_stage["note"]
+        if fid_stage["seconds"] is not None:
+            timings["fid_seconds"] = fid_stage["seconds"]
 
         generator = stream(device, config.seed, "latent-pair-noise")
         noisy = torch.cat([noisy_copy(test_x[i:i + 5000], config.noise_std, generator)

@@ -185,6 +185,46 @@ class EvalResult:
         return [json_path, csv_path]
 
 
+class KeptStages:
+    """The finished stages of one model's evaluation, each kept in a small JSON file as it finishes.
+
+    The strong protocol's convergence check alone can outlast what is left of a session, so an
+    evaluation that is stopped resumes at its first unfinished stage: evaluate_model asks
+    `get(stage)` before it runs a stage ("paper": the probe and the paper protocol, "strong",
+    "certified", "fid") and `keep`s each one it runs. The file holds `key` (the weights' digest
+    and the evaluation config, as JSON gives them back); a file with another key is ignored,
+    so stages are reused only for the same weights under the same config. The values are
+    the stages' own JSON (numbers), never tensors, each with the seconds it took;
+    `earlier_seconds` sums those of the stages an earlier run finished, for the evaluation's
+    total time.
+    """
+
+    def __init__(self, path: str | os.PathLike, key: dict[str, Any]):
+        self.path, self.key = Path(path), key
+        try:
+            held = json.loads(self.path.read_text())
+            mine = held.get("key") == key
+            self.stages: dict[str, Any] = dict(held["stages"]) if mine else {}
+            self.seconds: dict[str, float] = dict(held["seconds"]) if mine else {}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):  # absent, partly written or foreign
+            self.stages, self.seconds = {}, {}
+        self.earlier_seconds = float(sum(self.seconds.values()))
+
+    def get(self, stage: str) -> Any | None:
+        return self.stages.get(stage)
+
+    def keep(self, stage: str, value: Any, seconds: float) -> None:
+        self.stages[stage], self.seconds[stage] = value, round(float(seconds), 1)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps({"key": self.key, "stages": self.stages, "seconds": self.seconds}, indent=1))
+        os.replace(tmp, self.path)  # the file is either the old whole or the new whole
+
+    def discard(self) -> None:
+        """Remove the file once the whole evaluation is kept elsewhere."""
+        self.path.unlink(missing_ok=True)
+
+
 def format_summary(results: list[EvalResult]) -> str:
     """A plain-text table: one block per model, rows = attacks (paper, each in both readings, then strong, then
     the certified bound), columns = deltas; then checks."""

@@ -36,7 +36,8 @@ from raven.config import (DATASETS, DEFAULT_ETA, METHODS, PAPER_ETA, PAPER_SIGMA
 from raven.data import DataSplits, load_splits
 from raven.methods import PAPER_METHODS
 from raven.eval.attacks import PAPER_STEPS
-from raven.eval.evaluate import TEST_IMAGES, TRAIN_SPLIT_IMAGES, EvalConfig, EvalResult, evaluate_model
+from raven.eval.evaluate import (TEST_IMAGES, TRAIN_SPLIT_IMAGES, EvalConfig, EvalResult, KeptStages, evaluate_model,
+                                 paper_stage_from_json, paper_stage_json)
 from raven.eval.pack_eval import pack_probe_and_attack
 from raven.eval.protocols import PROTOCOLS, StrongConfig
 from raven.options import flag_field, one_of
@@ -409,8 +410,18 @@ def run_pack(cells: list[Cell], configs: list[TrainConfig], evaluations: list[Ev
     cached = {k: None if member.diverged else _cached_evaluation(Path(out_dir), evaluation, member.model, kept[k])
               for k, (member, evaluation, out_dir) in enumerate(zip(trained, evaluations, out_dirs))}
     pending = [k for k, member in enumerate(trained) if cached[k] is None and not member.diverged]
-    stages, stage_share = pack_stages([trained[k] for k in pending], [evaluations[k] for k in pending], splits)
-    stages = {pending[j]: stage for j, stage in stages.items()}
+    # Each pending seed's finished stages, beside its kept record (else its checkpoint): an evaluation stopped
+    # mid-way (a session's end during the hours of a strong protocol's check) resumes at its unfinished stage.
+    kept_stages = {k: KeptStages(kept[k].with_suffix(".stages.json") if kept[k] is not None
+                                 else Path(out_dirs[k]) / "evaluation" / "stages.json",
+                                 {"weights": _weights_digest(trained[k].model), "eval_config": _comparable(evaluations[k])})
+                   for k in pending}
+    fresh = [k for k in pending if kept_stages[k].get("paper") is None]
+    stages, stage_share = pack_stages([trained[k] for k in fresh], [evaluations[k] for k in fresh], splits)
+    stages = {fresh[j]: stage for j, stage in stages.items()}
+    for k, stage in stages.items():  # kept now: the batched pass is the longest stage of most seeds
+        kept_stages[k].keep("paper", paper_stage_json(stage), stage_share)
+    stages.update({k: paper_stage_from_json(kept_stages[k].get("paper"), device) for k in pending if k not in fresh})
     for k, (result, member, evaluation, out_dir) in enumerate(zip(results, trained, evaluations, out_dirs)):
         result.train_seconds = train_seconds
         if member.diverged:
@@ -425,10 +436,14 @@ def run_pack(cells: list[Cell], configs: list[TrainConfig], evaluations: list[Ev
         else:
             started = time.perf_counter()
             result.evaluation = evaluate_model(member.model, splits, evaluation, out_dir=out / "evaluation",
-                                               label=result.cell.name, stage=stages.get(k), log=log)
-            result.eval_seconds = time.perf_counter() - started + (stage_share if k in stages else 0.0)
+                                               label=result.cell.name, stage=stages.get(k), log=log,
+                                               kept=kept_stages[k])
+            # Stages an earlier, stopped run finished count at the seconds they took then.
+            result.eval_seconds = (time.perf_counter() - started + (stage_share if k in fresh and k in stages else 0.0)
+                                   + kept_stages[k].earlier_seconds)
             _cache_evaluation(out, evaluation, member.model, result.evaluation, result.eval_seconds, kept[k],
                               member.history)
+            kept_stages[k].discard()  # the whole evaluation is in the record now
         for path in result.evaluation.artifacts:
             result.files[f"robustness/{Path(path).name}"] = Path(path).read_bytes()
         for name in (CHECKPOINT_NAME, METRICS_NAME):
