@@ -37,4 +37,8 @@ def mnist_small(data_dir):
 @pytest.fixture(autouse=True)
 def _single_process_determinism():
     torch.manual_seed(0)
+    threads = torch.get_num_threads()
     yield
+    # Code under test may set torch's threads (run_pack, --threads); a later test comparing results bit for bit
+    # with a subprocess (at torch's default threads) must not inherit it.
+    torch.set_num_threads(threads)
