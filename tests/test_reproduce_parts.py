@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from raven.config import ConfigError
-from raven.reproduce.grid import Budget
+from raven.reproduce.grid import Budget, pack_train_seconds
 from raven.reproduce.parts import PART_NAME, parts_frames
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -96,6 +96,26 @@ def test_report_merges_parts_from_two_folders(two_folders):
     report = (out / "report.md").read_text()
     assert "4 of 4 runs" in report and "Reproduction in parts" in report and "## Epochs and wall time" in report
     assert (out / "figure2.png").is_file() and not (out / "figure1.png").exists()
+
+
+def test_a_pack_trained_over_several_processes_counts_every_epoch_s_time(two_folders, tmp_path):
+    """A process that loads a finished pack (or resumes one) measures seconds of training: the report takes the
+    epochs' own measured seconds, summed over the longest-trained seed's history (every pack epoch is in it)."""
+    base, _, _ = two_folders
+    data = json.loads((base / "a" / "mnist-vae" / PART_NAME).read_text())
+    for cell, seconds in zip(data["cells"], ([50.0, 60.0, 70.0], [50.0, 60.0])):
+        cell["metrics"]["train_seconds"] = 0.2  # as a part whose pack a later session loaded finished holds it
+        cell["history"] = [{**row, "epoch_seconds": s} for row, s in zip(cell["history"] * 3, seconds)]
+    loaded = tmp_path / "loaded" / "mnist-vae"
+    loaded.mkdir(parents=True)
+    (loaded / PART_NAME).write_text(json.dumps(data))
+    _, runs, _ = parts_frames([tmp_path / "loaded"])
+    assert list(runs["metrics.train_seconds"]) == [180.0, 180.0]
+    # A pack trained in one process keeps that process's wall time, which its epochs' seconds do not exceed.
+    written = json.loads((base / "a" / "mnist-vae" / PART_NAME).read_text())
+    _, runs, _ = parts_frames([base / "a"])
+    assert list(runs["metrics.train_seconds"]) == [c["metrics"]["train_seconds"] for c in written["cells"]]
+    assert pack_train_seconds([c["history"] for c in written["cells"]]) <= written["train_seconds"] + 0.1
 
 
 def test_parts_that_hold_one_cell_twice_or_differ_in_budget_are_refused(two_folders, tmp_path):

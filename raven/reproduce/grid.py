@@ -310,6 +310,13 @@ def pack_stages(trained: list[TrainResult], evaluations: list[EvalConfig], split
     return dict(zip(ready, entries)), (time.perf_counter() - started) / len(ready)
 
 
+def pack_train_seconds(histories: list[list[dict[str, Any]]]) -> float:
+    """The pack's training time by its epochs' own measured seconds: every pack epoch is in its longest-trained
+    member's history, which also holds the epochs an earlier process ran (a pack resumed from a checkpoint, or
+    loaded finished by a later session, whose own wall time misses them)."""
+    return max((sum(float(row.get("epoch_seconds", 0.0)) for row in history) for history in histories), default=0.0)
+
+
 def _weights_digest(model: torch.nn.Module) -> str:
     """A digest of the model's weights (not of checkpoint.pt's bytes, which a resumed run writes anew)."""
     digest = hashlib.sha256()
@@ -405,7 +412,8 @@ def run_pack(cells: list[Cell], configs: list[TrainConfig], evaluations: list[Ev
             "test": len(splits.test_x[:evaluation.limit])}, first.validation_size)
     started = time.perf_counter()
     trained = train_pack(configs, splits=splits, device=device, out_dirs=out_dirs, progress=False, log=log)
-    train_seconds = time.perf_counter() - started
+    # This process's wall time, unless earlier processes trained part of the pack (then its epochs' seconds).
+    train_seconds = max(time.perf_counter() - started, pack_train_seconds([member.history for member in trained]))
     kept = [None if keep_dirs is None else Path(keep_dirs[k]) / f"{cell.name}.json" for k, cell in enumerate(cells)]
     cached = {k: None if member.diverged else _cached_evaluation(Path(out_dir), evaluation, member.model, kept[k])
               for k, (member, evaluation, out_dir) in enumerate(zip(trained, evaluations, out_dirs))}

@@ -36,8 +36,8 @@ from raven.config import DATASETS, METHODS, ConfigError
 from raven.progress import duration
 from raven.record.provenance import git_version
 from raven.record.tracking import flatten
-from raven.reproduce.grid import (FULL_BUDGET, Budget, CellResult, Hyperparameters, eval_config, group_cells, run_pack,
-                                  train_config)
+from raven.reproduce.grid import (FULL_BUDGET, Budget, CellResult, Hyperparameters, eval_config, group_cells,
+                                  pack_train_seconds, run_pack, train_config)
 
 PART_NAME = "part.json"
 PART_FORMAT = 1
@@ -196,6 +196,8 @@ def parts_frames(folders: list[str | os.PathLike]) -> tuple[pd.Series, pd.DataFr
     seen: dict[str, Path] = {}
     rows = []
     for path, data in parts:
+        # A part whose pack was resumed or loaded finished may hold only its last process's training time.
+        trained = pack_train_seconds([cell["history"] or [] for cell in data["cells"]])
         for cell in data["cells"]:
             if cell["name"] in seen:
                 raise ConfigError(f"{cell['name']} is in two parts: {seen[cell['name']]} and {path}")
@@ -207,6 +209,7 @@ def parts_frames(folders: list[str | os.PathLike]) -> tuple[pd.Series, pd.DataFr
                                    "dataset": data["dataset"], "method": data["method"], "seed": int(cell["seed"]),
                                    "part": str(path.parent)}
             row.update({f"metrics.{k}": v for k, v in cell["metrics"].items()})
+            row["metrics.train_seconds"] = max(float(cell["metrics"].get("train_seconds", 0.0)), trained)
             row.update({f"params.{k}": str(v) for k, v in cell["config"].items()})
             # The evaluation's settings as its MLflow run holds them (the certified bound's name, ...).
             settings = {k: v for k, v in (cell["evaluation"] or {}).get("settings", {}).items()
