@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,8 +14,10 @@ from pathlib import Path
 import pytest
 
 from raven.config import ConfigError
+from raven.eval.results import KeptStages
 from raven.reproduce.grid import Budget, pack_train_seconds
-from raven.reproduce.parts import PART_NAME, parts_frames
+from raven.reproduce.parts import PART_NAME, parts_frames, parts_under_way
+from raven.reproduce.report import write_report
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Small enough for seconds per part; the paper protocol only (the strong one has its own tests).
@@ -200,3 +203,27 @@ def test_the_report_brackets_robust_accuracy_between_certified_and_strong():
     assert (row.certified_pct, row.strong_pct) == pytest.approx((52.0, 58.0))
     assert row.gap_points == pytest.approx(6.0)
     assert "[52.0, 58.0]" in bracket_markdown(table, "crown-fp32") and "**[" not in bracket_markdown(table, "x")
+
+
+def test_the_report_lists_what_unfinished_parts_have_kept(two_folders, tmp_path):
+    """A part still running (seeds/ but no part.json) is left out of the tables and listed with what each seed kept:
+    a whole evaluation, or the stages KeptStages wrote so far, with their times."""
+    base, _, _ = two_folders
+    shutil.copytree(base / "a", tmp_path / "parts")
+    seeds = tmp_path / "parts" / "mnist-raven" / "seeds"
+    seeds.mkdir(parents=True)
+    whole = json.loads((base / "b" / "mnist-raven" / "seeds" / "mnist-raven-s0.json").read_text())
+    (seeds / "mnist-raven-s0.json").write_text(json.dumps({**whole, "seconds": 5400.0}))
+    kept = KeptStages(seeds / "mnist-raven-s1.stages.json", {"weights": "abc"})
+    kept.keep("paper", {"clean": 0.9}, 150.0)
+    kept.keep("strong", {"robust": 0.5}, 1260.0)
+    assert [(r["part"], r["cell"]) for r in parts_under_way([tmp_path / "parts"])] == [
+        ("mnist-raven", "mnist-raven-s0"), ("mnist-raven", "mnist-raven-s1")]
+    report = write_report(tmp_path / "report", parts=[tmp_path / "parts"]).read_text()
+    assert "2 of 2 runs" in report  # the unfinished part is not in the tables
+    assert "| mnist-raven | 0 | its whole evaluation (1.5 h) |" in report
+    assert "| mnist-raven | 1 | paper (2 min), strong (21 min) |" in report
+    assert "| mnist-vae |" not in report.split("## Parts under way")[1]
+    # Once every part is finished, the section is gone.
+    shutil.rmtree(tmp_path / "parts" / "mnist-raven")
+    assert "Parts under way" not in write_report(tmp_path / "report", parts=[tmp_path / "parts"]).read_text()

@@ -180,6 +180,48 @@ def read_parts(folders: list[str | os.PathLike]) -> list[tuple[Path, dict[str, A
     return found
 
 
+STAGES = ("paper", "strong", "certified", "fid")  # raven.eval.evaluate's stages, in the order they run
+
+
+def parts_under_way(folders: list[str | os.PathLike]) -> list[dict[str, Any]]:
+    """What the parts not yet finished (a seeds/ folder, no part.json beside it) have kept so far, one row per seed:
+    part, seed, and either its whole evaluation (seeds/<cell>.json) or the stages kept of it (<cell>.stages.json),
+    each with the seconds it took. The report's tables leave these parts out until every seed is in."""
+    rows: list[dict[str, Any]] = []
+    for folder in map(Path, folders):
+        for seeds in sorted({*folder.glob(f"*/{SEEDS_DIR}"), *folder.glob(f"*/*/{SEEDS_DIR}")}):
+            if (seeds.parent / PART_NAME).is_file():
+                continue
+            cells: dict[str, dict[str, Any]] = {}
+            for path in sorted(seeds.glob("*.json")):
+                try:
+                    held = json.loads(path.read_text())
+                except ValueError:  # a file being replaced is read next time
+                    continue
+                whole = not path.name.endswith(".stages.json")
+                cell = path.name.removesuffix(".stages.json" if not whole else ".json")
+                row = cells.setdefault(cell, {"part": seeds.parent.name, "cell": cell, "stages": {}, "evaluated": None})
+                if whole:
+                    row["evaluated"] = float(held.get("seconds") or 0.0)
+                else:
+                    row["stages"] = {s: float(held["seconds"].get(s, 0.0)) for s in STAGES if s in held.get("stages", {})}
+            rows.extend(cells.values())
+    return rows
+
+
+def under_way_markdown(rows: list[dict[str, Any]]) -> str:
+    """parts_under_way's rows as a Markdown table (empty string when every part is finished)."""
+    if not rows:
+        return ""
+    lines = ["| Part | Seed | Kept so far |", "|---|---|---|"]
+    for row in rows:
+        kept = (f"its whole evaluation ({duration(row['evaluated'])})" if row["evaluated"] is not None else
+                ", ".join(f"{stage} ({duration(sec)})" for stage, sec in row["stages"].items()) or "nothing")
+        seed = row["cell"].rsplit("-s", 1)[-1]
+        lines.append(f"| {row['part']} | {seed} | {kept} |")
+    return "\n".join(lines)
+
+
 def parts_frames(folders: list[str | os.PathLike]) -> tuple[pd.Series, pd.DataFrame, list[dict[str, Any]]]:
     """(parent, runs, parts) in the columns raven.reproduce.report reads from MLflow: one row per finished seed,
     "metrics.*", "params.*" and "tags.raven.*" columns; parent holds the budget's and hyperparameters' params."""

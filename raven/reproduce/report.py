@@ -57,7 +57,7 @@ from raven.reproduce.figures import (  # noqa: F401 - the notebooks read these t
     tsne_of_pairs,
 )
 from raven.reproduce.grid import PAPER_METHODS, PAPER_SEEDS
-from raven.reproduce.parts import parts_frames
+from raven.reproduce.parts import parts_frames, parts_under_way, under_way_markdown
 from raven.reproduce.paper import PAPER_TABLE1, PAPER_TABLE2, TABLE1_ERRATUM
 from raven.reproduce.reading import (
     BAND_LEGEND,
@@ -435,6 +435,10 @@ def write_report(out: str | os.PathLike = "report", tracking_uri: str | None = N
               f"(dataset, method) cells; `raven report --parts`) from {repro.tracking_uri.removeprefix('parts: ')}"
               if parts else f"Reproduction run `{repro.run_id}` (status {status}) in experiment `{repro.experiment}` at "
               f"`{repro.tracking_uri}`")
+    under_way = under_way_markdown(parts_under_way(list(parts))) if parts else ""
+    under_way = (f"\n## Parts under way\n\nParts not finished yet, left out of the tables above until all their seeds "
+                 f"are in; what each seed has kept (`seeds/`), where a stopped run resumes:\n\n{under_way}\n"
+                 if under_way else "")
     figure1 = ("Left out: a reproduction in parts keeps no models (they stay in its work folder)." if parts else
                "The paper shows the VAE (A) and the noise-augmented VAE (B) on MNIST; every method is shown here.\n\n"
                "![Figure 1](figure1.png)")
@@ -492,7 +496,7 @@ and each of the other evaluation stages summed over the seeds; the stages add up
 wall time, t-SNE and the probe aside.
 
 {spent_markdown(runs)}
-
+{under_way}
 ## Files
 
 `table1.csv`, `table2.csv` (the tables with the paper's numbers, differences and ±2σ marks), `claims.csv`
