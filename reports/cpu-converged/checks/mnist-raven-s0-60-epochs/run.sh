@@ -8,3 +8,7 @@ OUT=${OUT:-runs/raven-s0-60-epochs}
 export OMP_NUM_THREADS=1
 python -m raven.cli train --method raven --dataset mnist --seed 0 --epochs 60 --sigma-aug 0.01 --eta 10 --out "$OUT"
 python -m raven.cli evaluate "$OUT" --protocol paper --deltas 0 --no-tsne
+# The strong protocol at three budgets on the first 1,000 test images (its convergence check off), in its own folder.
+mkdir -p "$OUT-strong" && cp "$OUT/checkpoint.pt" "$OUT-strong/"
+python -m raven.cli evaluate "$OUT-strong" --protocol strong --deltas 0.025,0.05,0.1 --strong-limit 1000 \
+    --no-strong-check --no-fid --no-tsne
