@@ -199,6 +199,8 @@ class KeptStages:
     total time.
     """
 
+    SUFFIX = ".stages.json"  # beside a seed's whole record <cell>.json, as <cell>.stages.json
+
     def __init__(self, path: str | os.PathLike, key: dict[str, Any]):
         self.path, self.key = Path(path), key
         try:

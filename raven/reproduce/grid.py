@@ -420,7 +420,7 @@ def run_pack(cells: list[Cell], configs: list[TrainConfig], evaluations: list[Ev
     pending = [k for k, member in enumerate(trained) if cached[k] is None and not member.diverged]
     # Each pending seed's finished stages, beside its kept record (else its checkpoint): an evaluation stopped
     # mid-way (a session's end during the hours of a strong protocol's check) resumes at its unfinished stage.
-    kept_stages = {k: KeptStages(kept[k].with_suffix(".stages.json") if kept[k] is not None
+    kept_stages = {k: KeptStages(kept[k].with_suffix(KeptStages.SUFFIX) if kept[k] is not None
                                  else Path(out_dirs[k]) / "evaluation" / "stages.json",
                                  {"weights": _weights_digest(trained[k].model), "eval_config": _comparable(evaluations[k])})
                    for k in pending}

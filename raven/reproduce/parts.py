@@ -33,6 +33,7 @@ import pandas as pd
 import torch
 
 from raven.config import DATASETS, METHODS, ConfigError
+from raven.eval.results import KeptStages
 from raven.progress import duration
 from raven.record.provenance import git_version
 from raven.record.tracking import flatten
@@ -163,13 +164,18 @@ def run_parts(budget: Budget, hps: dict[str, Hyperparameters], root: str | os.Pa
 # ----------------------------------------------------------------------------- reading parts
 
 
+def _in_part_folders(folder: Path, name: str) -> list[Path]:
+    """`name` in every folder a part may be: `folder` itself, or one or two levels down."""
+    return sorted({*folder.glob(name), *folder.glob(f"*/{name}"), *folder.glob(f"*/*/{name}")})
+
+
 def read_parts(folders: list[str | os.PathLike]) -> list[tuple[Path, dict[str, Any]]]:
     """Every part.json under `folders` (the folder itself or one or two levels down), with its path."""
     found: list[tuple[Path, dict[str, Any]]] = []
     for folder in map(Path, folders):
         if not folder.is_dir():
             raise ConfigError(f"no parts folder at {folder}")
-        paths = sorted({*folder.glob(PART_NAME), *folder.glob(f"*/{PART_NAME}"), *folder.glob(f"*/*/{PART_NAME}")})
+        paths = _in_part_folders(folder, PART_NAME)
         if not paths:
             raise ConfigError(f"no {PART_NAME} under {folder}; run python sweeps/reproduce.py --parts {folder} first")
         for path in paths:
@@ -180,16 +186,13 @@ def read_parts(folders: list[str | os.PathLike]) -> list[tuple[Path, dict[str, A
     return found
 
 
-STAGES = ("paper", "strong", "certified", "fid")  # raven.eval.evaluate's stages, in the order they run
-
-
 def parts_under_way(folders: list[str | os.PathLike]) -> list[dict[str, Any]]:
     """What the parts not yet finished (a seeds/ folder, no part.json beside it) have kept so far, one row per seed:
     part, seed, and either its whole evaluation (seeds/<cell>.json) or the stages kept of it (<cell>.stages.json),
     each with the seconds it took. The report's tables leave these parts out until every seed is in."""
     rows: list[dict[str, Any]] = []
     for folder in map(Path, folders):
-        for seeds in sorted({*folder.glob(f"*/{SEEDS_DIR}"), *folder.glob(f"*/*/{SEEDS_DIR}")}):
+        for seeds in _in_part_folders(folder, SEEDS_DIR):
             if (seeds.parent / PART_NAME).is_file():
                 continue
             cells: dict[str, dict[str, Any]] = {}
@@ -198,13 +201,13 @@ def parts_under_way(folders: list[str | os.PathLike]) -> list[dict[str, Any]]:
                     held = json.loads(path.read_text())
                 except ValueError:  # a file being replaced is read next time
                     continue
-                whole = not path.name.endswith(".stages.json")
-                cell = path.name.removesuffix(".stages.json" if not whole else ".json")
+                staged = path.name.endswith(KeptStages.SUFFIX)
+                cell = path.name.removesuffix(KeptStages.SUFFIX if staged else ".json")
                 row = cells.setdefault(cell, {"part": seeds.parent.name, "cell": cell, "stages": {}, "evaluated": None})
-                if whole:
-                    row["evaluated"] = float(held.get("seconds") or 0.0)
+                if staged:  # KeptStages writes each stage's seconds as it finishes, so in the order they ran
+                    row["stages"] = {stage: float(seconds) for stage, seconds in held.get("seconds", {}).items()}
                 else:
-                    row["stages"] = {s: float(held["seconds"].get(s, 0.0)) for s in STAGES if s in held.get("stages", {})}
+                    row["evaluated"] = float(held.get("seconds") or 0.0)
             rows.extend(cells.values())
     return rows
 
