@@ -154,37 +154,76 @@ def test_a_part_stopped_after_its_seeds_were_evaluated_does_not_evaluate_them_ag
                       data_dir)
     assert again.returncode == 0, again.stderr[-3000:]
     for seed in (0, 1):
-        assert f"mnist-raven-s{seed}: its evaluation of these weights is in {base / 'work'}" in again.stderr
+        record = base / "b" / "mnist-raven" / "seeds" / f"mnist-raven-s{seed}.json"
+        assert f"mnist-raven-s{seed}: its whole evaluation is kept in {record}" in again.stderr
     after = json.loads(path.read_text())
     assert [c["evaluation"] for c in after["cells"]] == [c["evaluation"] for c in before["cells"]]
 
 
-def test_a_later_session_without_checkpoints_trains_again_and_takes_the_kept_evaluations(two_folders, data_dir):
-    """A session's end loses the work folder, not the committed seed records: the pack is trained again, its weights
-    match the kept digests, and the evaluations are taken from DIR/<part>/seeds, not redone; a changed record is not."""
+def _without_timings(part):  # the same training, epoch by epoch (its timings aside)
+    return [[{k: v for k, v in row.items() if k not in ("epoch_seconds", "images_per_second")}
+             for row in c["history"]] for c in part["cells"]]
+
+
+def test_a_later_session_on_another_machine_trains_only_the_seeds_not_kept(two_folders, data_dir, tmp_path):
+    """A session's end loses the work folder, not the committed seed records, and the next session may run on another
+    CPU, whose retrained weights differ in their last bits. A seed whose record holds its training and evaluation
+    config is done whatever the weights' digest: it is neither trained nor evaluated again, and the seeds without a
+    record train as a pack of their own. The part names each seed's pack and sums the packs' training times."""
     base, _, _ = two_folders
-    path = base / "a" / "mnist-vae" / PART_NAME
+    shutil.copytree(base / "a", tmp_path / "a")
+    path = tmp_path / "a" / "mnist-vae" / PART_NAME
     before = json.loads(path.read_text())
     path.unlink()
-    record = base / "a" / "mnist-vae" / "seeds" / "mnist-vae-s1.json"
-    changed = json.loads(record.read_text())
-    changed["weights"] = "0" * 64  # as if seed 1 had been evaluated on other weights
-    record.write_text(json.dumps(changed))
-    again = reproduce(["--methods", "vae", "--parts", str(base / "a"), "--work-dir", str(base / "fresh-work")], base,
-                      data_dir)
+    seeds = tmp_path / "a" / "mnist-vae" / "seeds"
+    kept = json.loads((seeds / "mnist-vae-s0.json").read_text())
+    assert kept["train_config"]["seed"] == 0 and kept["pack"] == ["mnist-vae-s0", "mnist-vae-s1"]
+    (seeds / "mnist-vae-s0.json").write_text(json.dumps({**kept, "weights": "0" * 64, "machine": "elsewhere"}))
+    (seeds / "mnist-vae-s1.json").unlink()  # seed 1 was not finished
+    again = reproduce(["--methods", "vae", "--parts", str(tmp_path / "a"), "--work-dir", str(tmp_path / "work")],
+                      tmp_path, data_dir)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert f"mnist-vae-s0: its evaluation of these weights is in {base / 'a' / 'mnist-vae' / 'seeds'}" in again.stderr
+    assert f"mnist-vae-s0: its whole evaluation is kept in {seeds / 'mnist-vae-s0.json'}" in again.stderr
+    assert not (tmp_path / "work" / "mnist-vae-s0").exists()  # not trained
+    assert (tmp_path / "work" / "mnist-vae-s1" / "checkpoint.pt").is_file()
+    after = json.loads(path.read_text())
+    assert after["cells"][0]["evaluation"] == before["cells"][0]["evaluation"]
+    assert after["cells"][0]["history"] == before["cells"][0]["history"]
+    assert after["cells"][0]["machine"] == "elsewhere" and after["cells"][1]["pack"] == ["mnist-vae-s1"]
+    # Seed 1 alone trains as it did in the pack of two: its own generator, its own batches.
+    assert _without_timings(after)[1] == pytest.approx(_without_timings(before)[1], rel=1e-4)
+    own = json.loads((seeds / "mnist-vae-s1.json").read_text())
+    assert after["train_seconds"] == pytest.approx(kept["train_seconds"] + own["train_seconds"], abs=0.2)
+
+
+def test_a_record_without_its_training_config_is_taken_only_for_the_same_weights(two_folders, data_dir, tmp_path):
+    """Records written before they held their training config, or under another one, do not make a seed done:
+    the seed trains again, and its evaluation is taken only where the weights' digest matches; a record under
+    another training config is evaluated again."""
+    base, _, _ = two_folders
+    shutil.copytree(base / "a", tmp_path / "a")
+    path = tmp_path / "a" / "mnist-vae" / PART_NAME
+    before = json.loads(path.read_text())
+    path.unlink()
+    seeds = tmp_path / "a" / "mnist-vae" / "seeds"
+    old = json.loads((seeds / "mnist-vae-s0.json").read_text())
+    del old["train_config"]  # as a record of the first sessions was written
+    (seeds / "mnist-vae-s0.json").write_text(json.dumps(old))
+    other = json.loads((seeds / "mnist-vae-s1.json").read_text())
+    other["train_config"]["lr"] = 0.5
+    other["weights"] = "0" * 64
+    (seeds / "mnist-vae-s1.json").write_text(json.dumps(other))
+    again = reproduce(["--methods", "vae", "--parts", str(tmp_path / "a"), "--work-dir", str(tmp_path / "work")],
+                      tmp_path, data_dir)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "whole evaluation is kept" not in again.stderr
+    assert f"mnist-vae-s0: its evaluation of these weights is in {seeds}" in again.stderr  # same digest
     assert "mnist-vae-s1: its evaluation of these weights" not in again.stderr  # evaluated again
     after = json.loads(path.read_text())
-    def losses(part):  # the same training, epoch by epoch (its timings aside)
-        return [[{k: v for k, v in row.items() if k not in ("epoch_seconds", "images_per_second")}
-                 for row in c["history"]] for c in part["cells"]]
-
-    assert losses(after) == losses(before)
-    # Seed 0's evaluation taken whole; seed 1's measured again to the same numbers (its timings aside).
+    assert _without_timings(after) == _without_timings(before)  # both trained again, as one pack, as before
     assert after["cells"][0]["evaluation"] == before["cells"][0]["evaluation"]
     assert {**after["cells"][1]["evaluation"], "timings": None} == {**before["cells"][1]["evaluation"], "timings": None}
-    assert json.loads(record.read_text())["weights"] != "0" * 64  # the record rewritten from the new evaluation
+    assert json.loads((seeds / "mnist-vae-s1.json").read_text())["train_config"]["lr"] == 0.001  # rewritten
 
 
 def test_the_report_brackets_robust_accuracy_between_certified_and_strong():

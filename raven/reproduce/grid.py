@@ -281,6 +281,7 @@ class CellResult:
     inputs: list[dict[str, Any]] = field(default_factory=list)  # raven.record.tracking.dataset_inputs of the data read
     train_seconds: float = 0.0  # the pack's training, which all its pack_size seeds share
     pack_size: int = 1
+    pack: tuple[str, ...] = ()  # the cells trained with it in one pack (one process), itself included
     eval_seconds: float = 0.0  # its evaluation, with its share of the pack's batched attacks (pack_stages)
     device: str = ""
     node: str = ""
@@ -361,12 +362,42 @@ def _cached_evaluation(out: Path, evaluation: EvalConfig, model: torch.nn.Module
     return None
 
 
+def machine_description() -> str:
+    """The host, its CPU model and torch: training and kernels differ in their last bits from one CPU to another."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):  # not Linux: platform's word for it
+        pass
+    return f"{platform.node()} ({cpu}, {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads)"
+
+
+def kept_seed(kept: Path | None, config: TrainConfig, evaluation: EvalConfig) -> dict[str, Any] | None:
+    """The kept record <cell>.json of a seed trained under `config` and evaluated in whole under `evaluation`,
+    else None (absent, unreadable, or written under other configs or before records held their training
+    config). A record written before a config field existed compares at that field's default."""
+    try:
+        saved = json.loads(kept.read_text()) if kept is not None else None
+        if not saved or not saved.get("history"):
+            return None
+        held_eval = _with_defaults(saved["eval_config"], _comparable(EvalConfig()))
+        held_train = _with_defaults(saved.get("train_config"), TrainConfig().to_dict())
+        if held_eval == _comparable(evaluation) and held_train == config.to_dict():
+            return saved
+    except (OSError, ValueError, KeyError, TypeError):  # absent or unreadable: train and evaluate again
+        pass
+    return None
+
+
 def _cache_evaluation(out: Path, evaluation: EvalConfig, model: torch.nn.Module, result: EvalResult,
-                      seconds: float, kept: Path | None = None, history: list[dict[str, Any]] | None = None) -> None:
+                      seconds: float, kept: Path | None = None, history: list[dict[str, Any]] | None = None,
+                      config: TrainConfig | None = None, train_seconds: float = 0.0,
+                      pack: tuple[str, ...] = ()) -> None:
     """Keep a seed's evaluation beside its checkpoint, so that a pack stopped before its last seed was
     evaluated (a session's end, during hours of FID and strong attacks) does not evaluate it again; and,
-    with `kept`, as a small JSON record (numbers and the weights' digest) that can be committed, so that
-    a later session, whose retrained weights have the same digest, does not evaluate it again either."""
+    with `kept`, as a small JSON record (numbers, the weights' digest, the training config and history,
+    the machine) that can be committed, so that a later session reuses it (`kept_seed`)."""
     digest = _weights_digest(model)
     path = out / "evaluation" / EVALUATION_CACHE
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -379,6 +410,9 @@ def _cache_evaluation(out: Path, evaluation: EvalConfig, model: torch.nn.Module,
         kept.parent.mkdir(parents=True, exist_ok=True)
         tmp = kept.with_name(kept.name + ".tmp")
         tmp.write_text(json.dumps({"eval_config": _comparable(evaluation), "weights": digest,
+                                   "train_config": None if config is None else config.to_dict(),
+                                   "train_seconds": round(train_seconds, 1), "pack": list(pack),
+                                   "machine": machine_description(),
                                    "seconds": round(seconds, 1), "history": history, "result": result.to_json()},
                                   indent=1, default=str))
         os.replace(tmp, kept)
@@ -395,8 +429,13 @@ def run_pack(cells: list[Cell], configs: list[TrainConfig], evaluations: list[Ev
     Runs inside a Ray worker (or a local process). A seed that diverged comes back with `error` set;
     the others are trained and evaluated as usual. log: one line per epoch and per evaluation stage.
     keep_dirs: where each seed's finished evaluation is also kept as <cell>.json, a committable record
-    that a later run (one that lost the checkpoints and trained again) reuses when its weights' digest
-    matches (training is deterministic on one machine and thread count), instead of evaluating again.
+    (numbers, the training and evaluation configs, the epochs' history). A seed whose record matches its
+    training and evaluation config is done: a later run (one that lost the checkpoints, maybe on another
+    machine) neither trains nor evaluates it again, and trains the pack of the other seeds only. The
+    weights are not compared: fp32 training is deterministic on one machine and thread count, not across
+    CPUs (another BLAS kernel, another rounding), and each record is one model's whole evaluation, every
+    stage on the same weights. A seed's unfinished stages (<cell>.stages.json) are reused only for the
+    same weights.
     """
     torch.set_num_threads(max(1, threads))
     device = resolve_device(device)
@@ -410,14 +449,32 @@ def run_pack(cells: list[Cell], configs: list[TrainConfig], evaluations: list[Ev
         result.inputs = dataset_inputs(first.dataset, data_dir, {
             "train": len(splits.train_x[:first.limit]), "validation": len(splits.val_x),
             "test": len(splits.test_x[:evaluation.limit])}, first.validation_size)
-    started = time.perf_counter()
-    trained = train_pack(configs, splits=splits, device=device, out_dirs=out_dirs, progress=False, log=log)
-    # This process's wall time, unless earlier processes trained part of the pack (then its epochs' seconds).
-    train_seconds = max(time.perf_counter() - started, pack_train_seconds([member.history for member in trained]))
     kept = [None if keep_dirs is None else Path(keep_dirs[k]) / f"{cell.name}.json" for k, cell in enumerate(cells)]
-    cached = {k: None if member.diverged else _cached_evaluation(Path(out_dir), evaluation, member.model, kept[k])
-              for k, (member, evaluation, out_dir) in enumerate(zip(trained, evaluations, out_dirs))}
-    pending = [k for k, member in enumerate(trained) if cached[k] is None and not member.diverged]
+    done = {k: record for k in range(len(cells))
+            if (record := kept_seed(kept[k], configs[k], evaluations[k])) is not None}
+    todo = [k for k in range(len(cells)) if k not in done]
+    for k, record in done.items():
+        results[k].history, results[k].evaluation = record["history"], EvalResult.from_json(record["result"])
+        results[k].eval_seconds = float(record["seconds"])
+        results[k].train_seconds = float(record.get("train_seconds") or pack_train_seconds([record["history"]]))
+        results[k].node = record.get("machine") or "unknown (kept before machines were recorded)"
+        # A record written before packs were recorded came from a pack of the whole part.
+        results[k].pack = tuple(record.get("pack") or (cell.name for cell in cells))
+        results[k].pack_size = len(results[k].pack)
+        if log:
+            log(f"{cells[k].name}: its whole evaluation is kept in {kept[k]}; neither trained nor evaluated again")
+    if not todo:
+        return results
+    started = time.perf_counter()
+    trained = dict(zip(todo, train_pack([configs[k] for k in todo], splits=splits, device=device,
+                                        out_dirs=[out_dirs[k] for k in todo], progress=False, log=log)))
+    # This process's wall time, unless earlier processes trained part of the pack (then its epochs' seconds).
+    train_seconds = max(time.perf_counter() - started,
+                        pack_train_seconds([member.history for member in trained.values()]))
+    cached = {k: None if trained[k].diverged else _cached_evaluation(Path(out_dirs[k]), evaluations[k],
+                                                                     trained[k].model, kept[k])
+              for k in todo}
+    pending = [k for k in todo if cached[k] is None and not trained[k].diverged]
     # Each pending seed's finished stages, beside its kept record (else its checkpoint): an evaluation stopped
     # mid-way (a session's end during the hours of a strong protocol's check) resumes at its unfinished stage.
     kept_stages = {k: KeptStages(kept[k].with_suffix(KeptStages.SUFFIX) if kept[k] is not None
@@ -430,8 +487,10 @@ def run_pack(cells: list[Cell], configs: list[TrainConfig], evaluations: list[Ev
     for k, stage in stages.items():  # kept now: the batched pass is the longest stage of most seeds
         kept_stages[k].keep("paper", paper_stage_json(stage), stage_share)
     stages.update({k: paper_stage_from_json(kept_stages[k].get("paper"), device) for k in pending if k not in fresh})
-    for k, (result, member, evaluation, out_dir) in enumerate(zip(results, trained, evaluations, out_dirs)):
-        result.train_seconds = train_seconds
+    for k in todo:
+        result, member, evaluation, out_dir = results[k], trained[k], evaluations[k], out_dirs[k]
+        result.train_seconds, result.pack_size = train_seconds, len(todo)
+        result.pack, result.node = tuple(cells[j].name for j in todo), machine_description()
         if member.diverged:
             result.error = f"training diverged: {member.diverged}"
             continue
@@ -450,7 +509,7 @@ def run_pack(cells: list[Cell], configs: list[TrainConfig], evaluations: list[Ev
             result.eval_seconds = (time.perf_counter() - started + (stage_share if k in fresh and k in stages else 0.0)
                                    + kept_stages[k].earlier_seconds)
             _cache_evaluation(out, evaluation, member.model, result.evaluation, result.eval_seconds, kept[k],
-                              member.history)
+                              member.history, configs[k], train_seconds, result.pack)
             kept_stages[k].discard()  # the whole evaluation is in the record now
         for path in result.evaluation.artifacts:
             result.files[f"robustness/{Path(path).name}"] = Path(path).read_bytes()

@@ -7,10 +7,12 @@ numbers only (each seed's config, epoch history, record metrics and robustness.j
 never checkpoints: those stay in the work folder, where an interrupted part resumes its
 training. A part whose part.json exists is done and never rerun, so a stopped run loses at
 most the part in progress and continues with the same command. Within a part, each seed's
-evaluation is kept as it finishes in DIR/<part>/seeds/<cell>.json (numbers and a digest of
-the weights), small enough to commit: a later session that has lost the work folder trains
-the pack again (deterministic on one machine and thread count) and, where the digest
-matches, takes the kept evaluation instead of spending the hours of FID and attacks again.
+evaluation is kept as it finishes in DIR/<part>/seeds/<cell>.json (numbers, its training
+config and history, the machine), small enough to commit: a later session that has lost the
+work folder, on this machine or another, takes each kept seed as done and trains and
+evaluates only the others, as a pack of those seeds (run_pack). A part may so hold seeds
+trained on different machines; each seed's record says where, and each is one model
+evaluated in whole.
 
 `load_parts` reads parts from one or more folders (runs that ran on different machines or
 days) into the same Reproduction that raven.reproduce.report reads from MLflow, so
@@ -63,6 +65,16 @@ def record_metrics(result: CellResult) -> dict[str, float]:
             "eval_seconds": result.eval_seconds, **stages}
 
 
+def parts_train_seconds(results: list[CellResult]) -> float:
+    """The part's training time: the sum over the packs its seeds were trained in (one, unless a later
+    session trained the seeds an earlier one had not finished), each pack's time that of its members."""
+    packs: dict[tuple[str, ...], float] = {}
+    for r in results:
+        key = r.pack or (r.cell.name,)
+        packs[key] = max(packs.get(key, 0.0), r.train_seconds)
+    return sum(packs.values())
+
+
 def part_record(results: list[CellResult], budget: Budget, hp: Hyperparameters, started: float,
                 seconds: float) -> dict[str, Any]:
     """part.json's content: where and how the part ran, and each seed's numbers (no checkpoint)."""
@@ -80,8 +92,9 @@ def part_record(results: list[CellResult], budget: Budget, hp: Hyperparameters, 
                    f"{torch.__version__}, {torch.get_num_threads()} threads)",
         "started": datetime.datetime.fromtimestamp(started, datetime.timezone.utc).isoformat(timespec="seconds"),
         "seconds": round(seconds, 1),
-        "train_seconds": round(first.train_seconds, 1),
+        "train_seconds": round(parts_train_seconds(results), 1),
         "cells": [{"name": r.cell.name, "seed": r.cell.seed, "config": r.config, "device": r.device,
+                   "machine": r.node, "pack": list(r.pack),
                    "error": r.error, "history": r.history, "metrics": record_metrics(r),
                    "eval_seconds": round(r.eval_seconds, 1),
                    "evaluation": r.evaluation.to_json() if r.evaluation is not None else None}
@@ -241,8 +254,13 @@ def parts_frames(folders: list[str | os.PathLike]) -> tuple[pd.Series, pd.DataFr
     seen: dict[str, Path] = {}
     rows = []
     for path, data in parts:
-        # A part whose pack was resumed or loaded finished may hold only its last process's training time.
-        trained = pack_train_seconds([cell["history"] or [] for cell in data["cells"]])
+        # A part whose pack was resumed or loaded finished may hold only its last process's training time;
+        # one trained in several packs (seeds a later session finished) holds their sum.
+        packs: dict[tuple[str, ...], float] = {}
+        for cell in data["cells"]:
+            key = tuple(cell.get("pack") or ())  # a part written before packs were recorded: one pack
+            packs[key] = max(packs.get(key, 0.0), float(cell["metrics"].get("train_seconds", 0.0)))
+        trained = max(pack_train_seconds([cell["history"] or [] for cell in data["cells"]]), sum(packs.values()))
         for cell in data["cells"]:
             if cell["name"] in seen:
                 raise ConfigError(f"{cell['name']} is in two parts: {seen[cell['name']]} and {path}")
