@@ -61,8 +61,8 @@ from raven.eval.fid import InceptionFeatures, _inception_input, _load_network, f
 from raven.eval.pack_eval import attack_pack
 from raven.eval.protocols import StrongConfig, worst_case
 from raven.pack import PackedTrainer, stack_modules
-from raven.reproduce.grid import TEST_IMAGES, TRAIN_SPLIT_IMAGES, Budget
-from raven.step import build_model, make_optimizer, method_loss, train_step, training_noisy_copy, validation_metrics
+from raven.reproduce.grid import TEST_IMAGES, TRAIN_SPLIT_IMAGES, Budget, machine_description
+from raven.step import bf16_is_native, build_model, make_optimizer, method_loss, train_step, training_noisy_copy, validation_metrics
 from raven.train import resolve_device
 
 
@@ -512,6 +512,9 @@ def _precision_fid(args: argparse.Namespace, device: torch.device, test_x: torch
 
     extractors = {"TorchScript network as shipped, fp32": scripted_features}
     for precision in PRECISIONS:
+        if precision == "bf16" and not bf16_is_native(device):
+            print(f"\nFastInception, bf16: not measured (no native bfloat16 on this {device.type})")
+            continue
         extractors[f"FastInception, {precision}"] = InceptionFeatures(device, args.fid_batch_size, progress=False,
                                                                       precision=precision)
     rows = []
@@ -578,6 +581,9 @@ def bench_precision(args: argparse.Namespace) -> None:
     if device.type == "cpu":
         torch.set_flush_denormal(True)
     splits = load_splits("mnist", args.data_dir, device)
+    # The ratios turn on the hardware: bf16 is fast only where it is native (raven.step.bf16_is_native).
+    print(f"precision on {device}: {machine_description()}; native bfloat16: "
+          f"{'yes' if bf16_is_native(device) else 'no, torch emulates it'}")
     if "train" in args.stages:
         _precision_train(args, device, splits.train_x)
     if "attack" in args.stages:

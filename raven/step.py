@@ -20,6 +20,8 @@ matrix products are bf16. The weights, their gradients and RAdam stay float32.
 
 from __future__ import annotations
 
+import functools
+import warnings
 from typing import Any, Protocol
 
 import torch
@@ -34,10 +36,42 @@ from raven.objectives import bernoulli_nll
 VALIDATION_BATCH = 1000
 
 
+# bf16 pays only where the hardware multiplies it: a bf16-capable GPU, or a CPU whose oneDNN runs bf16 natively
+# (AVX-512 BF16, AMX). Elsewhere torch emulates it: on an AMD EPYC with AVX2, a 1000x784 @ 784x500 product took
+# 45 ms in bf16 against 5.6 ms in fp32 (docs/benchmarks.md), so a bf16 run there is warned, once per device type.
+def bf16_is_native(device: torch.device | str) -> bool:
+    """Whether `device` multiplies bfloat16 in hardware (CUDA: torch's own test; CPU: oneDNN's)."""
+    return _native(torch.device(device).type)
+
+
+@functools.cache
+def _native(device_type: str) -> bool:  # asked at every step of a bf16 run: answered once
+    if device_type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device_type == "cpu":
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return True  # other backends: no test; trust the request
+
+
+@functools.cache
+def _warn_once(device_type: str) -> None:
+    capability = torch.backends.cpu.get_cpu_capability() if device_type == "cpu" else device_type
+    warnings.warn(f"precision bf16 on a {device_type} without native bfloat16 ({capability}): torch emulates it, "
+                  "several times slower than fp32 here; use --precision fp32", RuntimeWarning, stacklevel=3)
+
+
+def warn_if_bf16_is_slow(precision: str, device: torch.device | str) -> None:
+    """One RuntimeWarning per device type when `precision` is "bf16" and `device` has no native bfloat16."""
+    if precision == "bf16" and not bf16_is_native(device):
+        _warn_once(torch.device(device).type)
+
+
 def matmul_precision(precision: str, device: torch.device | str, cache: bool = True) -> torch.autocast:
     """The step's matrix products in `precision`: an autocast to bfloat16 for "bf16", off for "fp32".
 
-    cache=False re-casts the weights at every use, as a CUDA graph capture requires."""
+    cache=False re-casts the weights at every use, as a CUDA graph capture requires. bf16 on a device
+    without native bfloat16 is warned once (warn_if_bf16_is_slow)."""
+    warn_if_bf16_is_slow(precision, device)
     return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16",
                           cache_enabled=cache)
 

@@ -6,8 +6,10 @@ import re
 
 import pytest
 
+import raven.bench
 from raven.bench import main
 from raven.eval.fid import fid_available
+from raven.step import bf16_is_native
 
 ROW = re.compile(r"^(?P<name>.+?)\s+(?P<fp32>[\d,.]+)\s+(?P<bf16>[\d,.]+)\s+(?P<ratio>[\d.]+)x$")
 
@@ -48,14 +50,23 @@ def test_precision_bench_prints_the_attacks_speed_and_the_share_each_precision_f
 
 
 @pytest.mark.skipif(not fid_available()[0], reason=fid_available()[1])
-def test_precision_bench_prints_fid_speed_and_the_guard(capsys, data_dir):
+@pytest.mark.parametrize("native", [True, False])
+def test_precision_bench_prints_fid_speed_and_the_guard(capsys, data_dir, monkeypatch, native):
+    """Every network's row; where bfloat16 is not native (an AVX2 CPU, whose oneDNN has no bf16 convolution),
+    the bf16 row is left out with a line that says why."""
+    if native and not bf16_is_native("cpu"):
+        pytest.skip("this CPU has no native bfloat16")
+    monkeypatch.setattr(raven.bench, "bf16_is_native", lambda device: native)
     assert main(["precision", "--stages", "fid", "--fid-images", "3", "--data-dir", str(data_dir)]) == 0
     out = capsys.readouterr().out
     assert "the guard: |FID - fp32 FID| < 0.5" in out
     # name, images/s, ratio to the shipped network, FID, FID - fp32 FID
-    rows = [line.rsplit(maxsplit=4) for line in out.splitlines() if line.startswith(("TorchScript", "FastInception"))]
+    rows = [line.rsplit(maxsplit=4) for line in out.splitlines()
+            if line.startswith(("TorchScript", "FastInception")) and "not measured" not in line]
     names = [row[0].strip() for row in rows]
-    assert names == ["TorchScript network as shipped, fp32", "FastInception, fp32", "FastInception, bf16"]
+    bf16 = ["FastInception, bf16"] if native else []
+    assert names == ["TorchScript network as shipped, fp32", "FastInception, fp32", *bf16]
+    assert ("FastInception, bf16: not measured (no native bfloat16 on this cpu)" in out) is not native
     fids = [float(row[3]) for row in rows]
     differences = [float(row[4]) for row in rows]
     # The fast fp32 network computes the shipped network's FID; each difference is against the fast fp32 FID.

