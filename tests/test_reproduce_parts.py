@@ -183,6 +183,7 @@ def test_a_later_session_on_another_machine_trains_only_the_seeds_not_kept(two_f
     again = reproduce(["--methods", "vae", "--parts", str(tmp_path / "a"), "--work-dir", str(tmp_path / "work")],
                       tmp_path, data_dir)
     assert again.returncode == 0, again.stderr[-3000:]
+    assert "mnist-vae: 2 seeds, 1 kept whole from an earlier run, 1 to train as one pack" in again.stderr
     assert f"mnist-vae-s0: its whole evaluation is kept in {seeds / 'mnist-vae-s0.json'}" in again.stderr
     assert not (tmp_path / "work" / "mnist-vae-s0").exists()  # not trained
     assert (tmp_path / "work" / "mnist-vae-s1" / "checkpoint.pt").is_file()

@@ -26,7 +26,6 @@ import dataclasses
 import datetime
 import json
 import os
-import platform
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -40,7 +39,8 @@ from raven.progress import duration
 from raven.record.provenance import git_version
 from raven.record.tracking import flatten
 from raven.reproduce.grid import (FULL_BUDGET, Budget, CellResult, Hyperparameters, eval_config, group_cells,
-                                  pack_train_seconds, run_pack, train_config)
+                                  kept_seed, machine_description, pack_train_seconds, run_pack,
+                                  train_config)
 
 PART_NAME = "part.json"
 PART_FORMAT = 1
@@ -88,8 +88,7 @@ def part_record(results: list[CellResult], budget: Budget, hp: Hyperparameters, 
         "budget_kind": budget.kind,
         "hyperparameters": {"sigma_aug": hp.sigma_aug, "eta": hp.eta, "source": hp.source},
         "commit": git_version(),
-        "machine": f"{platform.node()} ({platform.machine()}, {os.cpu_count()} CPUs, torch "
-                   f"{torch.__version__}, {torch.get_num_threads()} threads)",
+        "machine": machine_description(),  # the one that finished the part; each cell names its own
         "started": datetime.datetime.fromtimestamp(started, datetime.timezone.utc).isoformat(timespec="seconds"),
         "seconds": round(seconds, 1),
         "train_seconds": round(parts_train_seconds(results), 1),
@@ -151,10 +150,14 @@ def run_parts(budget: Budget, hps: dict[str, Hyperparameters], root: str | os.Pa
     for index, (dataset, method) in enumerate(todo):
         group, name = packs[(dataset, method)], part_name(dataset, method)
         hp = hps[dataset]
-        log(f"[part {index + 1}/{len(todo)}] {name}: {len(group)} seeds as one pack (sigma_aug {hp.sigma_aug:g}, "
-            f"eta {hp.eta:g})")
+        configs, evaluations = [train_config(c, budget, hp) for c in group], [eval_config(c, budget) for c in group]
+        kept = sum(kept_seed(root / name / SEEDS_DIR / f"{c.name}.json", t, e) is not None
+                   for c, t, e in zip(group, configs, evaluations))
+        log(f"[part {index + 1}/{len(todo)}] {name}: {len(group)} seeds" + (
+            f", {kept} kept whole from an earlier run, {len(group) - kept} to train as one pack" if kept
+            else " as one pack") + f" (sigma_aug {hp.sigma_aug:g}, eta {hp.eta:g})")
         started, wall = time.time(), time.perf_counter()
-        results = run_pack(group, [train_config(c, budget, hp) for c in group], [eval_config(c, budget) for c in group],
+        results = run_pack(group, configs, evaluations,
                            None if data_dir is None else str(data_dir), [str(work / c.name) for c in group],
                            threads, device, log=lambda line, name=name: log(f"  {name} {line}"),
                            keep_dirs=[str(root / name / SEEDS_DIR)] * len(group))
