@@ -165,17 +165,22 @@ def _without_timings(part):  # the same training, epoch by epoch (its timings as
              for row in c["history"]] for c in part["cells"]]
 
 
+def _vae_part_without_its_file(base: Path, tmp_path: Path) -> tuple[Path, dict, Path]:
+    """A copy of the VAE part as a session's end leaves it (seed records, no part.json): (part.json's path, the
+    part as it was, the seeds folder)."""
+    shutil.copytree(base / "a", tmp_path / "a")
+    path = tmp_path / "a" / "mnist-vae" / PART_NAME
+    before = json.loads(path.read_text())
+    path.unlink()
+    return path, before, tmp_path / "a" / "mnist-vae" / "seeds"
+
+
 def test_a_later_session_on_another_machine_trains_only_the_seeds_not_kept(two_folders, data_dir, tmp_path):
     """A session's end loses the work folder, not the committed seed records, and the next session may run on another
     CPU, whose retrained weights differ in their last bits. A seed whose record holds its training and evaluation
     config is done whatever the weights' digest: it is neither trained nor evaluated again, and the seeds without a
     record train as a pack of their own. The part names each seed's pack and sums the packs' training times."""
-    base, _, _ = two_folders
-    shutil.copytree(base / "a", tmp_path / "a")
-    path = tmp_path / "a" / "mnist-vae" / PART_NAME
-    before = json.loads(path.read_text())
-    path.unlink()
-    seeds = tmp_path / "a" / "mnist-vae" / "seeds"
+    path, before, seeds = _vae_part_without_its_file(two_folders[0], tmp_path)
     kept = json.loads((seeds / "mnist-vae-s0.json").read_text())
     assert kept["train_config"]["seed"] == 0 and kept["pack"] == ["mnist-vae-s0", "mnist-vae-s1"]
     (seeds / "mnist-vae-s0.json").write_text(json.dumps({**kept, "weights": "0" * 64, "machine": "elsewhere"}))
@@ -201,12 +206,7 @@ def test_a_record_without_its_training_config_is_taken_only_for_the_same_weights
     """Records written before they held their training config, or under another one, do not make a seed done:
     the seed trains again, and its evaluation is taken only where the weights' digest matches; a record under
     another training config is evaluated again."""
-    base, _, _ = two_folders
-    shutil.copytree(base / "a", tmp_path / "a")
-    path = tmp_path / "a" / "mnist-vae" / PART_NAME
-    before = json.loads(path.read_text())
-    path.unlink()
-    seeds = tmp_path / "a" / "mnist-vae" / "seeds"
+    path, before, seeds = _vae_part_without_its_file(two_folders[0], tmp_path)
     old = json.loads((seeds / "mnist-vae-s0.json").read_text())
     del old["train_config"]  # as a record of the first sessions was written
     (seeds / "mnist-vae-s0.json").write_text(json.dumps(old))
